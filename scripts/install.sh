@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install Py Dragon Swarm into ./.venv. Usage: scripts/install.sh [EXTRAS], e.g. "test".
+# llama-cpp-python compiles from source the first time (about 9 minutes on 2 cores);
+# pip keeps the wheel in its cache, so later installs take seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  echo "installing python3-venv (needs root or sudo)" >&2
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq python3-venv
+fi
+if ! command -v cc >/dev/null || ! command -v cmake >/dev/null; then
+  echo "installing a C/C++ toolchain and cmake for llama.cpp (needs root or sudo)" >&2
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq build-essential cmake
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+target="."; [ -n "$extras" ] && target=".[$extras]"
+echo "installing dragonswarm${extras:+ with $extras} (a first llama.cpp build takes several minutes)..." >&2
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+  .venv/bin/python -m pip install --progress-bar off -q -e "$target"

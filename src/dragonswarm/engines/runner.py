@@ -1,0 +1,163 @@
+"""The node's side of a runner: start, supervise, talk to and stop one child process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from dragonswarm.errors import RunnerFailed
+from dragonswarm.protocol.runner import Event, RunJob, decode, encode
+
+log = logging.getLogger("dragonswarm.runner")
+
+LOAD_TIMEOUT_S = 120.0
+CANCEL_TIMEOUT_S = 5.0
+
+
+class RunnerProcess:
+    """One model loaded in one child process, running one job at a time.
+
+    Events for each job arrive on its own queue. If the process dies, every job it
+    held gets an `error` event with code `runner_failed`; the node lives on.
+    """
+
+    def __init__(self, model_name: str, model_path: Path, n_ctx: int, threads: int, log_path: Path):
+        self.model_name = model_name
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.info: dict[str, Any] = {}
+        self._jobs: dict[str, asyncio.Queue[Event]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[Event] | None = None
+        self.exited = asyncio.Event()
+        self.stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.exited.is_set()
+
+    async def start(self, on_spawn: Callable[[int], None] | None = None) -> None:
+        """Spawn the child and wait until the model is loaded."""
+        config = {"model_path": str(self.model_path), "n_ctx": self.n_ctx, "threads": self.threads}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as stderr:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dragonswarm.engines.runner_main", orjson.dumps(config).decode(),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                limit=1 << 20,
+            )  # fmt: skip
+        if on_spawn:
+            on_spawn(self.proc.pid)
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(), name=f"runner-{self.model_name}")
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(self._ready), LOAD_TIMEOUT_S)
+        except TimeoutError:
+            await self.stop()
+            raise RunnerFailed(f"model {self.model_name!r} did not load within {LOAD_TIMEOUT_S:.0f} s") from None
+        if ready.get("ev") != "ready":
+            await self.stop()
+            raise RunnerFailed(f"model {self.model_name!r}: {ready.get('message', 'runner exited while loading')}")
+        self.info = dict(ready)
+
+    async def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        try:
+            async for line in self.proc.stdout:
+                event: Event = decode(line)
+                kind = event.get("ev")
+                if kind in ("ready", "fatal"):
+                    if self._ready and not self._ready.done():
+                        self._ready.set_result(event)
+                    continue
+                queue = self._jobs.get(event.get("id", ""))
+                if queue is not None:
+                    queue.put_nowait(event)
+        except (ValueError, asyncio.LimitOverrunError) as exc:
+            log.error("runner %s sent an unreadable message: %s", self.model_name, exc)
+        finally:
+            await self._on_exit()
+
+    async def _on_exit(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        code = await self.proc.wait() if self.proc else None
+        self.exited.set()
+        if self._ready and not self._ready.done():
+            self._ready.set_result({"ev": "fatal", "message": f"runner exited with code {code} while loading"})
+        if not self.stopping:
+            log.warning("runner for %s exited unexpectedly (code %s)", self.model_name, code)
+        for job_id, queue in list(self._jobs.items()):
+            queue.put_nowait(
+                {"ev": "error", "id": job_id, "code": "runner_failed",
+                 "message": f"the runner for model {self.model_name!r} stopped (exit code {code}); retry the request"}
+            )  # fmt: skip
+
+    def _send(self, message: dict[str, Any] | RunJob) -> None:
+        if not self.alive or not self.proc or not self.proc.stdin:
+            raise RunnerFailed(f"the runner for model {self.model_name!r} is not running")
+        self.proc.stdin.write(encode(message))
+
+    async def run(self, job: RunJob) -> AsyncIterator[Event]:
+        """Run a job; yields its events up to and including `done` or `error`.
+
+        Leaving early (client gone, task cancelled) cancels the job in the runner and
+        waits until the runner confirms, so the next job never overlaps this one.
+        """
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        job_id = job["id"]
+        self._jobs[job_id] = queue
+        finished = False
+        try:
+            self._send(job)
+            while True:
+                event = await queue.get()
+                finished = event.get("ev") in ("done", "error")
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                await asyncio.shield(self._cancel(job_id, queue))
+            self._jobs.pop(job_id, None)
+
+    async def _cancel(self, job_id: str, queue: asyncio.Queue[Event]) -> None:
+        try:
+            self._send({"op": "cancel", "id": job_id})
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                while (await queue.get()).get("ev") not in ("done", "error"):
+                    pass
+        except RunnerFailed:
+            return
+        except TimeoutError:
+            log.error("runner for %s ignored a cancel; killing it", self.model_name)
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Ask the child to exit, then make sure it has."""
+        self.stopping = True
+        if self.proc is None or self.exited.is_set():
+            return
+        with contextlib.suppress(RunnerFailed, ConnectionError):
+            self._send({"op": "exit"})
+        try:
+            await asyncio.wait_for(self.exited.wait(), 3.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.exited.wait()

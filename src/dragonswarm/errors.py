@@ -1,0 +1,73 @@
+"""Typed errors. Each knows its HTTP status and OpenAI error type/code.
+
+They are translated to `{"error": {"message", "type", "code"}}` in one place
+(`node.app`), so code that raises never builds a response itself.
+"""
+
+from __future__ import annotations
+
+
+class DragonError(Exception):
+    """Base of every error the node reports to a client."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+
+    def to_dict(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+
+class InvalidRequest(DragonError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(DragonError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Overloaded(DragonError):
+    """The bounded queue is full: the client should retry after `retry_after` seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InsufficientMemory(DragonError):
+    """Loading the model would push the machine into swap."""
+
+    status = 503
+    type = "server_error"
+    code = "insufficient_memory"
+
+
+class RunnerFailed(DragonError):
+    """The runner process died or could not start; the node itself is fine."""
+
+    status = 503
+    type = "server_error"
+    code = "runner_failed"
+
+
+class ConfigError(Exception):
+    """Bad command-line or configuration input: reported as one line, exit code 2."""

@@ -1,0 +1,1 @@
+"""How much of the machine the node may use: sampling, policy and enforcement."""

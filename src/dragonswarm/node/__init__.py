@@ -1,0 +1,1 @@
+"""The node: serves its owner's requests on this machine, inside its share."""

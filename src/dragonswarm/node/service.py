@@ -1,0 +1,174 @@
+"""Loaded models and the jobs that run on them. Driven by the local API today and by
+jobs from the orchestrator later: both come in as `RunJob`s with a work kind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from dragonswarm.engines.runner import RunnerProcess
+from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded, RunnerFailed
+from dragonswarm.governor.governor import Governor, WorkKind
+from dragonswarm.governor.policy import ram_needed
+from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.settings import ModelSpec, NodeSettings
+
+log = logging.getLogger("dragonswarm.node")
+
+RESTART_BACKOFF_S = (0.5, 2.0, 8.0, 30.0)
+
+
+class ModelSlot:
+    """One model the node can serve; at most one runner, one job at a time."""
+
+    def __init__(self, spec: ModelSpec, size: int, settings: NodeSettings, governor: Governor):
+        self.spec = spec
+        self.size = size
+        self.settings = settings
+        self.governor = governor
+        self.runner: RunnerProcess | None = None
+        self.lock = asyncio.Lock()  # held by the request being served
+        self._start_lock = asyncio.Lock()
+        self.waiting = 0
+        self.last_used = time.monotonic()
+        self.crashes = 0
+        self.created = int(time.time())
+
+    @property
+    def loaded(self) -> bool:
+        return self.runner is not None and self.runner.alive
+
+    async def ensure_runner(self) -> RunnerProcess:
+        async with self._start_lock:
+            if self.runner is not None and self.runner.alive:
+                return self.runner
+            needed = ram_needed(self.size, self.settings.n_ctx, self.settings.ram_margin_mb << 20)
+            available = self.governor.sampler.ram_available()
+            if needed > available:
+                raise InsufficientMemory(
+                    f"model {self.spec.name!r} needs about {needed / 2**30:.1f} GiB of RAM "
+                    f"(weights, context and a safety margin) but only {available / 2**30:.1f} GiB "
+                    "is free; refusing to load it rather than swap the machine"
+                )
+            runner = RunnerProcess(
+                self.spec.name, self.spec.path, self.settings.n_ctx, self.governor.threads(),
+                self.settings.logs_dir / f"runner-{self.spec.name}.log",
+            )  # fmt: skip
+            log.info("loading model %s from %s", self.spec.name, self.spec.path)
+            await runner.start(on_spawn=lambda pid: self.governor.attach(pid, runner=True))
+            self.runner = runner
+            asyncio.create_task(self._supervise(runner), name=f"supervise-{self.spec.name}")
+            return runner
+
+    async def _supervise(self, runner: RunnerProcess) -> None:
+        """Restart a runner that crashed, with backoff, so the model stays warm."""
+        started = time.monotonic()
+        await runner.exited.wait()
+        if runner.stopping or self.runner is not runner:
+            return
+        self.crashes = 0 if time.monotonic() - started > 60 else self.crashes + 1
+        delay = RESTART_BACKOFF_S[min(self.crashes, len(RESTART_BACKOFF_S) - 1)]
+        await asyncio.sleep(delay)
+        if self.runner is runner:  # nobody restarted or unloaded it meanwhile
+            try:
+                await self.ensure_runner()
+                log.info("runner for %s restarted after a crash", self.spec.name)
+            except Exception as exc:  # next request retries and reports the error
+                log.error("restarting runner for %s failed: %s", self.spec.name, exc)
+
+    async def unload(self) -> None:
+        async with self._start_lock:
+            runner, self.runner = self.runner, None
+            if runner is not None:
+                await runner.stop()
+                log.info("unloaded model %s", self.spec.name)
+
+    def status(self) -> dict[str, Any]:
+        runner = self.runner if self.loaded else None
+        return {
+            "name": self.spec.name,
+            "path": str(self.spec.path),
+            "tags": list(self.spec.tags),
+            "size": self.size,
+            "loaded": runner is not None,
+            "busy": self.lock.locked(),
+            "waiting": self.waiting,
+            "runner_pid": runner.pid if runner else None,
+            "n_ctx": runner.info.get("n_ctx") if runner else None,
+            "idle_s": round(time.monotonic() - self.last_used, 1),
+        }
+
+
+class NodeService:
+    def __init__(self, settings: NodeSettings, governor: Governor, models: list[tuple[ModelSpec, int]]):
+        self.settings = settings
+        self.governor = governor
+        self.slots = {spec.name: ModelSlot(spec, size, settings, governor) for spec, size in models}
+        self._idle_task: asyncio.Task[None] | None = None
+
+    def slot(self, name: str) -> ModelSlot:
+        try:
+            return self.slots[name]
+        except KeyError:
+            known = ", ".join(sorted(self.slots)) or "none"
+            raise ModelNotFound(f"the model {name!r} does not exist on this node (models: {known})",
+                                param="model") from None  # fmt: skip
+
+    async def run_jobs(self, slot: ModelSlot, jobs: list[RunJob], kind: WorkKind = "local"
+                       ) -> AsyncIterator[tuple[int, Event]]:  # fmt: skip
+        """Run the jobs of one request in order on the model's runner.
+
+        Yields (job index, event). A request waits its turn behind a bounded queue;
+        when the queue is full it is refused at once with Overloaded (429).
+        """
+        if slot.lock.locked() and slot.waiting >= self.settings.max_queue:
+            raise Overloaded(f"model {slot.spec.name!r} is busy and its queue is full; retry shortly")
+        slot.waiting += 1
+        try:
+            await slot.lock.acquire()
+        finally:
+            slot.waiting -= 1
+        self.governor.job_started(kind)
+        try:
+            runner = await slot.ensure_runner()
+            for index, job in enumerate(jobs):
+                job["threads"] = self.governor.threads()
+                async for event in runner.run(job):
+                    yield index, event
+                    if event.get("ev") == "error":
+                        return
+        except RunnerFailed:
+            raise
+        finally:
+            slot.last_used = time.monotonic()
+            self.governor.job_finished(kind)
+            slot.lock.release()
+
+    async def _unload_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.idle_unload_s / 2))
+            now = time.monotonic()
+            for slot in self.slots.values():
+                idle = now - slot.last_used
+                if slot.loaded and not slot.lock.locked() and idle >= self.settings.idle_unload_s:
+                    log.info("model %s idle for %.0f s", slot.spec.name, idle)
+                    await slot.unload()
+
+    def start(self) -> None:
+        self._idle_task = asyncio.create_task(self._unload_idle(), name="idle-unload")
+
+    async def close(self) -> None:
+        if self._idle_task:
+            self._idle_task.cancel()
+        await asyncio.gather(*(slot.unload() for slot in self.slots.values()), return_exceptions=True)
+
+    def status(self) -> dict[str, Any]:
+        return {"models": [slot.status() for slot in self.slots.values()]}
+
+
+def model_size(path: Path) -> int:
+    return path.stat().st_size

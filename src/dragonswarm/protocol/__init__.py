@@ -1,0 +1,1 @@
+"""Pure data shared by every role: OpenAI wire schemas and runner messages."""

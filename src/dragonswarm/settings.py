@@ -1,0 +1,115 @@
+"""Settings for the node, built once in the CLI and passed down.
+
+Precedence: command-line flag > environment (`DRAGON_*`) > `$DRAGON_HOME/config.toml`
+> default. Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dragonswarm.errors import ConfigError
+
+DEFAULT_MODEL_NAME = "gemma3-270m"
+CapMechanism = Literal["auto", "cgroup", "duty", "none"]
+
+_TAGS = re.compile(r"^[a-z][a-z0-9_-]*(,[a-z][a-z0-9_-]*)*$")
+
+
+class ModelSpec(BaseModel):
+    """A model the node can serve: a name clients use, a GGUF path, optional tags."""
+
+    name: str
+    path: Path
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """Parse `NAME=PATH[:tag,tag]`, the form of `--model`."""
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise ConfigError(f"--model expects NAME=PATH, got {text!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
+            raise ConfigError(f"invalid model name {name!r}: use letters, digits, '.', '_', '-', ':'")
+        path_text, tags = rest, ()
+        head, colon, tail = rest.rpartition(":")
+        if colon and head and _TAGS.match(tail) and not Path(rest).exists():
+            path_text, tags = head, tuple(tail.split(","))
+        return cls(name=name, path=Path(path_text).expanduser(), tags=tags)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("DRAGON_HOME") or Path.home() / ".dragonswarm")
+
+
+class NodeSettings(BaseSettings):
+    """Everything `dragon node` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="DRAGON_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    host: str = "127.0.0.1"
+    api_port: int = Field(8701, ge=0, le=65535)
+    models: list[ModelSpec] = Field(default_factory=list)
+    bundled_model: bool = True  # serve the packaged Gemma 3 270M as `gemma3-270m`
+
+    # Shares of the whole machine (1.0 = every core).
+    local_share: float = Field(0.80, gt=0.0, le=1.0)
+    share: float = Field(0.10, gt=0.0, le=1.0)
+    cap_mechanism: CapMechanism = "auto"
+    # Owner activity: CPU used by others above this fraction counts as "owner busy"...
+    owner_noise: float = Field(0.05, ge=0.0, le=1.0)
+    # ...and then we leave this much of the machine free on top of what the owner uses.
+    owner_headroom: float = Field(0.10, ge=0.0, le=1.0)
+    min_share: float = Field(0.05, gt=0.0, le=1.0)
+    sample_interval: float = Field(1.0, gt=0.0)
+
+    idle_unload_s: float = Field(600.0, gt=0.0)
+    n_ctx: int = Field(4096, ge=64)
+    ram_margin_mb: int = Field(512, ge=0)
+
+    max_n: int = Field(8, ge=1)
+    max_prompts: int = Field(16, ge=1)
+    max_queue: int = Field(32, ge=0)  # requests waiting per model beyond the running one
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    log_level: str = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: object) -> object:
+        if isinstance(value, str):  # DRAGON_MODELS="a=/x.gguf;b=/y.gguf"
+            return [ModelSpec.parse(part) for part in value.split(";") if part]
+        if isinstance(value, list):
+            return [ModelSpec.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=default_home() / "config.toml")
+        return (init_settings, env_settings, toml)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
