@@ -117,9 +117,10 @@ def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., Node
     """Start `dragon node` as a real process with the given flags; stopped at teardown."""
     nodes: list[NodeProcess] = []
 
-    def start(*flags: str, bundled: bool = False, env: dict[str, str] | None = None) -> NodeProcess:
+    def start(*flags: str, bundled: bool = False, home: Path | None = None,
+              env: dict[str, str] | None = None) -> NodeProcess:  # fmt: skip
         port = free_port()
-        home = models_home if bundled else tmp_path / f"home-{len(nodes)}"
+        home = home or (models_home if bundled else tmp_path / f"home-{len(nodes)}")
         log_path = tmp_path / f"node-{len(nodes)}.log"
         args = [sys.executable, "-m", "dragonswarm.cli", "node", "--home", str(home), "--api-port", str(port)]
         if not bundled:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
-
 from tests.conftest import NodeProcess
 
 

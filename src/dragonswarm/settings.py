@@ -42,7 +42,7 @@ class ModelSpec(BaseModel):
             raise ConfigError(f"--model expects NAME=PATH, got {text!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
             raise ConfigError(f"invalid model name {name!r}: use letters, digits, '.', '_', '-', ':'")
-        path_text, tags = rest, ()
+        path_text, tags = rest, tuple[str, ...]()
         head, colon, tail = rest.rpartition(":")
         if colon and head and _TAGS.match(tail) and not Path(rest).exists():
             path_text, tags = head, tuple(tail.split(","))

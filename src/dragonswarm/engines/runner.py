@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ class RunnerProcess:
     held gets an `error` event with code `runner_failed`; the node lives on.
     """
 
-    def __init__(self, model_name: str, model_path: Path, n_ctx: int, threads: int, log_path: Path):
+    def __init__(self, model_name: str, model_path: Path, n_ctx: int, threads: int, log_path: Path,
+                 stats: Counter[str] | None = None):  # fmt: skip
         self.model_name = model_name
         self.model_path = model_path
         self.n_ctx = n_ctx
@@ -41,6 +43,7 @@ class RunnerProcess:
         self._ready: asyncio.Future[Event] | None = None
         self.exited = asyncio.Event()
         self.stopping = False
+        self.stats: Counter[str] = stats if stats is not None else Counter()
 
     @property
     def pid(self) -> int | None:
@@ -84,6 +87,8 @@ class RunnerProcess:
                     if self._ready and not self._ready.done():
                         self._ready.set_result(event)
                     continue
+                if kind in ("done", "error"):
+                    self._count(event)
                 queue = self._jobs.get(event.get("id", ""))
                 if queue is not None:
                     queue.put_nowait(event)
@@ -103,10 +108,18 @@ class RunnerProcess:
         if not self.stopping:
             log.warning("runner for %s exited unexpectedly (code %s)", self.model_name, code)
         for job_id, queue in list(self._jobs.items()):
-            queue.put_nowait(
-                {"ev": "error", "id": job_id, "code": "runner_failed",
-                 "message": f"the runner for model {self.model_name!r} stopped (exit code {code}); retry the request"}
-            )  # fmt: skip
+            event: Event = {"ev": "error", "id": job_id, "code": "runner_failed",
+                            "message": f"the runner for model {self.model_name!r} stopped (exit code {code}); "
+                                       "retry the request"}  # fmt: skip
+            self._count(event)
+            queue.put_nowait(event)
+
+    def _count(self, event: Event) -> None:
+        if event.get("ev") == "error":
+            self.stats["failed"] += 1
+            return
+        self.stats["tokens"] += event.get("completion_tokens", 0)
+        self.stats["cancelled" if event.get("finish_reason") == "cancelled" else "completed"] += 1
 
     def _send(self, message: dict[str, Any] | RunJob) -> None:
         if not self.alive or not self.proc or not self.proc.stdin:

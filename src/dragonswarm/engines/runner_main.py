@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from dragonswarm.engines.chat_templates import chat_template
 from dragonswarm.engines.textstream import TextStream
 from dragonswarm.protocol.runner import RunJob, decode, encode
 
@@ -44,7 +45,7 @@ class Runner:
         self.formatter = self._chat_formatter()
 
     def _chat_formatter(self) -> Any:
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = chat_template(self.llm.metadata)
         if not template:
             return None
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -104,7 +105,7 @@ class Runner:
         self.llm.set_seed(seed if seed is not None else random.getrandbits(32))
         # No KV-prefix reuse between jobs: a reused prefix changes batch shapes and can
         # change greedy output, and determinism at temperature 0 is promised.
-        self.llm.reset()
+        self.llm.reset()  # type: ignore[no-untyped-call]
         stream = TextStream(job["stop"] + template_stops)
         finish, count = "length", 0
         for token in self.llm.generate(

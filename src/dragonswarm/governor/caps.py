@@ -7,6 +7,7 @@ suspends and resumes the runners (SIGSTOP/SIGCONT). The active mechanism is repo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -61,7 +62,7 @@ class _CgroupCap:
         self.base = base
         self.group = group
         self.n_cpus = n_cpus
-        self._quota: int | None | str = "unset"
+        self._quota: int | str | None = "unset"
         group.mkdir(parents=True, exist_ok=True)
 
     def attach(self, pid: int, *, runner: bool) -> None:
@@ -80,10 +81,8 @@ class _CgroupCap:
         procs = self.group / "cgroup.procs"
         try:
             for pid in procs.read_text().split():
-                try:
+                with contextlib.suppress(OSError):  # exited meanwhile
                     (self.base / "cgroup.procs").write_text(pid)
-                except OSError:
-                    pass  # exited meanwhile
             self.group.rmdir()
         except OSError as exc:
             log.debug("cgroup cleanup of %s: %s", self.group, exc)
@@ -142,10 +141,8 @@ class DutyCycleCap:
                 self._apply_affinity(pid)
 
     def _apply_affinity(self, pid: int) -> None:
-        try:
+        with contextlib.suppress(OSError):  # exited meanwhile
             os.sched_setaffinity(pid, range(min(self._threads, self.n_cpus)))
-        except (OSError, AttributeError):
-            pass
 
     def _signal_all(self, sig: signal.Signals) -> None:
         with self._lock:

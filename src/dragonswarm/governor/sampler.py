@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -128,7 +129,5 @@ class _Nvml:
         return out
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # shutting down anyway
             self.pynvml.nvmlShutdown()
-        except Exception:
-            pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -99,7 +99,7 @@ async def _serve(request: Request, service: NodeService, kind: str, body: Sampli
 
 
 async def _collect(kind: str, rid: str, created: int, model: str, first: tuple[int, Event],
-                   events: AsyncIterator[tuple[int, Event]], echo: list[str] | None, n: int
+                   events: AsyncGenerator[tuple[int, Event]], echo: list[str] | None, n: int
                    ) -> dict[str, Any]:  # fmt: skip
     texts = [[e] if echo else [] for e in (echo or [""] * n)]
     finish = ["length"] * n
@@ -118,7 +118,7 @@ async def _collect(kind: str, rid: str, created: int, model: str, first: tuple[i
 
 
 async def _sse(kind: str, rid: str, created: int, body: SamplingParams, first: tuple[int, Event],
-               events: AsyncIterator[tuple[int, Event]], echo: list[str] | None, n: int
+               events: AsyncGenerator[tuple[int, Event]], echo: list[str] | None, n: int
                ) -> AsyncIterator[bytes]:  # fmt: skip
     usage = Usage()
     model = body.model
@@ -148,14 +148,14 @@ async def _sse(kind: str, rid: str, created: int, body: SamplingParams, first: t
     yield b"data: [DONE]\n\n"
 
 
-async def _chain(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]]
-                 ) -> AsyncIterator[tuple[int, Event]]:  # fmt: skip
+async def _chain(first: tuple[int, Event], rest: AsyncGenerator[tuple[int, Event]]
+                 ) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
     try:
         yield first
         async for item in rest:
             yield item
     finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+        await rest.aclose()
 
 
 def _usage(event: Event) -> Usage:

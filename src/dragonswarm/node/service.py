@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections import Counter
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from dragonswarm.engines.runner import RunnerProcess
-from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded, RunnerFailed
+from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded
 from dragonswarm.governor.governor import Governor, WorkKind
 from dragonswarm.governor.policy import ram_needed
 from dragonswarm.protocol.runner import Event, RunJob
@@ -33,9 +33,11 @@ class ModelSlot:
         self.runner: RunnerProcess | None = None
         self.lock = asyncio.Lock()  # held by the request being served
         self._start_lock = asyncio.Lock()
+        self._supervisor: asyncio.Task[None] | None = None
         self.waiting = 0
         self.last_used = time.monotonic()
         self.crashes = 0
+        self.stats: Counter[str] = Counter()  # jobs completed/cancelled/failed, tokens generated
         self.created = int(time.time())
 
     @property
@@ -56,12 +58,12 @@ class ModelSlot:
                 )
             runner = RunnerProcess(
                 self.spec.name, self.spec.path, self.settings.n_ctx, self.governor.threads(),
-                self.settings.logs_dir / f"runner-{self.spec.name}.log",
+                self.settings.logs_dir / f"runner-{self.spec.name}.log", self.stats,
             )  # fmt: skip
             log.info("loading model %s from %s", self.spec.name, self.spec.path)
             await runner.start(on_spawn=lambda pid: self.governor.attach(pid, runner=True))
             self.runner = runner
-            asyncio.create_task(self._supervise(runner), name=f"supervise-{self.spec.name}")
+            self._supervisor = asyncio.create_task(self._supervise(runner), name=f"supervise-{self.spec.name}")
             return runner
 
     async def _supervise(self, runner: RunnerProcess) -> None:
@@ -76,6 +78,7 @@ class ModelSlot:
         if self.runner is runner:  # nobody restarted or unloaded it meanwhile
             try:
                 await self.ensure_runner()
+                self.stats["restarts"] += 1
                 log.info("runner for %s restarted after a crash", self.spec.name)
             except Exception as exc:  # next request retries and reports the error
                 log.error("restarting runner for %s failed: %s", self.spec.name, exc)
@@ -100,6 +103,9 @@ class ModelSlot:
             "runner_pid": runner.pid if runner else None,
             "n_ctx": runner.info.get("n_ctx") if runner else None,
             "idle_s": round(time.monotonic() - self.last_used, 1),
+            "restarts": self.stats["restarts"],
+            "jobs": {k: self.stats[k] for k in ("completed", "cancelled", "failed")},
+            "tokens_generated": self.stats["tokens"],
         }
 
 
@@ -119,7 +125,7 @@ class NodeService:
                                 param="model") from None  # fmt: skip
 
     async def run_jobs(self, slot: ModelSlot, jobs: list[RunJob], kind: WorkKind = "local"
-                       ) -> AsyncIterator[tuple[int, Event]]:  # fmt: skip
+                       ) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
         """Run the jobs of one request in order on the model's runner.
 
         Yields (job index, event). A request waits its turn behind a bounded queue;
@@ -141,8 +147,6 @@ class NodeService:
                     yield index, event
                     if event.get("ev") == "error":
                         return
-        except RunnerFailed:
-            raise
         finally:
             slot.last_used = time.monotonic()
             self.governor.job_finished(kind)
@@ -169,6 +173,3 @@ class NodeService:
     def status(self) -> dict[str, Any]:
         return {"models": [slot.status() for slot in self.slots.values()]}
 
-
-def model_size(path: Path) -> int:
-    return path.stat().st_size

@@ -1,0 +1,142 @@
+"""Runner processes: disconnect frees them, crashes are contained, idle ones unload."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.conftest import NodeProcess, wait_until
+
+LONG = {"model": "tiny", "prompt": "go on", "max_tokens": 4000, "temperature": 0}
+
+
+def runner_pid(node: NodeProcess) -> int:
+    pid = node.model_status("tiny")["runner_pid"]
+    assert pid, "the model should be loaded"
+    return int(pid)
+
+
+def warm(node: NodeProcess) -> int:
+    node.client.post("/v1/completions", json={**LONG, "max_tokens": 1}).raise_for_status()
+    return runner_pid(node)
+
+
+def test_disconnect_mid_stream_frees_the_runner(tiny_node: NodeProcess) -> None:
+    warm(tiny_node)
+    with httpx.Client(base_url=tiny_node.url, timeout=30) as client:
+        with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+            lines = response.iter_lines()
+            for _ in range(10):
+                next(lines)
+            assert tiny_node.model_status("tiny")["busy"] is True
+        # leaving the block closes the connection mid-generation
+
+    status = wait_until(lambda: (s := tiny_node.model_status("tiny"))["jobs"]["cancelled"] == 1 and s, 10,
+                        "the job to be cancelled")  # fmt: skip
+    assert status["busy"] is False
+    assert status["tokens_generated"] < 4000 + 1  # the warm-up token plus a cut-off job
+    # The runner is really idle, not still generating: it uses no CPU now.
+    proc = psutil.Process(runner_pid(tiny_node))
+    before = sum(proc.cpu_times()[:2])
+    time.sleep(0.5)
+    assert sum(proc.cpu_times()[:2]) - before < 0.1
+    out = tiny_node.client.post("/v1/completions", json={**LONG, "max_tokens": 3})
+    assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_answer(tiny_node: NodeProcess) -> None:
+    warm(tiny_node)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_node.api + "/completions", json=LONG, timeout=0.3)
+    wait_until(lambda: tiny_node.model_status("tiny")["jobs"]["cancelled"] == 1, 10, "the job to be cancelled")
+    assert tiny_node.model_status("tiny")["busy"] is False
+
+
+def test_runner_crash_mid_stream_is_reported_and_recovered(tiny_node: NodeProcess) -> None:
+    first_pid = warm(tiny_node)
+    events: list[Any] = []
+    with tiny_node.client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line[6:]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+            if len(events) == 5:
+                os.kill(first_pid, signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert error["code"] == "runner_failed" and "retry" in error["message"]
+
+    # The node is alive, restarts the runner by itself, and serves again.
+    assert tiny_node.client.get("/health").status_code == 200
+    status = wait_until(lambda: (s := tiny_node.model_status("tiny"))["runner_pid"] not in (None, first_pid) and s,
+                        20, "the runner to be restarted")  # fmt: skip
+    assert status["restarts"] == 1 and status["jobs"]["failed"] == 1
+    client = openai.OpenAI(base_url=tiny_node.api, api_key="x", max_retries=0)
+    assert client.completions.create(model="tiny", prompt="again", max_tokens=4).usage.completion_tokens == 4  # type: ignore[union-attr]
+
+
+def test_runner_crash_during_non_streamed_request_gives_503(tiny_node: NodeProcess) -> None:
+    pid = warm(tiny_node)
+    result: dict[str, httpx.Response] = {}
+    thread = threading.Thread(target=lambda: result.update(r=tiny_node.client.post("/v1/completions", json=LONG)))
+    thread.start()
+    wait_until(lambda: tiny_node.model_status("tiny")["busy"], 10, "the request to start")
+    os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    response = result["r"]
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "runner_failed"
+
+
+def test_idle_model_is_unloaded_and_reloaded(start_node: Callable[..., NodeProcess], tiny_model: Path) -> None:
+    node = start_node("--model", f"tiny={tiny_model}", "--idle-unload", "1.5")
+    pid = warm(node)
+    assert psutil.pid_exists(pid)
+    wait_until(lambda: not node.model_status("tiny")["loaded"], 15, "the idle model to be unloaded")
+    wait_until(lambda: not psutil.pid_exists(pid), 5, "the runner process to exit")
+    # An idle node uses next to no CPU: its own process over two seconds.
+    node_proc = psutil.Process(node.proc.pid)
+    before = sum(node_proc.cpu_times()[:2])
+    time.sleep(2.0)
+    assert sum(node_proc.cpu_times()[:2]) - before < 0.1
+    # The next request loads it again.
+    out = node.client.post("/v1/completions", json={**LONG, "max_tokens": 2})
+    assert out.status_code == 200
+    assert node.model_status("tiny")["loaded"] is True
+
+
+def test_full_queue_answers_429(start_node: Callable[..., NodeProcess], tiny_model: Path) -> None:
+    node = start_node("--model", f"tiny={tiny_model}", "--max-queue", "1")
+    warm(node)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        r = httpx.post(node.api + "/completions", json={**LONG, "max_tokens": 1500}, timeout=60)
+        with lock:
+            results.append(r.status_code)
+            if r.status_code == 429:
+                assert r.headers["Retry-After"].isdigit()
+                assert r.json()["error"]["code"] == "queue_full"
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: node.model_status("tiny")["waiting"] == 1, 10, "one request running and one queued")
+    call()  # the third finds the queue full
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [200, 200, 429]
