@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from dragonswarm.devtools.tiny_model import write_tiny_model
@@ -70,9 +71,16 @@ class NodeProcess:
     home: Path
     log_path: Path
     client: httpx.Client = field(init=False)
+    _openai: list[openai.OpenAI] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def openai(self) -> openai.OpenAI:
+        """The official client pointed at this node, closed when the node stops."""
+        client = openai.OpenAI(base_url=self.api, api_key="unused", max_retries=0)
+        self._openai.append(client)
+        return client
 
     @property
     def url(self) -> str:
@@ -94,6 +102,8 @@ class NodeProcess:
 
     def stop(self) -> None:
         self.client.close()
+        for client in self._openai:
+            client.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:

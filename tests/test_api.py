@@ -13,7 +13,7 @@ from tests.conftest import NodeProcess
 
 @pytest.fixture
 def client(tiny_node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tiny_node.api, api_key="unused", max_retries=0)
+    return tiny_node.openai()
 
 
 def test_models_lists_served_models(client: openai.OpenAI) -> None:

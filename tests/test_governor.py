@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from tests.conftest import NodeProcess, wait_until
 
 N_CPUS = psutil.cpu_count() or 1

@@ -6,10 +6,9 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-import openai
+from tests.conftest import NodeProcess
 
 from dragonswarm.engines.models import bundled_model
-from tests.conftest import NodeProcess
 
 EXPECTED_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
@@ -47,7 +46,7 @@ def test_node_shows_progress_while_writing_the_bundled_model(start_node: Callabl
 def test_bundled_gemma_answers_through_the_openai_client(start_node: Callable[..., NodeProcess],
                                                          gemma_model: Path) -> None:  # fmt: skip
     node = start_node(bundled=True)
-    client = openai.OpenAI(base_url=node.api, api_key="x", max_retries=0)
+    client = node.openai()
     assert [m.id for m in client.models.list()] == ["gemma3-270m"]
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     answers = [client.chat.completions.create(model="gemma3-270m", messages=messages,  # type: ignore[arg-type]
@@ -97,7 +96,7 @@ def test_several_local_models_by_name(start_node: Callable[..., NodeProcess], tm
     a = write_tiny_model(tmp_path / "a.gguf", seed=1)
     b = write_tiny_model(tmp_path / "b.gguf", seed=2)
     node = start_node("--model", f"a={a}", "--model", f"b={b}:code")
-    client = openai.OpenAI(base_url=node.api, api_key="x", max_retries=0)
+    client = node.openai()
     assert sorted(m.id for m in client.models.list()) == ["a", "b"]
     texts = [client.completions.create(model=m, prompt="p", max_tokens=10, temperature=0).choices[0].text
              for m in ("a", "b")]  # fmt: skip

@@ -51,8 +51,10 @@ def test_owner_load_reacts_at_once_and_relaxes_gradually() -> None:
     assert load < 0.01
 
 
-@pytest.mark.parametrize(("share", "cpus", "threads"), [(0.1, 2, 1), (0.5, 2, 1), (0.51, 2, 2), (0.8, 2, 2),
-                                                         (1.0, 2, 2), (0.1, 16, 2), (0.8, 16, 13), (1.0, 1, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("share", "cpus", "threads"),
+    [(0.1, 2, 1), (0.5, 2, 1), (0.51, 2, 2), (0.8, 2, 2), (1.0, 2, 2), (0.1, 16, 2), (0.8, 16, 13), (1.0, 1, 1)],
+)
 def test_threads_for(share: float, cpus: int, threads: int) -> None:
     assert threads_for(share, cpus) == threads
 

@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import psutil
 import pytest
-
 from tests.conftest import NodeProcess, wait_until
 
 LONG = {"model": "tiny", "prompt": "go on", "max_tokens": 4000, "temperature": 0}
@@ -34,13 +32,14 @@ def warm(node: NodeProcess) -> int:
 
 def test_disconnect_mid_stream_frees_the_runner(tiny_node: NodeProcess) -> None:
     warm(tiny_node)
-    with httpx.Client(base_url=tiny_node.url, timeout=30) as client:
-        with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
-            lines = response.iter_lines()
-            for _ in range(10):
-                next(lines)
-            assert tiny_node.model_status("tiny")["busy"] is True
-        # leaving the block closes the connection mid-generation
+    body = {**LONG, "stream": True}
+    with httpx.Client(base_url=tiny_node.url, timeout=30) as client, client.stream("POST", "/v1/completions",
+                                                                                   json=body) as response:  # fmt: skip
+        lines = response.iter_lines()
+        for _ in range(10):
+            next(lines)
+        assert tiny_node.model_status("tiny")["busy"] is True
+    # leaving the block closed the connection mid-generation
 
     status = wait_until(lambda: (s := tiny_node.model_status("tiny"))["jobs"]["cancelled"] == 1 and s, 10,
                         "the job to be cancelled")  # fmt: skip
@@ -84,7 +83,7 @@ def test_runner_crash_mid_stream_is_reported_and_recovered(tiny_node: NodeProces
     status = wait_until(lambda: (s := tiny_node.model_status("tiny"))["runner_pid"] not in (None, first_pid) and s,
                         20, "the runner to be restarted")  # fmt: skip
     assert status["restarts"] == 1 and status["jobs"]["failed"] == 1
-    client = openai.OpenAI(base_url=tiny_node.api, api_key="x", max_retries=0)
+    client = tiny_node.openai()
     assert client.completions.create(model="tiny", prompt="again", max_tokens=4).usage.completion_tokens == 4  # type: ignore[union-attr]
 
 
