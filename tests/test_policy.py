@@ -21,7 +21,7 @@ from dragonswarm.node.jobs import chat_jobs, completion_jobs
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest
 from dragonswarm.settings import ModelSpec
 
-POLICY = OwnerPolicy(noise=0.05, headroom=0.10, min_share=0.05)
+POLICY = OwnerPolicy(noise=0.10, headroom=0.10, min_share=0.05)
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,8 @@ POLICY = OwnerPolicy(noise=0.05, headroom=0.10, min_share=0.05)
     [
         (0.8, 0.0, 0.8),  # idle owner: the full share
         (0.8, 0.04, 0.8),  # background noise is not the owner
-        (1.0, 0.04, 1.0),
+        (1.0, 0.09, 1.0),
+        (1.0, 0.10, 0.8),  # the owner is busy: leave what they use plus 10% headroom
         (0.8, 0.2, 0.7),  # owner uses 20%: leave that plus 10% headroom
         (0.8, 0.5, 0.4),
         (0.1, 0.5, 0.1),  # a small share already fits

@@ -139,3 +139,17 @@ def test_full_queue_answers_429(start_node: Callable[..., NodeProcess], tiny_mod
     for t in threads:
         t.join(60)
     assert sorted(results) == [200, 200, 429]
+
+
+def test_client_leaving_the_queue_frees_its_place(start_node: Callable[..., NodeProcess], tiny_model: Path) -> None:
+    node = start_node("--model", f"tiny={tiny_model}", "--max-queue", "1")
+    warm(node)
+    busy = threading.Thread(target=lambda: httpx.post(node.api + "/completions", json=LONG, timeout=60))
+    busy.start()
+    wait_until(lambda: node.model_status("tiny")["busy"], 10, "the first request to run")
+    with pytest.raises(httpx.ReadTimeout):  # queued behind it, then gives up
+        httpx.post(node.api + "/completions", json={**LONG, "stream": True}, timeout=0.5)
+    wait_until(lambda: node.model_status("tiny")["waiting"] == 0, 10, "the queued request to leave")
+    busy.join(60)
+    status = node.model_status("tiny")
+    assert status["jobs"]["completed"] == 2  # the warm-up and the long one; the leaver never ran

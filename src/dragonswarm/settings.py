@@ -68,8 +68,9 @@ class NodeSettings(BaseSettings):
     local_share: float = Field(0.80, gt=0.0, le=1.0)
     share: float = Field(0.10, gt=0.0, le=1.0)
     cap_mechanism: CapMechanism = "auto"
-    # Owner activity: CPU used by others above this fraction counts as "owner busy"...
-    owner_noise: float = Field(0.05, ge=0.0, le=1.0)
+    # Owner activity: CPU used by others above this fraction counts as "owner busy".
+    # Below it is background (an IDE, a browser tab, the client reading our stream).
+    owner_noise: float = Field(0.10, ge=0.0, le=1.0)
     # ...and then we leave this much of the machine free on top of what the owner uses.
     owner_headroom: float = Field(0.10, ge=0.0, le=1.0)
     min_share: float = Field(0.05, gt=0.0, le=1.0)

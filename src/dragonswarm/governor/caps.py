@@ -94,6 +94,10 @@ class CgroupV1Cap(_CgroupCap):
     def __init__(self, base: Path, group: Path, n_cpus: int):
         super().__init__(base, group, n_cpus)
         (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        # A group competes with other processes as one entity of weight 1024, as much as
+        # a single thread; our group runs one busy thread per core, so weigh it as such.
+        # The quota, not the weight, is what limits us.
+        (group / "cpu.shares").write_text(str(1024 * n_cpus))
 
     def _write_quota(self, quota: int | None) -> None:
         (self.group / "cpu.cfs_quota_us").write_text(str(quota if quota is not None else -1))
@@ -101,6 +105,10 @@ class CgroupV1Cap(_CgroupCap):
 
 class CgroupV2Cap(_CgroupCap):
     name = "cgroup-v2"
+
+    def __init__(self, base: Path, group: Path, n_cpus: int):
+        super().__init__(base, group, n_cpus)
+        (group / "cpu.weight").write_text(str(min(10_000, 100 * n_cpus)))  # see CgroupV1Cap
 
     def _write_quota(self, quota: int | None) -> None:
         value = "max" if quota is None else str(quota)
@@ -191,6 +199,7 @@ def _cgroup_v2(n_cpus: int) -> CpuCap:
     parent = root / "dragonswarm"
     parent.mkdir(exist_ok=True)
     (parent / "cgroup.subtree_control").write_text("+cpu")
+    (parent / "cpu.weight").write_text(str(min(10_000, 100 * n_cpus)))  # see CgroupV1Cap
     _sweep_stale(parent)
     return CgroupV2Cap(root, parent / f"node-{os.getpid()}", n_cpus)
 
@@ -201,6 +210,7 @@ def _cgroup_v1(n_cpus: int) -> CpuCap:
         if (base / "cpu.cfs_quota_us").exists():
             parent = base / "dragonswarm"
             parent.mkdir(exist_ok=True)
+            (parent / "cpu.shares").write_text(str(1024 * n_cpus))  # see CgroupV1Cap
             _sweep_stale(parent)
             return CgroupV1Cap(base, parent / f"node-{os.getpid()}", n_cpus)
     raise OSError("no cgroup v1 cpu hierarchy")

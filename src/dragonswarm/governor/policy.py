@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class OwnerPolicy:
-    noise: float = 0.05  # others' CPU below this is background noise, not the owner
+    noise: float = 0.10  # others' CPU below this is background noise, not the owner
     headroom: float = 0.10  # kept free on top of the owner's use when the owner is busy
     min_share: float = 0.05  # never throttle to zero: a started job still finishes
 

@@ -52,7 +52,8 @@ class Sampler:
     def _machine_busy(self) -> float:
         t = psutil.cpu_times()
         # Linux counts guest time inside user time already, so it is not added again.
-        extra = sum(getattr(t, name, 0.0) for name in ("irq", "softirq", "steal"))
+        # Steal time is the hypervisor's, not the owner's: it must not shrink our share.
+        extra = sum(getattr(t, name, 0.0) for name in ("irq", "softirq"))
         return float(t.user + t.nice + t.system + extra)
 
     def _tree_cpu(self) -> float:

@@ -84,7 +84,9 @@ async def _serve(request: Request, service: NodeService, kind: str, body: Sampli
     slot = service.slot(body.model)
     events = service.run_jobs(slot, jobs)
     try:
-        first = await anext(events)  # errors before any output become a 4xx/5xx response
+        # Waiting in the queue counts as work too: a client that leaves meanwhile frees
+        # its place. Errors before any output become a 4xx/5xx response.
+        first = await _unless_disconnected(request, anext(events))
         if first[1].get("ev") == "error":
             raise error_from_event(first[1])
     except BaseException:
