@@ -101,14 +101,17 @@ def stream_completion(base: str, model: str, prompt: str, max_tokens: int) -> Ti
 class Plain:
     name = "llama-cpp-python"
 
-    def __init__(self, model: Path, n_ctx: int, threads: int):
+    def __init__(self, model: Path, n_ctx: int, threads: int, fresh: bool = False):
+        self.fresh = fresh
+        if fresh:
+            self.name = "llama-cpp-python, no prompt cache"
         args = [sys.executable, str(ROOT / "plain_worker.py"), str(model), str(n_ctx), str(threads)]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout and json.loads(self.proc.stdout.readline())["ready"]
 
     def run(self, prompt: str, max_tokens: int) -> Timing:
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens, "fresh": self.fresh}) + "\n")
         self.proc.stdin.flush()
         r = json.loads(self.proc.stdout.readline())
         return Timing(r["first"] - r["start"], r["end"] - r["start"], r["tokens"], r["text"])
@@ -190,8 +193,8 @@ def summarize(timings: list[Timing]) -> dict[str, float]:
 
 def bench_speed(model: Path, home: Path, rounds: int, max_tokens: int) -> dict[str, Any]:
     threads = N_CPUS
-    systems: list[Any] = [Plain(model, 4096, threads), LlamaServer(model, 4096, threads),
-                          Node(home, "--local-share", "1.0")]  # fmt: skip
+    systems: list[Any] = [Plain(model, 4096, threads), Plain(model, 4096, threads, fresh=True),
+                          LlamaServer(model, 4096, threads), Node(home, "--local-share", "1.0")]  # fmt: skip
     timings: dict[str, list[Timing]] = {s.name: [] for s in systems}
     try:
         for s in systems:  # one untimed run each: caches, page faults
@@ -284,7 +287,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Machine: {results['machine']}. Model: {results['model']}. Command: `{results['command']}`.",
         "",
         f"## Speed ({sp['rounds']} alternating rounds, {sp['max_tokens']} tokens, {sp['threads']} threads, "
-        f"same text from all three: {sp['same_text']})",
+        f"same text from all: {sp['same_text']})",
         "",
         "| system | tokens/s | decode tokens/s | time to first token | ratio to llama-cpp-python |",
         "|---|---|---|---|---|",

@@ -18,6 +18,8 @@ def main() -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
+        if req.get("fresh"):
+            llm.reset()  # forget the previous prompt: no KV-prefix reuse, like our runner
         start = time.perf_counter()
         first = None
         tokens = 0

@@ -103,8 +103,10 @@ class Runner:
         self.send({"ev": "start", "id": job_id, "prompt_tokens": n_prompt})
         seed = job["seed"]
         self.llm.set_seed(seed if seed is not None else random.getrandbits(32))
-        # No KV-prefix reuse between jobs: a reused prefix changes batch shapes and can
-        # change greedy output, and determinism at temperature 0 is promised.
+        # No KV-prefix reuse between jobs: evaluating only the tail of a cached prompt
+        # changes batch shapes, hence logits, hence greedy output, and then the answer to
+        # a request would depend on the request before it. Determinism at temperature 0
+        # is promised, so every job evaluates its whole prompt (see bench/results/node.md).
         self.llm.reset()  # type: ignore[no-untyped-call]
         stream = TextStream(job["stop"] + template_stops)
         finish, count = "length", 0
