@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -127,8 +126,7 @@ def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., Node
     """Start `dragon node` as a real process with the given flags; stopped at teardown."""
     nodes: list[NodeProcess] = []
 
-    def start(*flags: str, bundled: bool = False, home: Path | None = None,
-              env: dict[str, str] | None = None) -> NodeProcess:  # fmt: skip
+    def start(*flags: str, bundled: bool = False, home: Path | None = None) -> NodeProcess:
         port = free_port()
         home = home or (models_home if bundled else tmp_path / f"home-{len(nodes)}")
         log_path = tmp_path / f"node-{len(nodes)}.log"
@@ -136,8 +134,7 @@ def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., Node
         if not bundled:
             args.append("--no-bundled-model")
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([*args, *flags], stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})})  # fmt: skip
+            proc = subprocess.Popen([*args, *flags], stdout=log, stderr=subprocess.STDOUT)
         node = NodeProcess(proc, port, home, log_path)
         nodes.append(node)
         wait_until(lambda: _healthy(node), 60, "the node to answer /health")

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from dragonswarm import __version__
 from dragonswarm.errors import ConfigError
-from dragonswarm.settings import ModelSpec, NodeSettings
+from dragonswarm.settings import DEFAULT_MODEL_NAME, ModelSpec, NodeSettings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,8 +82,9 @@ def cmd_node(args: argparse.Namespace) -> None:
     names = [spec.name for spec, _ in models]
     if len(set(names)) != len(names):
         raise ConfigError("two models share one name")
-    if settings.bundled_model and "gemma3-270m" not in names:
-        progress = ProgressPrinter("writing the bundled model gemma3-270m", lambda line: print(line, file=sys.stderr))
+    if settings.bundled_model and DEFAULT_MODEL_NAME not in names:
+        label = f"writing the bundled model {DEFAULT_MODEL_NAME}"
+        progress = ProgressPrinter(label, lambda line: print(line, file=sys.stderr))
         spec = bundled_model(settings.models_dir, progress)
         models.insert(0, (spec, check_gguf(spec.path)))
     if not models:

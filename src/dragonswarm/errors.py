@@ -7,6 +7,11 @@ They are translated to `{"error": {"message", "type", "code"}}` in one place
 from __future__ import annotations
 
 
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, object]:
+    """The OpenAI error shape, for typed errors and for the framework's own alike."""
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
 class DragonError(Exception):
     """Base of every error the node reports to a client."""
 
@@ -22,7 +27,7 @@ class DragonError(Exception):
         self.param = param
 
     def to_dict(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+        return error_body(self.message, self.type, self.code, self.param)
 
 
 class InvalidRequest(DragonError):

@@ -71,7 +71,7 @@ class NodeSettings(BaseSettings):
     # Owner activity: CPU used by others above this fraction counts as "owner busy".
     # Below it is background (an IDE, a browser tab, the client reading our stream).
     owner_noise: float = Field(0.10, ge=0.0, le=1.0)
-    # ...and then we leave this much of the machine free on top of what the owner uses.
+    # When the owner is busy, we leave this much free on top of what the owner uses.
     owner_headroom: float = Field(0.10, ge=0.0, le=1.0)
     min_share: float = Field(0.05, gt=0.0, le=1.0)
     sample_interval: float = Field(1.0, gt=0.0)

@@ -30,7 +30,7 @@ class RunnerProcess:
     """
 
     def __init__(self, model_name: str, model_path: Path, n_ctx: int, threads: int, log_path: Path,
-                 stats: Counter[str] | None = None):  # fmt: skip
+                 stats: Counter[str]):  # fmt: skip
         self.model_name = model_name
         self.model_path = model_path
         self.n_ctx = n_ctx
@@ -43,7 +43,7 @@ class RunnerProcess:
         self._ready: asyncio.Future[Event] | None = None
         self.exited = asyncio.Event()
         self.stopping = False
-        self.stats: Counter[str] = stats if stats is not None else Counter()
+        self.stats = stats  # the model's counters, kept across runner restarts
 
     @property
     def pid(self) -> int | None:

@@ -94,10 +94,7 @@ class CgroupV1Cap(_CgroupCap):
     def __init__(self, base: Path, group: Path, n_cpus: int):
         super().__init__(base, group, n_cpus)
         (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        # A group competes with other processes as one entity of weight 1024, as much as
-        # a single thread; our group runs one busy thread per core, so weigh it as such.
-        # The quota, not the weight, is what limits us.
-        (group / "cpu.shares").write_text(str(1024 * n_cpus))
+        _weigh(group, n_cpus)
 
     def _write_quota(self, quota: int | None) -> None:
         (self.group / "cpu.cfs_quota_us").write_text(str(quota if quota is not None else -1))
@@ -108,7 +105,7 @@ class CgroupV2Cap(_CgroupCap):
 
     def __init__(self, base: Path, group: Path, n_cpus: int):
         super().__init__(base, group, n_cpus)
-        (group / "cpu.weight").write_text(str(min(10_000, 100 * n_cpus)))  # see CgroupV1Cap
+        _weigh(group, n_cpus)
 
     def _write_quota(self, quota: int | None) -> None:
         value = "max" if quota is None else str(quota)
@@ -180,6 +177,19 @@ class DutyCycleCap:
         self._signal_all(signal.SIGCONT)
 
 
+def _weigh(group: Path, n_cpus: int) -> None:
+    """Weigh a group like `n_cpus` busy threads rather than like one.
+
+    The scheduler weighs a whole group as one entity of default weight, as much as a
+    single thread; ours runs one busy thread per core. The quota, not the weight, is
+    what limits us.
+    """
+    if (group / "cpu.shares").exists():  # v1
+        (group / "cpu.shares").write_text(str(1024 * n_cpus))
+    else:  # v2
+        (group / "cpu.weight").write_text(str(min(10_000, 100 * n_cpus)))
+
+
 def _sweep_stale(parent: Path) -> None:
     """Remove groups left behind by nodes that died without cleaning up."""
     for group in parent.glob("node-*"):
@@ -199,7 +209,7 @@ def _cgroup_v2(n_cpus: int) -> CpuCap:
     parent = root / "dragonswarm"
     parent.mkdir(exist_ok=True)
     (parent / "cgroup.subtree_control").write_text("+cpu")
-    (parent / "cpu.weight").write_text(str(min(10_000, 100 * n_cpus)))  # see CgroupV1Cap
+    _weigh(parent, n_cpus)
     _sweep_stale(parent)
     return CgroupV2Cap(root, parent / f"node-{os.getpid()}", n_cpus)
 
@@ -210,7 +220,7 @@ def _cgroup_v1(n_cpus: int) -> CpuCap:
         if (base / "cpu.cfs_quota_us").exists():
             parent = base / "dragonswarm"
             parent.mkdir(exist_ok=True)
-            (parent / "cpu.shares").write_text(str(1024 * n_cpus))  # see CgroupV1Cap
+            _weigh(parent, n_cpus)
             _sweep_stale(parent)
             return CgroupV1Cap(base, parent / f"node-{os.getpid()}", n_cpus)
     raise OSError("no cgroup v1 cpu hierarchy")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class OwnerPolicy:
-    noise: float = 0.10  # others' CPU below this is background noise, not the owner
-    headroom: float = 0.10  # kept free on top of the owner's use when the owner is busy
-    min_share: float = 0.05  # never throttle to zero: a started job still finishes
+    noise: float  # others' CPU below this is background noise, not the owner
+    headroom: float  # kept free on top of the owner's use when the owner is busy
+    min_share: float  # never throttle to zero: a started job still finishes
 
 
 def effective_share(configured: float, owner_load: float, policy: OwnerPolicy) -> float:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -33,9 +33,6 @@ class Sample:
     ram_total: int
     ram_available: int
     gpus: list[GpuSample] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Sampler:

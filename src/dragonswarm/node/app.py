@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dragonswarm import __version__
-from dragonswarm.errors import DragonError, Overloaded
+from dragonswarm.errors import DragonError, Overloaded, error_body
 from dragonswarm.governor.caps import open_cap
 from dragonswarm.governor.governor import Governor
 from dragonswarm.governor.policy import OwnerPolicy
@@ -31,8 +31,7 @@ log = logging.getLogger("dragonswarm.node")
 
 def error_response(status: int, message: str, type_: str, code: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    body = {"error": {"message": message, "type": type_, "code": code, "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -33,7 +33,7 @@ class ModelSlot:
         self.runner: RunnerProcess | None = None
         self.lock = asyncio.Lock()  # held by the request being served
         self._start_lock = asyncio.Lock()
-        self._supervisor: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None  # held so the task is not collected
         self.waiting = 0
         self.last_used = time.monotonic()
         self.crashes = 0
