@@ -17,8 +17,8 @@ from dragonswarm.governor.policy import (
     smooth_owner_load,
     threads_for,
 )
-from dragonswarm.node.jobs import chat_jobs, completion_jobs
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest
+from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs
 from dragonswarm.settings import ModelSpec
 
 POLICY = OwnerPolicy(noise=0.10, headroom=0.10, min_share=0.05)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
 from dragonswarm import __version__
 from dragonswarm.errors import ConfigError
-from dragonswarm.settings import DEFAULT_MODEL_NAME, ModelSpec, NodeSettings
+from dragonswarm.settings import DEFAULT_MODEL_NAME, ModelSpec, NodeSettings, OrchestratorSettings, default_home
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,13 +61,47 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--n-ctx", type=int, help="context length in tokens (default 4096)")
     node.add_argument("--max-queue", type=int, help="requests that may wait per model before 429 (default 32)")
     node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    node.add_argument("--name", help="this node's name in the swarm (default: the host name)")
+    node.add_argument("--orchestrator", metavar="URL", help="join the swarm of this orchestrator (http://host:8700)")
+    node.add_argument("--key", help="a node key for --orchestrator (better: the DRAGON_KEY environment variable)")
+
+    orch = commands.add_parser("orchestrator", help="run the swarm's orchestrator")
+    orch.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    orch.add_argument("--port", type=int, help="port (default 8700)")
+    orch.add_argument("--home", help="data directory: keys, node registry (default $DRAGON_HOME or ~/.dragonswarm)")
+    orch.add_argument("--max-queue", type=int, help="fragments that may wait before 429 (default 1024)")
+    orch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    keys = commands.add_parser("keys", help="manage API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=_Parser)
+    create = keys_commands.add_parser("create", help="create a key; it is printed once and only its hash is kept")
+    create.add_argument("--role", required=True, choices=["user", "node", "admin"])
+    create.add_argument("--name", default="", help="a label to recognise the key by")
+    create.add_argument("--home", help="the orchestrator's data directory")
+
+    status = commands.add_parser("status", help="show the swarm's nodes")
+    status.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
+    status.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
+    status.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
+
+    up = commands.add_parser("up", help="a whole swarm on this machine: orchestrator, this node and K workers")
+    up.add_argument("--workers", type=int, default=3, help="worker nodes besides this machine's own (default 3)")
+    up.add_argument("--port", type=int, default=8700, help="the orchestrator's port (default 8700)")
+    up.add_argument("--api-port", type=int, default=8701, help="this machine's node API port (default 8701)")
+    up.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
+    up.add_argument("--model", action="append", type=_model, metavar="NAME=PATH[:tags]", dest="models",
+                    help="serve a local GGUF file under NAME on every node (repeatable)")  # fmt: skip
+    up.add_argument("--no-bundled-model", dest="bundled_model", action="store_false", default=True,
+                    help="do not serve the packaged gemma3-270m")  # fmt: skip
+    up.add_argument("--share", type=_share, default=0.10, help="each worker's share for others' work (0.10)")
+    up.add_argument("--local-share", type=_share, default=0.80, help="the owner's share on every node (0.80)")
     return parser
 
 
-def _settings(args: argparse.Namespace, names: list[str]) -> NodeSettings:
+def _settings(args: argparse.Namespace, names: list[str], cls: type[Any] = NodeSettings) -> Any:
     given: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
-        return NodeSettings(**given)
+        return cls(**given)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "settings"
@@ -72,20 +109,23 @@ def _settings(args: argparse.Namespace, names: list[str]) -> NodeSettings:
 
 
 def cmd_node(args: argparse.Namespace) -> None:
-    from dragonswarm.engines.models import ProgressPrinter, bundled_model, check_gguf
+    from dragonswarm.engines.models import check_gguf
     from dragonswarm.node.app import run_node
 
-    settings = _settings(args, ["models", "bundled_model", "host", "api_port", "home", "local_share", "share",
-                                "cap_mechanism", "idle_unload_s", "n_ctx", "max_queue", "log_level"])  # fmt: skip
+    settings: NodeSettings = _settings(args, [
+        "models", "bundled_model", "host", "api_port", "home", "local_share", "share", "cap_mechanism",
+        "idle_unload_s", "n_ctx", "max_queue", "log_level", "name", "orchestrator", "key"])  # fmt: skip
     _setup_logging(settings.log_level)
+    if bool(settings.orchestrator) != bool(settings.key):
+        raise ConfigError("joining a swarm needs both --orchestrator URL and a node key (--key or DRAGON_KEY)")
+    if settings.orchestrator and not settings.orchestrator.startswith(("http://", "https://")):
+        raise ConfigError(f"--orchestrator expects http(s)://HOST:PORT, got {settings.orchestrator!r}")
     models = [(spec, check_gguf(spec.path)) for spec in settings.models]
     names = [spec.name for spec, _ in models]
     if len(set(names)) != len(names):
         raise ConfigError("two models share one name")
     if settings.bundled_model and DEFAULT_MODEL_NAME not in names:
-        label = f"writing the bundled model {DEFAULT_MODEL_NAME}"
-        progress = ProgressPrinter(label, lambda line: print(line, file=sys.stderr))
-        spec = bundled_model(settings.models_dir, progress)
+        spec = _bundled(settings.models_dir)
         models.insert(0, (spec, check_gguf(spec.path)))
     if not models:
         raise ConfigError("no model to serve: give --model NAME=PATH or drop --no-bundled-model")
@@ -97,11 +137,93 @@ def cmd_node(args: argparse.Namespace) -> None:
     run_node(settings, models)
 
 
+def _bundled(models_dir: Any) -> ModelSpec:
+    from dragonswarm.engines.models import ProgressPrinter, bundled_model
+
+    label = f"writing the bundled model {DEFAULT_MODEL_NAME}"
+    return bundled_model(models_dir, ProgressPrinter(label, lambda line: print(line, file=sys.stderr)))
+
+
+def cmd_orchestrator(args: argparse.Namespace) -> None:
+    from dragonswarm.orchestrator.app import run_orchestrator
+
+    settings: OrchestratorSettings = _settings(args, ["host", "port", "home", "max_queue", "log_level"],
+                                               OrchestratorSettings)  # fmt: skip
+    _setup_logging(settings.log_level)
+    print(f"dragon orchestrator: http://{settings.host}:{settings.port}/v1 (state in {settings.db_path})",
+          file=sys.stderr)  # fmt: skip
+    run_orchestrator(settings)
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    from dragonswarm.store.sqlite import open_store
+
+    home = Path(args.home).expanduser() if args.home else default_home()
+    store = open_store(home)
+    try:
+        key, record = store.create_key(args.role, args.name or f"{args.role} key")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        store.close()
+    print(f"created {record.role} key #{record.id} ({record.name}); it is shown only this once:", file=sys.stderr)
+    print(key)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    import httpx
+
+    from dragonswarm.status import nodes_table
+
+    home = Path(args.home).expanduser() if args.home else default_home()
+    url, key = args.url, args.key or os.environ.get("DRAGON_KEY")
+    swarm_file, admin_file = home / "swarm.json", home / "keys" / "admin.key"
+    if url is None:
+        url = json.loads(swarm_file.read_text())["api_url"] if swarm_file.exists() else "http://127.0.0.1:8700"
+    if key is None and admin_file.exists():
+        key = admin_file.read_text().strip()
+    if not key:
+        raise ConfigError("dragon status needs an admin key: --key KEY or DRAGON_KEY")
+    base = url.rstrip("/").removesuffix("/v1")
+    try:
+        response = httpx.get(f"{base}/v1/nodes", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    except httpx.TransportError as exc:
+        raise ConfigError(f"cannot reach the orchestrator at {base}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        raise ConfigError(f"the orchestrator answered {response.status_code}: {message}")
+    print(nodes_table(response.json()["data"]))
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from dragonswarm.engines.models import check_gguf
+    from dragonswarm.up import run_up
+
+    if args.workers < 0 or args.workers > 64:
+        raise ConfigError("--workers must be between 0 and 64")
+    home = Path(args.home).expanduser() if args.home else default_home()
+    models = list(args.models or [])
+    for spec in models:
+        check_gguf(spec.path)
+    if args.bundled_model and DEFAULT_MODEL_NAME not in [m.name for m in models]:
+        spec = _bundled(home / "models")
+        models.insert(0, spec.model_copy(update={"tags": ("code", "chat")}))
+    if not models:
+        raise ConfigError("no model to serve: give --model NAME=PATH or drop --no-bundled-model")
+    code = run_up(home, args.port, args.api_port, args.workers, models, args.share, args.local_share,
+                  lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+    if code:
+        raise SystemExit(code)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-COMMANDS = {"node": cmd_node}
+COMMANDS = {"node": cmd_node, "orchestrator": cmd_orchestrator, "keys": cmd_keys, "status": cmd_status, "up": cmd_up}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Typed errors. Each knows its HTTP status and OpenAI error type/code.
 
 They are translated to `{"error": {"message", "type", "code"}}` in one place
-(`node.app`), so code that raises never builds a response itself.
+(`web.errors`), so code that raises never builds a response itself.
 """
 
 from __future__ import annotations
@@ -56,6 +56,38 @@ class Overloaded(DragonError):
     def __init__(self, message: str, *, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Unauthorized(DragonError):
+    """No key, or a key nobody issued."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(DragonError):
+    """A valid key whose role does not allow this endpoint."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class Timeout(DragonError):
+    """A fragment passed its deadline: the request ends instead of hanging."""
+
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
+class NoWorkers(DragonError):
+    """The swarm has no live node that serves the model."""
+
+    status = 503
+    type = "server_error"
+    code = "no_workers"
 
 
 class InsufficientMemory(DragonError):

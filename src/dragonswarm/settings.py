@@ -1,4 +1,4 @@
-"""Settings for the node, built once in the CLI and passed down.
+"""Settings for the node and the orchestrator, built once in the CLI and passed down.
 
 Precedence: command-line flag > environment (`DRAGON_*`) > `$DRAGON_HOME/config.toml`
 > default. Nothing here reads the environment at import time.
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -53,12 +54,41 @@ def default_home() -> Path:
     return Path(os.environ.get("DRAGON_HOME") or Path.home() / ".dragonswarm")
 
 
-class NodeSettings(BaseSettings):
+def default_node_name() -> str:
+    """The host name, cut to what the swarm protocol accepts as a node name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:64]
+    return name or "node"
+
+
+class _FileSettings(BaseSettings):
+    """Flag > environment > `$DRAGON_HOME/config.toml` > default, for every program."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=default_home() / "config.toml")
+        return (init_settings, env_settings, toml)
+
+
+class NodeSettings(_FileSettings):
     """Everything `dragon node` needs."""
 
     model_config = SettingsConfigDict(env_prefix="DRAGON_", extra="ignore")
 
     home: Path = Field(default_factory=default_home)
+    name: str = Field(default_factory=default_node_name, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    # The swarm: joined when both are set. The key is a `node` key from `dragon keys create`.
+    orchestrator: str | None = None
+    key: SecretStr | None = None
+    # Set by `dragon up`: every process under this pid is the swarm's, not the owner's
+    # (on one machine the other workers must not look like a busy owner).
+    swarm_pid: int | None = None
     host: str = "127.0.0.1"
     api_port: int = Field(8701, ge=0, le=65535)
     models: list[ModelSpec] = Field(default_factory=list)
@@ -95,21 +125,42 @@ class NodeSettings(BaseSettings):
             return [ModelSpec.parse(v) if isinstance(v, str) else v for v in value]
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=default_home() / "config.toml")
-        return (init_settings, env_settings, toml)
-
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+
+class OrchestratorSettings(_FileSettings):
+    """Everything `dragon orchestrator` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="DRAGON_ORCHESTRATOR_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    host: str = "127.0.0.1"
+    port: int = Field(8700, ge=0, le=65535)
+
+    max_queue: int = Field(1024, ge=1)  # fragments waiting, all users together
+    max_queue_per_user: int = Field(256, ge=1)  # so one user's flood cannot fill it for everyone
+    fragment_timeout_s: float = Field(600.0, gt=0.0)  # queue + run: no request hangs longer
+    stall_timeout_s: float = Field(30.0, gt=0.0)  # a worker silent this long is given up on
+    max_attempts: int = Field(4, ge=1)  # workers a fragment may try before it fails
+    heartbeat_s: float = Field(1.0, gt=0.0)
+    stale_after_s: float = Field(3.5, gt=0.0)  # no heartbeat this long: not given new work
+    gone_after_s: float = Field(15.0, gt=0.0)  # ... this long: connection closed, work moved
+
+    max_n: int = Field(8, ge=1)
+    max_prompts: int = Field(16, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(1 << 20, ge=1024)  # one WebSocket message from a node
+    log_level: str = "info"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "state.db"
 
     @property
     def logs_dir(self) -> Path:

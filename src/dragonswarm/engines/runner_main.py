@@ -67,15 +67,21 @@ class Runner:
         return self._piece_buf.raw[: max(n, 0)]
 
     def prompt_tokens(self, job: RunJob) -> tuple[list[int], list[str]]:
-        """The job's prompt as tokens, and stop strings implied by the chat template."""
+        """The job's prompt as tokens, and stop strings implied by the chat template.
+
+        A `prefix` (text a failed worker already streamed) is appended after the
+        template, so generation continues the same assistant turn.
+        """
         if "messages" in job:
             if self.formatter is None:
                 raise JobError("invalid_request", "this model has no chat template; use /v1/completions")
             result = self.formatter(messages=job["messages"])
             stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
-            tokens = self.llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+            text = result.prompt + job.get("prefix", "")
+            tokens = self.llm.tokenize(text.encode(), add_bos=not result.added_special, special=True)
             return tokens, stops
-        return self.llm.tokenize(job.get("prompt", "").encode(), add_bos=True, special=True), []
+        text = job.get("prompt", "") + job.get("prefix", "")
+        return self.llm.tokenize(text.encode(), add_bos=True, special=True), []
 
     def run(self, job: RunJob) -> None:
         job_id = job["id"]
@@ -122,7 +128,7 @@ class Runner:
             count += 1
             text = stream.feed(self.piece(token))
             if text:
-                self.send({"ev": "text", "id": job_id, "text": text})
+                self.send({"ev": "text", "id": job_id, "text": text, "completion_tokens": count})
             if stream.stopped:
                 finish = "stop"
                 break
@@ -130,7 +136,7 @@ class Runner:
                 break
         tail = stream.flush()
         if tail and finish != "cancelled":
-            self.send({"ev": "text", "id": job_id, "text": tail})
+            self.send({"ev": "text", "id": job_id, "text": tail, "completion_tokens": count})
         self.cancelled.discard(job_id)
         self.send(
             {

@@ -42,6 +42,11 @@ class Governor:
     def n_cpus(self) -> int:
         return self.sampler.n_cpus
 
+    @property
+    def owner_busy(self) -> bool:
+        """The owner's other programs use more than background noise."""
+        return self.owner_load >= self.policy.noise
+
     def configured_share(self) -> float:
         if self.active["remote"] and not self.active["local"]:
             return self.share
@@ -101,7 +106,7 @@ class Governor:
             "cpu_total": round(s.cpu_total, 3),
             "cpu_ours": round(s.cpu_ours, 3),
             "owner_load": round(self.owner_load, 3),
-            "owner_busy": self.owner_load >= self.policy.noise,
+            "owner_busy": self.owner_busy,
             "ram_total": s.ram_total,
             "ram_available": s.ram_available,
             "gpus": [g.__dict__ for g in s.gpus],

@@ -1,50 +1,33 @@
-"""The node's OpenAI-compatible HTTP API: thin routes over `NodeService`."""
+"""The node's OpenAI-compatible HTTP API: thin routes over `NodeService`.
+
+Local first: a request runs here when the model is here, its runner is free and the
+owner's other programs leave room; otherwise, when the node is linked to a swarm, it
+is handed to the orchestrator and its answer streamed back unchanged.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from dragonswarm.errors import ContextLengthExceeded, DragonError, InvalidRequest, RunnerFailed
-from dragonswarm.node.jobs import chat_jobs, completion_jobs
+from dragonswarm.node.handoff import Handoff
+from dragonswarm.node.link import SwarmLink
 from dragonswarm.node.service import NodeService
-from dragonswarm.protocol.openai import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingParams,
-    Usage,
-    full_response,
-    model_card,
-    new_id,
-    now,
-    stream_chunk,
-    usage_chunk,
-)
-from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
+from dragonswarm.protocol.runner import RunJob
+from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text
+from dragonswarm.scheduler.local import serve_locally
+from dragonswarm.scheduler.models import pick_model
+from dragonswarm.web.replies import Reply, respond
 
 router = APIRouter()
-
-EVENT_ERRORS: dict[str, type[DragonError]] = {
-    "context_length_exceeded": ContextLengthExceeded,
-    "invalid_request": InvalidRequest,
-    "runner_failed": RunnerFailed,
-}
 
 
 def service_of(request: Request) -> NodeService:
     service: NodeService = request.app.state.service
     return service
-
-
-def error_from_event(event: Event) -> DragonError:
-    cls = EVENT_ERRORS.get(event.get("code", ""), DragonError)
-    return cls(event.get("message", "generation failed"))
 
 
 @router.get("/health")
@@ -62,7 +45,9 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/node")
 async def node_status(request: Request) -> dict[str, Any]:
     service = service_of(request)
-    return {"governor": service.governor.status(), **service.status()}
+    link: SwarmLink | None = request.app.state.link
+    swarm = {"orchestrator": link.url, "connected": link.connected} if link else None
+    return {"name": service.settings.name, "governor": service.governor.status(), "swarm": swarm, **service.status()}
 
 
 @router.post("/v1/completions", response_model=None)
@@ -70,127 +55,37 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
     service = service_of(request)
     jobs = completion_jobs(body, service.settings.max_n, service.settings.max_prompts)
     echo = [p for p in body.prompts() for _ in range(body.n)] if body.echo else None
-    return await _serve(request, service, "text", body, jobs, echo)
+    return await _serve(request, "text", body, jobs, echo)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     service = service_of(request)
-    return await _serve(request, service, "chat", body, chat_jobs(body, service.settings.max_n), None)
+    return await _serve(request, "chat", body, chat_jobs(body, service.settings.max_n), None)
 
 
-async def _serve(request: Request, service: NodeService, kind: str, body: SamplingParams,
-                 jobs: list[RunJob], echo: list[str] | None) -> Response:  # fmt: skip
-    slot = service.slot(body.model)
-    events = service.run_jobs(slot, jobs)
-    try:
-        # Waiting in the queue counts as work too: a client that leaves meanwhile frees
-        # its place. Errors before any output become a 4xx/5xx response.
-        first = await _unless_disconnected(request, anext(events))
-        if first[1].get("ev") == "error":
-            raise error_from_event(first[1])
-    except BaseException:
-        await events.aclose()
-        raise
-    rid, created = new_id("cmpl" if kind == "text" else "chatcmpl"), now()
-    if body.stream:
-        sse = _sse(kind, rid, created, body, first, events, echo, len(jobs))
-        return StreamingResponse(sse, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    collect = _collect(kind, rid, created, body.model, first, events, echo, len(jobs))
-    return JSONResponse(await _unless_disconnected(request, collect))
-
-
-async def _collect(kind: str, rid: str, created: int, model: str, first: tuple[int, Event],
-                   events: AsyncGenerator[tuple[int, Event]], echo: list[str] | None, n: int
-                   ) -> dict[str, Any]:  # fmt: skip
-    texts = [[e] if echo else [] for e in (echo or [""] * n)]
-    finish = ["length"] * n
-    usage = Usage()
-    async with contextlib.aclosing(_chain(first, events)) as stream:
-        async for index, event in stream:
-            match event.get("ev"):
-                case "text":
-                    texts[index].append(event["text"])
-                case "done":
-                    finish[index] = event["finish_reason"]
-                    usage.add(_usage(event))
-                case "error":
-                    raise error_from_event(event)
-    return full_response(kind, rid, created, model, ["".join(t) for t in texts], finish, usage)
-
-
-async def _sse(kind: str, rid: str, created: int, body: SamplingParams, first: tuple[int, Event],
-               events: AsyncGenerator[tuple[int, Event]], echo: list[str] | None, n: int
-               ) -> AsyncIterator[bytes]:  # fmt: skip
-    usage = Usage()
-    model = body.model
-    started: set[int] = set()
-    async with contextlib.aclosing(_chain(first, events)) as stream:
-        try:
-            async for index, event in stream:
-                match event.get("ev"):
-                    case "start":
-                        started.add(index)
-                        if kind == "chat" or echo:
-                            text = echo[index] if echo else ""
-                            yield _data(stream_chunk(kind, rid, created, model, index, text, None, first=True))
-                    case "text":
-                        yield _data(stream_chunk(kind, rid, created, model, index, event["text"], None))
-                    case "done":
-                        usage.add(_usage(event))
-                        yield _data(stream_chunk(kind, rid, created, model, index, None, event["finish_reason"]))
-                    case "error":
-                        raise error_from_event(event)
-        except DragonError as exc:  # the stream has started: the error is its last event
-            yield _data(exc.to_dict())
-            yield b"data: [DONE]\n\n"
-            return
-    if body.include_usage:
-        yield _data(usage_chunk(kind, rid, created, model, usage))
-    yield b"data: [DONE]\n\n"
-
-
-async def _chain(first: tuple[int, Event], rest: AsyncGenerator[tuple[int, Event]]
-                 ) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
-    try:
-        yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()
-
-
-def _usage(event: Event) -> Usage:
-    p, c = event.get("prompt_tokens", 0), event.get("completion_tokens", 0)
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
-
-
-def _data(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-class ClientGone(Exception):
-    """The client closed the connection before the answer was ready."""
-
-
-async def _unless_disconnected(request: Request, work: Any) -> Any:
-    """Await `work`, but cancel it (freeing the runner) if the client goes away."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, DragonError):
-            await task
-        raise ClientGone()
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+async def _serve(request: Request, kind: str, body: SamplingParams, jobs: list[RunJob],
+                 echo: list[str] | None) -> Response:  # fmt: skip
+    service = service_of(request)
+    link: SwarmLink | None = request.app.state.link
+    handoff: Handoff | None = request.app.state.handoff
+    tags = {name: slot.spec.tags for name, slot in service.slots.items()}
+    model = pick_model(body.model, prompt_text(body), tags)
+    slot = service.slots.get(model) if model else None
+    local = serve_locally(
+        has_model=slot is not None,
+        busy=slot is not None and slot.lock.locked(),
+        owner_busy=service.governor.owner_busy,
+        linked=link is not None and link.connected,
+    )
+    if not local and handoff is not None:
+        forwarded = await handoff.forward(request)
+        if forwarded is not None:
+            return forwarded
+        # The orchestrator is unreachable: serve what we can here.
+    slot = service.slot(model or body.model)  # raises 404 model_not_found
+    name = service.settings.name
+    reply = Reply(kind, slot.spec.name, len(jobs), body.stream, body.include_usage, echo,
+                  headers=lambda: {"X-Dragon-Nodes": name},
+                  route=lambda: {"nodes": [name], "fragments": 1})  # fmt: skip
+    return await respond(request, reply, service.run_jobs(slot, jobs))

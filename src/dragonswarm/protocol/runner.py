@@ -17,6 +17,7 @@ class RunJob(TypedDict):
     id: str
     prompt: NotRequired[str]
     messages: NotRequired[list[dict[str, str]]]
+    prefix: NotRequired[str]  # continue after this text (failover)
     max_tokens: int | None
     temperature: float
     top_p: float

@@ -1,4 +1,8 @@
-"""From an OpenAI request to runner jobs: pure functions, tested with plain values."""
+"""From an OpenAI request to fragments: one runner job per (prompt, choice).
+
+Pure functions, tested with plain values. The node runs the jobs in order on its own
+runner; the orchestrator places each on a worker of its own, in parallel.
+"""
 
 from __future__ import annotations
 
@@ -45,3 +49,13 @@ def chat_jobs(req: ChatCompletionRequest, max_n: int) -> list[RunJob]:
         job["messages"] = messages
         jobs.append(job)
     return jobs
+
+
+def prompt_text(req: SamplingParams) -> str:
+    """The text that says what the request is about, for choosing a model by task."""
+    if isinstance(req, CompletionRequest):
+        return "\n".join(req.prompts())
+    if isinstance(req, ChatCompletionRequest):
+        users = [m.text() for m in req.messages if m.role == "user"]
+        return users[-1] if users else req.messages[-1].text()
+    return ""

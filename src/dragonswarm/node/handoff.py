@@ -1,0 +1,59 @@
+"""Handing an owner's request that cannot run here to the orchestrator.
+
+The node forwards the request's body unchanged with its own node key, and streams the
+orchestrator's answer back unchanged: status, body, SSE events and the route header.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+log = logging.getLogger("dragonswarm.node")
+
+PASS_HEADERS = ("content-type", "x-dragon-nodes", "retry-after", "cache-control", "www-authenticate")
+
+
+class Handoff:
+    def __init__(self, base_url: str, key: str, name: str, timeout_s: float = 600.0):
+        self.name = name
+        self.client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {key}", "X-Dragon-Origin": name},
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+        )
+
+    async def forward(self, request: Request) -> Response | None:
+        """The orchestrator's answer, or None if it cannot be reached (serve locally then)."""
+        body = await request.body()
+        upstream = self.client.build_request(
+            "POST", request.url.path, content=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            response = await self.client.send(upstream, stream=True)
+        except httpx.TransportError as exc:
+            log.warning("orchestrator unreachable (%s): serving locally", type(exc).__name__)
+            return None
+        headers = {k: v for k, v in response.headers.items() if k.lower() in PASS_HEADERS}
+        log.info("handed a request to the orchestrator: %d via %s", response.status_code,
+                 response.headers.get("x-dragon-nodes", "-"))  # fmt: skip
+        return StreamingResponse(_relay(response), status_code=response.status_code, headers=headers)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    # Closing the upstream response when our client leaves tells the orchestrator to
+    # cancel the work, exactly as if the client had been connected to it directly.
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.TransportError:
+        log.warning("orchestrator connection lost while relaying an answer")
+    finally:
+        await response.aclose()

@@ -1,0 +1,179 @@
+"""The node's one outbound WebSocket to the orchestrator.
+
+It announces the node, sends a heartbeat about every second, runs the fragments it is
+given at the work-for-others share (`--share`), and reconnects with backoff when the
+connection drops. Nothing listens on the volunteer's machine for this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from dragonswarm.errors import DragonError
+from dragonswarm.node.service import NodeService
+from dragonswarm.protocol.runner import RunJob
+from dragonswarm.protocol.swarm import (
+    VERSION,
+    Cancel,
+    Heartbeat,
+    Hello,
+    JobEvent,
+    ModelInfo,
+    ProtocolError,
+    RunFragment,
+    Welcome,
+    dump,
+    parse_orchestrator_message,
+)
+
+log = logging.getLogger("dragonswarm.link")
+
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+WS_PATH = "/v1/swarm"
+
+
+def ws_url(base: str) -> str:
+    """The WebSocket URL for an orchestrator given as http(s)://host:port."""
+    base = base.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base.removeprefix("https://") + WS_PATH
+    if base.startswith("http://"):
+        return "ws://" + base.removeprefix("http://") + WS_PATH
+    return base + WS_PATH if base.startswith(("ws://", "wss://")) else base
+
+
+class SwarmLink:
+    def __init__(self, service: NodeService, url: str, key: str, max_message_bytes: int = 1 << 20):
+        self.service = service
+        self.url = url
+        self.key = key
+        self.max_message_bytes = max_message_bytes
+        self.connected = False
+        self.heartbeat_s = 1.0
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.service.settings.name
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="swarm-link")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def run(self) -> None:
+        """Stay connected: reconnect with backoff for as long as the node runs."""
+        failures = 0
+        while True:
+            try:
+                async with connect(ws_url(self.url), additional_headers={"Authorization": f"Bearer {self.key}"},
+                                   max_size=self.max_message_bytes, open_timeout=10) as ws:  # fmt: skip
+                    await self._session(ws)
+                    failures = 0
+            except asyncio.CancelledError:
+                raise
+            except websockets.InvalidStatus as exc:
+                status = exc.response.status_code
+                log.error("the orchestrator refused this node (HTTP %d); check --key", status)
+            except (OSError, websockets.WebSocketException, ProtocolError, TimeoutError) as exc:
+                log.warning("swarm link to %s lost: %s", self.url, exc or type(exc).__name__)
+            finally:
+                self.connected = False
+                self._cancel_all()
+            delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)] * random.uniform(0.8, 1.2)
+            failures += 1
+            await asyncio.sleep(delay)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        await ws.send(dump(self._hello()))
+        welcome = parse_orchestrator_message(await asyncio.wait_for(ws.recv(), 10))
+        if not isinstance(welcome, Welcome):
+            raise ProtocolError("expected welcome")
+        self.heartbeat_s = welcome.heartbeat_s
+        self.connected = True
+        log.info("joined the swarm at %s as %s", self.url, welcome.name)
+        beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
+        try:
+            async for raw in ws:
+                message = parse_orchestrator_message(raw)
+                if isinstance(message, RunFragment):
+                    self._start_job(ws, message)
+                elif isinstance(message, Cancel):
+                    task = self._jobs.get(message.job)
+                    if task:
+                        task.cancel()
+        finally:
+            beats.cancel()
+
+    def _hello(self) -> Hello:
+        s = self.service
+        status = s.governor.status()
+        models = [ModelInfo(name=n, tags=list(slot.spec.tags), loaded=slot.loaded) for n, slot in s.slots.items()]
+        return Hello(v=VERSION, name=self.name, models=models, share=s.settings.share, capacity=1,
+                     local_share=s.settings.local_share, cpus=status["cpus"], ram_total=status["ram_total"])
+
+    def heartbeat(self) -> Heartbeat:
+        g = self.service.governor.status()
+        slots = self.service.slots.values()
+        return Heartbeat(
+            cpu_total=g["cpu_total"], cpu_ours=g["cpu_ours"], owner_load=min(1.0, g["owner_load"]),
+            owner_busy=g["owner_busy"], ram_available=g["ram_available"], gpus=g["gpus"],
+            share_in_force=min(1.0, g["share_in_force"]), busy=sum(1 for s in slots if s.lock.locked()),
+            loaded=[s.spec.name for s in slots if s.loaded],
+        )  # fmt: skip
+
+    async def _heartbeats(self, ws: ClientConnection) -> None:
+        while True:
+            await ws.send(dump(self.heartbeat()))
+            await asyncio.sleep(self.heartbeat_s)
+
+    def _start_job(self, ws: ClientConnection, fragment: RunFragment) -> None:
+        if fragment.job in self._jobs:
+            return  # a duplicate `run` for a job we already hold: ignore it
+        task = asyncio.create_task(self._run(ws, fragment), name=f"fragment-{fragment.job}")
+        self._jobs[fragment.job] = task
+        task.add_done_callback(lambda _: self._jobs.pop(fragment.job, None))
+
+    async def _run(self, ws: ClientConnection, f: RunFragment) -> None:
+        """Run one fragment at the work-for-others share and stream its events back."""
+
+        async def send(ev: str, **fields: Any) -> None:
+            await ws.send(dump(JobEvent(job=f.job, ev=ev, **fields)))  # type: ignore[arg-type]
+
+        job = RunJob(op="run", id=f.job, max_tokens=f.max_tokens, temperature=f.temperature, top_p=f.top_p,
+                     stop=f.stop, seed=f.seed, threads=1, prefix=f.prefix)  # fmt: skip
+        if f.messages is not None:
+            job["messages"] = f.messages
+        else:
+            job["prompt"] = f.prompt or ""
+        try:
+            slot = self.service.slot(f.model)
+            async for _, event in self.service.run_jobs(slot, [job], kind="remote"):
+                fields = {k: v for k, v in event.items() if k not in ("ev", "id")}
+                await send(event["ev"], **fields)
+        except DragonError as exc:
+            with contextlib.suppress(websockets.WebSocketException):
+                await send("error", code=exc.code, message=exc.message)
+        except asyncio.CancelledError:
+            # Tell the orchestrator the runner is free again; it counts us busy until then.
+            with contextlib.suppress(websockets.WebSocketException):
+                await send("done", finish_reason="cancelled", completion_tokens=0)
+            raise
+        except websockets.WebSocketException:
+            pass  # the connection is gone; the orchestrator moves the fragment elsewhere
+
+    def _cancel_all(self) -> None:
+        for task in list(self._jobs.values()):
+            task.cancel()

@@ -1,0 +1,1 @@
+"""The orchestrator: keys, the registry of live nodes, the fair queue, fragments and failover."""

@@ -1,0 +1,98 @@
+"""The orchestrator's HTTP API: the node's OpenAI API for thin clients, plus the registry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from dragonswarm.orchestrator.auth import require
+from dragonswarm.orchestrator.fragments import Request as SwarmRequest
+from dragonswarm.orchestrator.swarm import Swarm
+from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
+from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text
+from dragonswarm.scheduler.models import pick_model
+from dragonswarm.store.base import KeyRecord
+from dragonswarm.web.replies import Reply, respond
+
+router = APIRouter()
+
+Inference = Annotated[KeyRecord, Depends(require("user", "node", what="use the inference API"))]
+Admin = Annotated[KeyRecord, Depends(require("admin", what="read the registry"))]
+
+
+def swarm_of(request: Request) -> Swarm:
+    swarm: Swarm = request.app.state.swarm
+    return swarm
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, key: Inference) -> dict[str, Any]:
+    registry = swarm_of(request).registry
+    created = int(request.app.state.started)
+    data = [model_card(name, created, tags=tags, nodes=len(registry.serving(name)))
+            for name, tags in registry.model_tags().items()]  # fmt: skip
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/nodes")
+async def list_nodes(request: Request, key: Admin) -> dict[str, Any]:
+    swarm = swarm_of(request)
+    live = {r.name: r for r in swarm.registry.records()}
+    stored = {r.name: r for r in swarm.store.list_nodes() if r.name not in live}
+    data = []
+    for record in sorted([*live.values(), *stored.values()], key=lambda r: r.name):
+        state = record.state if record.name in live else "gone"
+        data.append({"name": record.name, "state": state, "first_seen": record.first_seen,
+                     "last_seen": record.last_seen, **record.info})  # fmt: skip
+    return {"object": "list", "data": data, "queue": swarm.status()}
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request, body: CompletionRequest, key: Inference) -> Response:
+    s = swarm_of(request).settings
+    jobs = completion_jobs(body, s.max_n, s.max_prompts)
+    echo = [p for p in body.prompts() for _ in range(body.n)] if body.echo else None
+    return await _serve(request, key, "text", body, jobs, echo)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request, body: ChatCompletionRequest, key: Inference) -> Response:
+    s = swarm_of(request).settings
+    return await _serve(request, key, "chat", body, chat_jobs(body, s.max_n), None)
+
+
+async def _serve(request: Request, key: KeyRecord, kind: str, body: SamplingParams, jobs: list[RunJob],
+                 echo: list[str] | None) -> Response:  # fmt: skip
+    swarm = swarm_of(request)
+    model = pick_model(body.model, prompt_text(body), swarm.registry.model_tags()) or body.model
+    # Only a node may say which node handed the request over (it is kept off that node).
+    origin = request.headers.get("x-dragon-origin") if key.role == "node" else None
+    req = SwarmRequest(user=f"key-{key.id}", model=model, origin=origin)
+    reply = Reply(kind, model, len(jobs), body.stream, body.include_usage, echo,
+                  headers=lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}, route=req.route)  # fmt: skip
+    return await respond(request, reply, _metered(swarm, key, model, swarm.run(req, jobs)))
+
+
+async def _metered(swarm: Swarm, key: KeyRecord, model: str, events: AsyncGenerator[tuple[int, Event]]
+                   ) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
+    """Pass events through, and record the key's usage once the request ends."""
+    prompt = completion = 0
+    try:
+        async for index, event in events:
+            if event["ev"] == "done":
+                prompt += event.get("prompt_tokens", 0)
+                completion += event.get("completion_tokens", 0)
+            yield index, event
+    finally:
+        await events.aclose()
+        if prompt or completion:
+            swarm.store.record_usage(key.id, model, prompt, completion)

@@ -1,0 +1,58 @@
+"""The orchestrator program: app factory, lifespan and `run_orchestrator()`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from dragonswarm import __version__
+from dragonswarm.orchestrator.api import router as api_router
+from dragonswarm.orchestrator.swarm import Swarm
+from dragonswarm.orchestrator.ws import router as ws_router
+from dragonswarm.settings import OrchestratorSettings
+from dragonswarm.store.base import Store
+from dragonswarm.store.sqlite import open_store
+from dragonswarm.web.errors import BodyLimit, install_error_handlers
+
+log = logging.getLogger("dragonswarm.orchestrator")
+
+
+def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
+    swarm = Swarm(settings, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        swarm.start()
+        try:
+            yield
+        finally:
+            await swarm.close()
+            store.close()
+
+    # No open documentation pages: every endpoint but /health needs a key.
+    app = FastAPI(title="Py Dragon Swarm orchestrator", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
+    app.state.swarm = swarm
+    app.state.store = store
+    app.state.started = time.time()
+    app.include_router(api_router)
+    app.include_router(ws_router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def run_orchestrator(settings: OrchestratorSettings) -> None:
+    """Serve the orchestrator until interrupted. Also the Python API behind `dragon orchestrator`."""
+    app = create_app(settings, open_store(settings.home))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            ws="websockets-sansio", ws_max_size=settings.max_message_bytes,
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    log.info("orchestrator on http://%s:%d/v1", settings.host, settings.port)
+    asyncio.run(uvicorn.Server(config).serve())

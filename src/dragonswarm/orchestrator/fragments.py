@@ -1,0 +1,72 @@
+"""A request in flight and its fragments: what was asked, where it runs, what came back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.protocol.swarm import RunFragment
+
+if TYPE_CHECKING:
+    from dragonswarm.orchestrator.registry import NodeConn
+
+
+@dataclass(eq=False)
+class Request:
+    """One client request: its fragments and the single stream their events merge into."""
+
+    user: str
+    model: str
+    origin: str | None  # the node that handed the request over, if any
+    out: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)
+    fragments: list[Fragment] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)  # every node that worked on it, in order
+    first_nodes: list[str] = field(default_factory=list)  # each fragment's first node
+    closed: bool = False
+
+    def route(self) -> dict[str, object]:
+        return {"nodes": list(self.nodes), "fragments": len(self.fragments)}
+
+
+@dataclass(eq=False)
+class Fragment:
+    """One unit of work (a prompt and a choice) that runs on one worker at a time."""
+
+    request: Request
+    index: int  # the choice index in the response
+    job: RunJob
+    deadline: float
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    attempt: int = 0
+    node: NodeConn | None = None
+    exclude: set[str] = field(default_factory=set)  # nodes that failed it (or handed it over)
+    text: list[str] = field(default_factory=list)  # streamed to the client so far
+    tokens: int = 0  # completion tokens streamed so far, over every attempt
+    base_tokens: int = 0  # ... by attempts before the current one
+    prompt_tokens: int | None = None
+    last_event: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+    @property
+    def job_id(self) -> str:
+        """The id of the current attempt: a fresh one per worker, so a slow old worker's
+        late events can never be mistaken for the new worker's."""
+        return f"{self.id}-{self.attempt}"
+
+    def remaining_tokens(self) -> int | None:
+        limit = self.job["max_tokens"]
+        return None if limit is None else limit - self.tokens
+
+    def message(self) -> RunFragment:
+        """What the worker receives: its own fragment, continued after what was streamed."""
+        job = self.job
+        remaining = self.remaining_tokens()
+        return RunFragment(
+            job=self.job_id, model=self.request.model, prompt=job.get("prompt"), messages=job.get("messages"),
+            prefix="".join(self.text), max_tokens=remaining, temperature=job["temperature"], top_p=job["top_p"],
+            stop=job["stop"], seed=job["seed"],
+        )  # fmt: skip

@@ -1,0 +1,136 @@
+"""The live nodes: one `NodeConn` per WebSocket, and the placement index fed from them.
+
+Only what is truly per-process lives here (open connections, what they are running).
+What outlives a connection (node names, first/last seen, last figures) is written to
+the store, so `dragon status` and a restarted orchestrator still know it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dragonswarm.protocol.swarm import Heartbeat, Hello
+from dragonswarm.scheduler.placement import NodeState, PlacementIndex
+from dragonswarm.store.base import NodeRecord
+
+if TYPE_CHECKING:
+    from dragonswarm.orchestrator.fragments import Fragment
+
+
+@dataclass(eq=False)
+class NodeConn:
+    """One connected node, as the orchestrator sees it."""
+
+    hello: Hello
+    send: Callable[[str], None]  # queue a message for the node (never blocks)
+    close: Callable[[int, str], None]  # end the connection with a WebSocket close code
+    joined: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    heartbeat: Heartbeat | None = None
+    jobs: dict[str, Fragment] = field(default_factory=dict)  # attempt id -> fragment it runs for us
+    # Jobs we cancelled or gave up on: the node still holds its runner until it says done.
+    draining: set[str] = field(default_factory=set)
+    served: int = 0
+    left: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.hello.name
+
+    @property
+    def models(self) -> frozenset[str]:
+        return frozenset(m.name for m in self.hello.models)
+
+    def age(self, now: float) -> float:
+        return now - self.last_seen
+
+    def state(self, now: float, stale_after: float) -> str:
+        return "live" if self.age(now) <= stale_after else "stale"
+
+    def placement_state(self, now: float, stale_after: float) -> NodeState:
+        hb = self.heartbeat
+        held = len(self.jobs) + len(self.draining)
+        # The heartbeat's `busy` includes the owner's own requests: a machine serving
+        # its owner is not given work for others, even between two of our assignments.
+        busy = max(held, hb.busy if hb else 0)
+        return NodeState(
+            name=self.name,
+            models=self.models,
+            loaded=frozenset(hb.loaded) if hb else frozenset(m.name for m in self.hello.models if m.loaded),
+            capacity=self.hello.capacity,
+            assigned=busy,
+            owner_busy=hb.owner_busy if hb else False,
+            load=hb.cpu_total if hb else 0.0,
+            live=self.state(now, stale_after) == "live",
+        )
+
+    def record(self, now: float, stale_after: float) -> NodeRecord:
+        info: dict[str, Any] = {
+            "models": [m.model_dump() for m in self.hello.models],
+            "share": self.hello.share,
+            "local_share": self.hello.local_share,
+            "cpus": self.hello.cpus,
+            "ram_total": self.hello.ram_total,
+            "running": len(self.jobs),
+            "served": self.served,
+        }
+        if self.heartbeat:
+            info.update(self.heartbeat.model_dump(exclude={"type"}))
+        last_seen = time.time() - self.age(now)
+        return NodeRecord(self.name, self.joined, last_seen, self.state(now, stale_after), info)
+
+
+class Registry:
+    def __init__(self, stale_after: float):
+        self.stale_after = stale_after
+        self.conns: dict[str, NodeConn] = {}
+        self.index = PlacementIndex()
+
+    def join(self, conn: NodeConn) -> NodeConn | None:
+        """Add a node; returns a stale connection it replaces (the caller closes it)."""
+        old = self.conns.get(conn.name)
+        self.conns[conn.name] = conn
+        self.refresh(conn)
+        return old
+
+    def claimed(self, name: str, now: float) -> bool:
+        """A live connection already speaks for this name."""
+        old = self.conns.get(name)
+        return old is not None and old.state(now, self.stale_after) == "live"
+
+    def leave(self, conn: NodeConn) -> bool:
+        if self.conns.get(conn.name) is not conn:
+            return False  # already replaced by a newer connection of the same node
+        del self.conns[conn.name]
+        self.index.remove(conn.name)
+        return True
+
+    def heartbeat(self, conn: NodeConn, hb: Heartbeat) -> None:
+        conn.heartbeat = hb
+        conn.last_seen = time.monotonic()
+        self.refresh(conn)
+
+    def refresh(self, conn: NodeConn) -> None:
+        if self.conns.get(conn.name) is conn:
+            self.index.update(conn.placement_state(time.monotonic(), self.stale_after))
+
+    def serving(self, model: str) -> list[NodeConn]:
+        """Connected nodes that can serve `model`, live or not."""
+        return [c for c in self.conns.values() if model in c.models]
+
+    def model_tags(self) -> dict[str, list[str]]:
+        """Every model some node serves, with the union of its tags, in join order."""
+        tags: dict[str, list[str]] = {}
+        for conn in self.conns.values():
+            for m in conn.hello.models:
+                known = tags.setdefault(m.name, [])
+                known.extend(t for t in m.tags if t not in known)
+        return tags
+
+    def records(self) -> list[NodeRecord]:
+        now = time.monotonic()
+        return [c.record(now, self.stale_after) for c in self.conns.values()]

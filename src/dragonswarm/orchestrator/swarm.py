@@ -1,0 +1,288 @@
+"""The swarm at work: queue fragments fairly, place them, merge their events, move them
+when a worker fails, and end every one by its deadline.
+
+Decisions are the scheduler's pure functions (placement index, fair queue); this
+module only carries them out. Everything runs on one event loop, so the bookkeeping
+needs no locks; messages to nodes go through each connection's outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from dragonswarm.errors import ModelNotFound, NoWorkers, Overloaded
+from dragonswarm.orchestrator.fragments import Fragment, Request
+from dragonswarm.orchestrator.registry import NodeConn, Registry
+from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.protocol.swarm import Cancel, JobEvent, ProtocolError, dump
+from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
+from dragonswarm.settings import OrchestratorSettings
+from dragonswarm.store.base import Store
+
+log = logging.getLogger("dragonswarm.orchestrator")
+
+# Errors that are the request's fault: moving the fragment to another worker would not help.
+CLIENT_ERRORS = {"context_length_exceeded", "invalid_request"}
+CLOSE_STALE = 4000  # WebSocket close code for a node whose heartbeats stopped
+
+
+class Swarm:
+    def __init__(self, settings: OrchestratorSettings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.registry = Registry(settings.stale_after_s)
+        self.queue: FairQueue[Fragment] = FairQueue(settings.max_queue, settings.max_queue_per_user)
+        self.retries: deque[Fragment] = deque()  # fragments moving after a failure go first
+        self.requests: set[Request] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # Requests
+
+    async def run(self, req: Request, jobs: list[RunJob]) -> AsyncGenerator[tuple[int, Event]]:
+        """Queue a request's fragments; yield (choice index, event) as workers produce them."""
+        model, origin = req.model, req.origin
+        serving = self.registry.serving(model)
+        if not serving:
+            known = ", ".join(sorted(self.registry.model_tags())) or "none"
+            if self.registry.conns:
+                raise ModelNotFound(f"no node in the swarm serves {model!r} (models: {known})", param="model")
+            raise NoWorkers("no node has joined the swarm yet; start one with 'dragon node --orchestrator ...'")
+        deadline = time.monotonic() + self.settings.fragment_timeout_s
+        req.fragments = [Fragment(req, i, job, deadline) for i, job in enumerate(jobs)]
+        if origin and any(c.name != origin for c in serving):
+            for f in req.fragments:
+                f.exclude.add(origin)  # it handed the request over because it could not run it
+        try:
+            self.queue.push_all(req.user, req.fragments)
+        except QueueFull as exc:
+            raise Overloaded(exc.message, retry_after=exc.retry_after) from None
+        self.requests.add(req)
+        self.dispatch()
+        try:
+            remaining = len(req.fragments)
+            while remaining:
+                index, event = await req.out.get()
+                yield index, event
+                if event["ev"] == "done":
+                    remaining -= 1
+                elif event["ev"] == "error":
+                    return
+        finally:
+            self._close(req)
+
+    def _close(self, req: Request) -> None:
+        """The request ended (answered, failed, or its client left): free what it holds."""
+        req.closed = True
+        self.requests.discard(req)
+        for f in req.fragments:
+            if f.finished:
+                continue
+            f.finished = True
+            if f.node is None:
+                self.queue.remove(f)
+                with contextlib.suppress(ValueError):
+                    self.retries.remove(f)
+            else:
+                self._abandon(f, cancel=True)
+
+    # Placement
+
+    def dispatch(self) -> None:
+        """Place every waiting fragment that some worker can take now."""
+        while self.retries and self._place(self.retries[0]):
+            self.retries.popleft()
+        while (item := self.queue.pop(self._can_place)) is not None:
+            self._place(item[1])
+
+    def _exclude(self, f: Fragment) -> set[str]:
+        # Exclusion is a preference: if every node that serves the model is excluded
+        # (say the only worker failed once), trying one of them again beats failing.
+        serving = {c.name for c in self.registry.serving(f.request.model)}
+        return f.exclude if serving - f.exclude else set()
+
+    def _can_place(self, f: Fragment) -> bool:
+        return self.registry.index.choose(f.request.model, self._exclude(f)) is not None
+
+    def _place(self, f: Fragment) -> bool:
+        name = self.registry.index.choose(f.request.model, self._exclude(f))
+        if name is None:
+            return False
+        conn = self.registry.conns[name]
+        f.node = conn
+        f.last_event = time.monotonic()
+        conn.jobs[f.job_id] = f
+        req = f.request
+        if name not in req.nodes:
+            req.nodes.append(name)
+        if f.attempt == 0 and name not in req.first_nodes:
+            req.first_nodes.append(name)
+        conn.send(dump(f.message()))
+        self.registry.refresh(conn)
+        log.debug("fragment %s attempt %d -> %s", f.id, f.attempt, name)
+        return True
+
+    def _release(self, conn: NodeConn, job_id: str) -> None:
+        conn.jobs.pop(job_id, None)
+        conn.draining.discard(job_id)
+        self.registry.refresh(conn)
+        self.dispatch()
+
+    def _abandon(self, f: Fragment, *, cancel: bool) -> None:
+        """Detach a fragment from its worker; the worker stays counted busy until it says done."""
+        conn, job_id = f.node, f.job_id
+        f.node = None
+        if conn is None:
+            return
+        if conn.jobs.pop(job_id, None) is not None and self.registry.conns.get(conn.name) is conn:
+            conn.draining.add(job_id)
+            if cancel:
+                conn.send(dump(Cancel(job=job_id)))
+
+    def _fail_over(self, f: Fragment, reason: str) -> None:
+        """Move a fragment to another worker, continuing after the text already streamed."""
+        failed = f.node.name if f.node else "?"
+        self._abandon(f, cancel=True)
+        f.exclude.add(failed)
+        f.attempt += 1
+        f.base_tokens = f.tokens
+        if f.attempt >= self.settings.max_attempts:
+            self._finish(f, error="runner_failed", message=f"{f.attempt} workers failed this request; last: {reason}")
+            return
+        remaining = f.remaining_tokens()
+        if remaining is not None and remaining <= 0:
+            self._emit_done(f, "length")
+            return
+        log.warning("fragment %s moves off %s (%s) after %d tokens", f.id, failed, reason, f.tokens)
+        self.retries.append(f)
+        self.dispatch()
+
+    # Events from nodes
+
+    def on_event(self, conn: NodeConn, ev: JobEvent) -> None:
+        if ev.job in conn.draining:
+            if ev.ev in ("done", "error"):
+                self._release(conn, ev.job)
+            return
+        f = conn.jobs.get(ev.job)
+        if f is None:
+            raise ProtocolError(f"event for job {ev.job!r}, which this node does not hold")
+        f.last_event = time.monotonic()
+        match ev.ev:
+            case "start":
+                if f.prompt_tokens is None:
+                    f.prompt_tokens = ev.prompt_tokens or 0
+                    self._emit(f, {"ev": "start", "prompt_tokens": f.prompt_tokens})
+            case "text":
+                if ev.text:
+                    f.text.append(ev.text)
+                    f.tokens = f.base_tokens + (ev.completion_tokens or 0)
+                    self._emit(f, {"ev": "text", "text": ev.text})
+            case "done":
+                conn.served += 1
+                self._release(conn, ev.job)
+                if ev.finish_reason == "cancelled":  # the node stopped it, not us: move it
+                    self._fail_over(f, "cancelled by the node")
+                    return
+                f.tokens = f.base_tokens + (ev.completion_tokens or 0)
+                self._emit_done(f, ev.finish_reason or "stop")
+            case "error":
+                self._release(conn, ev.job)
+                if ev.code in CLIENT_ERRORS:
+                    self._finish(f, error=ev.code or "invalid_request", message=ev.message or "invalid request")
+                else:
+                    self._fail_over(f, f"{ev.code}: {ev.message}")
+
+    def _emit(self, f: Fragment, event: Event) -> None:
+        if not f.request.closed:
+            f.request.out.put_nowait((f.index, event))
+
+    def _emit_done(self, f: Fragment, finish_reason: str) -> None:
+        f.finished = True
+        f.node = None
+        if f.prompt_tokens is None:  # finished without ever starting (no tokens left after failover)
+            f.prompt_tokens = 0
+            self._emit(f, {"ev": "start", "prompt_tokens": 0})
+        self._emit(f, {"ev": "done", "finish_reason": finish_reason, "prompt_tokens": f.prompt_tokens,
+                       "completion_tokens": f.tokens})  # fmt: skip
+
+    def _finish(self, f: Fragment, *, error: str, message: str) -> None:
+        f.finished = True
+        self._abandon(f, cancel=True)
+        self._emit(f, {"ev": "error", "code": error, "message": message})
+
+    # Nodes
+
+    def node_left(self, conn: NodeConn) -> None:
+        """A connection closed: every fragment it ran moves on."""
+        if not self.registry.leave(conn):
+            return
+        with contextlib.suppress(Exception):  # the store being down must not stop failover
+            record = conn.record(time.monotonic(), self.settings.stale_after_s)
+            self.store.save_nodes([dataclasses.replace(record, state="gone")])
+        for f in list(conn.jobs.values()):
+            if not f.finished:
+                self._fail_over(f, "connection lost")
+        conn.jobs.clear()
+        conn.draining.clear()
+        self.dispatch()
+
+    # Housekeeping: deadlines, stalls, stale nodes, saving the registry
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        s = self.settings
+        for conn in list(self.registry.conns.values()):
+            age = conn.age(now)
+            if age > s.gone_after_s:
+                conn.close(CLOSE_STALE, "no heartbeat")
+                self.node_left(conn)
+                continue
+            self.registry.refresh(conn)  # live -> stale shows in placement
+            for f in list(conn.jobs.values()):
+                if now - f.last_event > s.stall_timeout_s:
+                    self._fail_over(f, f"no progress for {s.stall_timeout_s:.0f} s")
+        for f in self._unfinished():
+            if now > f.deadline:
+                self._finish(f, error="timeout", message=f"the request did not finish within "
+                             f"{s.fragment_timeout_s:.0f} s")  # fmt: skip
+                self.queue.remove(f)
+                with contextlib.suppress(ValueError):
+                    self.retries.remove(f)
+        self.dispatch()
+
+    def _unfinished(self) -> list[Fragment]:
+        return [f for req in self.requests for f in req.fragments if not f.finished]
+
+    async def _housekeeping(self) -> None:
+        last_save = 0.0
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                self.sweep()
+                if time.monotonic() - last_save > 2.0:
+                    last_save = time.monotonic()
+                    self.store.save_nodes(self.registry.records())
+            except Exception:  # housekeeping must outlive one bad round
+                log.exception("housekeeping failed")
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            self.store.save_nodes(self.registry.records())
+
+    def status(self) -> dict[str, Any]:
+        return {"queued": len(self.queue), "retrying": len(self.retries), "users_waiting": self.queue.users()}

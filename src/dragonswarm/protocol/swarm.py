@@ -1,0 +1,142 @@
+"""Messages between a node and the orchestrator over the node's one WebSocket.
+
+Every message is a JSON object with a `type`. The node opens the connection (so a
+volunteer's machine needs no inbound port), says `hello` with the protocol version,
+then sends `heartbeat`s about once a second and `event`s for the fragments it runs.
+The orchestrator answers `welcome`, then sends `run` (one fragment) and `cancel`.
+Everything is validated here, strictly, in one place; anything else is a protocol
+error and ends the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ProtocolError(Exception):
+    """A message that is not valid JSON, not a known type, or not well-formed."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelInfo(_Message):
+    name: str = Field(min_length=1, max_length=128)
+    tags: list[str] = Field(default_factory=list, max_length=16)
+    loaded: bool = False
+
+
+# Node -> orchestrator
+
+
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    v: int
+    name: str = Field(pattern=NAME_PATTERN)
+    models: list[ModelInfo] = Field(max_length=64)
+    share: float = Field(gt=0.0, le=1.0)
+    local_share: float = Field(gt=0.0, le=1.0)
+    cpus: int = Field(ge=1)
+    ram_total: int = Field(ge=0)
+    capacity: int = Field(1, ge=1, le=64)  # fragments it runs at once
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    cpu_total: float = Field(ge=0.0, le=1.0)
+    cpu_ours: float = Field(ge=0.0, le=1.0)
+    owner_load: float = Field(ge=0.0, le=1.0)
+    owner_busy: bool
+    ram_available: int = Field(ge=0)
+    gpus: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
+    share_in_force: float = Field(ge=0.0, le=1.0)
+    busy: int = Field(ge=0)  # runners serving a job now (local or remote)
+    loaded: list[str] = Field(default_factory=list, max_length=64)
+
+
+class JobEvent(_Message):
+    """Progress of one fragment: `start`, `text`..., then `done` or `error`."""
+
+    type: Literal["event"] = "event"
+    job: str = Field(min_length=1, max_length=64)
+    ev: Literal["start", "text", "done", "error"]
+    text: str | None = Field(None, max_length=65536)
+    finish_reason: str | None = Field(None, max_length=32)
+    prompt_tokens: int | None = Field(None, ge=0)
+    completion_tokens: int | None = Field(None, ge=0)  # so far, on `text`; in all, on `done`
+    code: str | None = Field(None, max_length=64)
+    message: str | None = Field(None, max_length=4096)
+
+
+# Orchestrator -> node
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    v: int
+    name: str
+    heartbeat_s: float = Field(gt=0.0)
+
+
+class RunFragment(_Message):
+    """One fragment: a prompt (or chat messages) and its sampling parameters, nothing else.
+
+    `prefix` is text already streamed to the client by a worker that died: the new
+    worker continues after it, so the client sees no gap and no repeat.
+    """
+
+    type: Literal["run"] = "run"
+    job: str = Field(min_length=1, max_length=64)
+    model: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    prefix: str = ""
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(ge=0.0, le=2.0)
+    top_p: float = Field(gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class Cancel(_Message):
+    type: Literal["cancel"] = "cancel"
+    job: str
+
+
+NodeMessage = Annotated[Hello | Heartbeat | JobEvent, Field(discriminator="type")]
+OrchestratorMessage = Annotated[Welcome | RunFragment | Cancel, Field(discriminator="type")]
+
+_node_messages: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
+_orchestrator_messages: TypeAdapter[OrchestratorMessage] = TypeAdapter(OrchestratorMessage)
+
+
+def _parse(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
+    try:
+        return adapter.validate_python(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        raise ProtocolError("message is not valid JSON") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(f"invalid message ({where}: {first['msg']})") from None
+
+
+def parse_node_message(raw: str | bytes) -> Hello | Heartbeat | JobEvent:
+    message: Hello | Heartbeat | JobEvent = _parse(_node_messages, raw)
+    return message
+
+
+def parse_orchestrator_message(raw: str | bytes) -> Welcome | RunFragment | Cancel:
+    message: Welcome | RunFragment | Cancel = _parse(_orchestrator_messages, raw)
+    return message
+
+
+def dump(message: _Message) -> str:
+    return orjson.dumps(message.model_dump(exclude_none=True)).decode()

@@ -1,0 +1,1 @@
+"""Pure scheduling decisions: placement, fair queueing, model choice, local-first serving."""

@@ -1,0 +1,139 @@
+"""Where a fragment (one unit of work for one model) runs: a rank per node, and an index to choose fast.
+
+`choose` is the reference: one pass over every node. `PlacementIndex` keeps the same ranks filed in
+buckets, so a decision walks the few distinct ranks instead of thousands of nodes.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+Rank = tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """What the orchestrator knows about one node, as far as placement cares."""
+
+    name: str
+    models: frozenset[str]  # models the node can serve
+    loaded: frozenset[str]  # models with a warm (loaded) runner
+    capacity: int  # fragments it may run at once
+    assigned: int  # fragments the orchestrator has placed on it now
+    owner_busy: bool  # the machine's owner is using it: never place work there
+    load: float  # machine CPU in use, 0..1
+    live: bool  # heartbeats are fresh
+
+
+def rank(node: NodeState, model: str) -> Rank | None:
+    """None if the node cannot take a fragment of `model` now; else a sort key, lower is better."""
+    if not node.live or node.owner_busy or model not in node.models or node.assigned >= node.capacity:
+        return None
+    # Coarse load buckets: small load differences are noise, and few distinct keys keep the index fast.
+    # Clamped at 0 too, so a bogus negative reading cannot jump the queue.
+    bucket = max(0, min(9, int(node.load * 10)))
+    return (0 if model in node.loaded else 1, node.assigned, bucket)
+
+
+def choose(model: str, nodes: Iterable[NodeState], exclude: Collection[str] = ()) -> str | None:
+    """Reference single pass: the eligible node with the lowest rank (ties: first seen)."""
+    best: Rank | None = None
+    best_name: str | None = None
+    for node in nodes:
+        if node.name in exclude:
+            continue
+        key = rank(node, model)
+        if key is not None and (best is None or key < best):
+            best, best_name = key, node.name
+    return best_name
+
+
+class _Buckets:
+    """The eligible nodes for one model, filed by rank; `keys` lists the non-empty ranks in order."""
+
+    __slots__ = ("buckets", "keys")
+
+    def __init__(self) -> None:
+        # A dict per rank keeps insertion order (ties go to the longest-filed node) and O(1) removal.
+        self.buckets: dict[Rank, dict[str, None]] = {}
+        self.keys: list[Rank] = []
+
+    def add(self, key: Rank, name: str) -> None:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = {}
+            insort(self.keys, key)
+        bucket[name] = None
+
+    def discard(self, key: Rank, name: str) -> None:
+        bucket = self.buckets[key]
+        del bucket[name]
+        if not bucket:
+            del self.buckets[key]
+            del self.keys[bisect_left(self.keys, key)]
+
+    def first(self, exclude: Collection[str]) -> str | None:
+        for key in self.keys:
+            for name in self.buckets[key]:
+                if name not in exclude:
+                    return name
+        return None
+
+
+class PlacementIndex:
+    """Incremental index for fast placement over thousands of nodes: choose() costs O(buckets), not O(nodes)."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeState] = {}
+        self._filed: dict[str, dict[str, Rank]] = {}  # node name -> model -> the rank it is filed under
+        self._models: dict[str, _Buckets] = {}
+
+    def update(self, node: NodeState) -> None:
+        """Insert the node, or replace the one with its name."""
+        name = node.name
+        old = self._filed.get(name, {})
+        new: dict[str, Rank] = {}
+        for model in node.models:
+            key = rank(node, model)
+            if key is not None:
+                new[model] = key
+        for model, key in old.items():
+            if new.get(model) != key:
+                self._unfile(model, key, name)
+        for model, key in new.items():
+            # An unchanged rank keeps its place in the bucket, so a heartbeat does not reorder ties.
+            if old.get(model) != key:
+                self._models.setdefault(model, _Buckets()).add(key, name)
+        self._nodes[name] = node
+        if new:
+            self._filed[name] = new
+        else:
+            self._filed.pop(name, None)
+
+    def remove(self, name: str) -> None:
+        """Forget the node; an unknown name is a no-op."""
+        if self._nodes.pop(name, None) is None:
+            return
+        for model, key in self._filed.pop(name, {}).items():
+            self._unfile(model, key, name)
+
+    def get(self, name: str) -> NodeState | None:
+        """The node's last known state, eligible or not."""
+        return self._nodes.get(name)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def choose(self, model: str, exclude: Collection[str] = ()) -> str | None:
+        """A node of the best rank for `model`, not in `exclude` (pass a set when it is large); None if none."""
+        buckets = self._models.get(model)
+        return None if buckets is None else buckets.first(exclude)
+
+    def _unfile(self, model: str, key: Rank, name: str) -> None:
+        buckets = self._models[model]
+        buckets.discard(key, name)
+        if not buckets.keys:
+            # Models come and go with nodes; drop empty ones so churn does not grow the index.
+            del self._models[model]

@@ -1,0 +1,90 @@
+"""What the orchestrator keeps: records, key handling and the `Store` interface a backend implements."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+Role = Literal["user", "node", "admin"]
+ROLES: tuple[Role, ...] = ("user", "node", "admin")
+
+KEY_PREFIX = "dsk_"
+SHOWN_PREFIX_LEN = 12  # "dsk_" plus 8 random characters: enough to tell keys apart, useless to an attacker
+MAX_NAME_LEN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: int
+    name: str
+    role: Role
+    prefix: str  # first 12 characters of the key, to recognise it in listings (never the whole key)
+    created: float  # unix time
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    name: str
+    first_seen: float
+    last_seen: float
+    state: str  # "live" | "stale" | "gone"
+    info: dict[str, Any]  # models, shares, last heartbeat figures (JSON-serialisable)
+
+
+def new_key() -> str:
+    """A new random key: 'dsk_' + secrets.token_urlsafe(32) (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """sha256 hex of the key, which is all a store keeps."""
+    # No salt or slow KDF: those protect low-entropy passwords from guessing. Our keys are
+    # 256 bits from `secrets`, so a leaked hash cannot be brute-forced either way, and a
+    # plain digest lets the store look a key up by an index on the hash.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_prefix(key: str) -> str:
+    """The part of a key that may be shown in listings."""
+    return key[:SHOWN_PREFIX_LEN]
+
+
+def check_new_key(role: str, name: str) -> None:
+    """Raise ValueError unless `role` and `name` are fit for a new key; shared by every backend."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    if not name.strip():
+        raise ValueError("a key needs a name")
+    if len(name) > MAX_NAME_LEN:
+        raise ValueError(f"key name longer than {MAX_NAME_LEN} characters")
+
+
+class Store(Protocol):
+    """The orchestrator's state. Implementations must be safe to call from several threads."""
+
+    def create_key(self, role: Role, name: str) -> tuple[str, KeyRecord]:
+        """Make a key; the plaintext is returned this once and only its hash is stored."""
+
+    def find_key(self, key: str) -> KeyRecord | None:
+        """The record of a plaintext key, or None if it is unknown."""
+
+    def list_keys(self) -> list[KeyRecord]:
+        """Every key, oldest first."""
+
+    def save_nodes(self, nodes: Sequence[NodeRecord]) -> None:
+        """Upsert by name in one transaction; a node's first_seen is kept from its first save."""
+
+    def list_nodes(self) -> list[NodeRecord]:
+        """Every node, ordered by name."""
+
+    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one request and its tokens against a key and model."""
+
+    def usage_by_key(self) -> dict[int, tuple[int, int, int]]:
+        """key_id -> (requests, prompt_tokens, completion_tokens), summed over models."""
+
+    def close(self) -> None:
+        """Release the connection; the store is unusable afterwards."""

@@ -1,0 +1,183 @@
+"""The SQLite store: one file under the home directory, shared by the orchestrator and the CLI.
+
+Both may have it open at once (`dragon keys create` while the orchestrator runs), so the
+file is in WAL mode, so readers never block the writer, with a busy timeout, so a write
+waits for the other process's write rather than failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import cast
+
+from dragonswarm.errors import ConfigError
+from dragonswarm.store.base import KeyRecord, NodeRecord, Role, Store, check_new_key, hash_key, key_prefix, new_key
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 5.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    state TEXT NOT NULL,
+    info TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    key_id INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    PRIMARY KEY (key_id, model)
+);
+"""
+
+
+def open_store(home: Path) -> Store:
+    """The store kept under a DRAGON_HOME."""
+    return SqliteStore(home / "state.db")
+
+
+class SqliteStore:
+    """`Store` over one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Create the file ourselves so it is never readable by others, even for a moment:
+        # it holds key hashes. SQLite gives the -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(path, 0o600)
+        # One connection shared by the server's threads; the lock keeps their transactions
+        # from interleaving, which sqlite3 alone does not guarantee.
+        self._lock = threading.Lock()
+        # isolation_level=None: we open transactions ourselves (see _write) instead of
+        # letting sqlite3 start deferred ones behind our back.
+        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = cast(int, db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.path} has schema version {version}, newer than this dragonswarm ({SCHEMA_VERSION})"
+                )
+            if version < SCHEMA_VERSION:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction. IMMEDIATE takes the write lock up front, so a busy file is
+        waited on (busy timeout) instead of failing when a deferred read upgrades to a write."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
+
+    def create_key(self, role: Role, name: str) -> tuple[str, KeyRecord]:
+        check_new_key(role, name)
+        key = new_key()
+        created = time.time()
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO keys (name, role, prefix, hash, created) VALUES (?, ?, ?, ?, ?)",
+                (name, role, key_prefix(key), hash_key(key), created),
+            )
+            key_id = cursor.lastrowid
+        assert key_id is not None  # an INSERT into a rowid table always sets it
+        return key, KeyRecord(id=key_id, name=name, role=role, prefix=key_prefix(key), created=created)
+
+    def find_key(self, key: str) -> KeyRecord | None:
+        # An equality lookup on the hash leaks no timing worth having: learning which hash
+        # prefixes exist does not help find a 256-bit key that produces them.
+        with self._read() as db:
+            row = db.execute(
+                "SELECT id, name, role, prefix, created FROM keys WHERE hash = ?", (hash_key(key),)
+            ).fetchone()
+        return None if row is None else _key_record(row)
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._read() as db:
+            rows = db.execute("SELECT id, name, role, prefix, created FROM keys ORDER BY id").fetchall()
+        return [_key_record(row) for row in rows]
+
+    def save_nodes(self, nodes: Sequence[NodeRecord]) -> None:
+        rows = [(n.name, n.first_seen, n.last_seen, n.state, json.dumps(n.info)) for n in nodes]
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO nodes (name, first_seen, last_seen, state, info) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " last_seen = excluded.last_seen, state = excluded.state, info = excluded.info",
+                rows,
+            )
+
+    def list_nodes(self) -> list[NodeRecord]:
+        with self._read() as db:
+            rows = db.execute("SELECT name, first_seen, last_seen, state, info FROM nodes ORDER BY name").fetchall()
+        return [
+            NodeRecord(name=name, first_seen=first, last_seen=last, state=state, info=json.loads(info))
+            for name, first, last, state, info in rows
+        ]
+
+    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError("token counts cannot be negative")
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO usage (key_id, model, requests, prompt_tokens, completion_tokens) VALUES (?, ?, 1, ?, ?)"
+                " ON CONFLICT (key_id, model) DO UPDATE SET requests = requests + 1,"
+                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens",
+                (key_id, model, prompt_tokens, completion_tokens),
+            )
+
+    def usage_by_key(self) -> dict[int, tuple[int, int, int]]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT key_id, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM usage GROUP BY key_id"
+            ).fetchall()
+        return {key_id: (requests, prompt, completion) for key_id, requests, prompt, completion in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _key_record(row: tuple[int, str, Role, str, float]) -> KeyRecord:
+    key_id, name, role, prefix, created = row
+    return KeyRecord(id=key_id, name=name, role=role, prefix=prefix, created=created)

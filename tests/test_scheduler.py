@@ -1,0 +1,331 @@
+"""Scheduling decisions, tested with plain values: placement, the fair queue, model choice, local-first."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
+from dragonswarm.scheduler.local import serve_locally
+from dragonswarm.scheduler.models import looks_like_code, pick_model
+from dragonswarm.scheduler.placement import NodeState, PlacementIndex, choose, rank
+
+MODELS = ("gemma", "qwen-coder", "llama", "phi")
+
+
+def node(name: str, **changes: Any) -> NodeState:
+    """An idle, live, cold node serving model "m" with room for two fragments, changed as asked."""
+    base = NodeState(name=name, models=frozenset({"m"}), loaded=frozenset(), capacity=2, assigned=0,
+                     owner_busy=False, load=0.0, live=True)  # fmt: skip
+    return replace(base, **changes)
+
+
+# --- rank and the reference choose ---------------------------------------------------------------
+
+
+def test_rank_key() -> None:
+    assert rank(node("a", loaded=frozenset({"m"}), assigned=1, load=0.37), "m") == (0, 1, 3)
+    assert rank(node("a", assigned=0, load=0.0), "m") == (1, 0, 0)
+    # Load buckets saturate at 9, whatever the machine reports.
+    assert rank(node("a", load=0.95), "m") == (1, 0, 9)
+    assert rank(node("a", load=1.0), "m") == (1, 0, 9)
+    assert rank(node("a", load=3.0), "m") == (1, 0, 9)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"live": False},
+        {"owner_busy": True},
+        {"models": frozenset({"other"})},
+        {"assigned": 2},  # at capacity
+        {"assigned": 3},  # over capacity
+        {"capacity": 0},
+    ],
+)
+def test_rank_ineligible(changes: dict[str, Any]) -> None:
+    assert rank(node("a", **changes), "m") is None
+    assert choose("m", [node("a", **changes)]) is None
+
+
+def test_warm_before_cold() -> None:
+    # Warm wins even against a cold node that is idle and less loaded.
+    nodes = [node("cold", load=0.0), node("warm", loaded=frozenset({"m"}), assigned=1, load=0.8)]
+    assert choose("m", nodes) == "warm"
+
+
+def test_loaded_elsewhere_is_not_warm() -> None:
+    nodes = [node("other-warm", models=frozenset({"m", "x"}), loaded=frozenset({"x"}), assigned=1),
+             node("cold", assigned=0)]  # fmt: skip
+    assert choose("m", nodes) == "cold"
+
+
+def test_least_assigned_then_least_loaded() -> None:
+    nodes = [node("busy", assigned=1, load=0.0), node("loaded", assigned=0, load=0.5), node("idle", load=0.1)]
+    assert choose("m", nodes) == "idle"
+    assert choose("m", nodes[:2]) == "loaded"
+
+
+def test_ties_first_seen() -> None:
+    assert choose("m", [node("a", load=0.11), node("b", load=0.12)]) == "a"
+    assert choose("m", [node("b", load=0.12), node("a", load=0.11)]) == "b"
+
+
+def test_never_owner_busy_dead_excluded_or_full() -> None:
+    best = {"loaded": frozenset({"m"})}
+    nodes = [node("owner", owner_busy=True, **best), node("dead", live=False, **best),
+             node("full", assigned=2, **best), node("excluded", **best), node("ok", assigned=1, load=0.9)]  # fmt: skip
+    assert choose("m", nodes, exclude={"excluded"}) == "ok"
+    assert choose("m", nodes, exclude={"excluded", "ok"}) is None
+    assert choose("other", nodes) is None
+    assert choose("m", []) is None
+
+
+# --- PlacementIndex against the reference ----------------------------------------------------------
+
+
+def random_node(rng: random.Random, name: str) -> NodeState:
+    models = frozenset(rng.sample(MODELS, rng.randint(0, len(MODELS))))
+    loaded = frozenset(m for m in models if rng.random() < 0.4)
+    capacity = rng.randint(0, 3)
+    return NodeState(name=name, models=models, loaded=loaded, capacity=capacity,
+                     assigned=rng.randint(0, capacity + 1), owner_busy=rng.random() < 0.15,
+                     load=rng.choice([0.0, 0.05, 0.1, 0.49, 0.5, 0.99, 1.0, rng.random()]),
+                     live=rng.random() < 0.9)  # fmt: skip
+
+
+def assert_agrees(index: PlacementIndex, nodes: dict[str, NodeState], rng: random.Random) -> None:
+    assert len(index) == len(nodes)
+    for name, state in nodes.items():
+        assert index.get(name) == state
+    for model in (*MODELS, "unknown"):
+        exclude = set(rng.sample(sorted(nodes), min(len(nodes), rng.randint(0, 3))))
+        for excl in (set(), exclude):
+            expected = choose(model, nodes.values(), excl)
+            got = index.choose(model, excl)
+            if expected is None:
+                assert got is None
+            else:
+                assert got is not None and got not in excl
+                assert rank(nodes[got], model) == rank(nodes[expected], model)
+
+
+def build(nodes: Iterable[NodeState]) -> PlacementIndex:
+    index = PlacementIndex()
+    for n in nodes:
+        index.update(n)
+    return index
+
+
+def test_index_agrees_on_random_node_sets() -> None:
+    rng = random.Random(1234)
+    for _ in range(2000):
+        nodes = {f"n{i}": random_node(rng, f"n{i}") for i in range(rng.randint(0, 30))}
+        assert_agrees(build(nodes.values()), nodes, rng)
+
+
+def test_index_agrees_through_updates_and_removals() -> None:
+    rng = random.Random(99)
+    for _ in range(300):
+        index = PlacementIndex()
+        nodes: dict[str, NodeState] = {}
+        names = [f"n{i}" for i in range(rng.randint(1, 25))]  # a small pool, so updates often replace
+        for _ in range(40):
+            name = rng.choice(names)
+            roll = rng.random()
+            if roll < 0.2:
+                index.remove(name)
+                nodes.pop(name, None)
+            elif roll < 0.4 and name in nodes:
+                # The orchestrator's common step: one more (or one fewer) fragment on a node.
+                old = nodes[name]
+                state = replace(old, assigned=max(0, old.assigned + rng.choice((-1, 1))))
+                index.update(state)
+                nodes[name] = state
+            else:
+                state = random_node(rng, name)
+                index.update(state)
+                nodes[name] = state
+            assert_agrees(index, nodes, rng)
+
+
+def test_index_basics() -> None:
+    index = PlacementIndex()
+    assert index.choose("m") is None
+    index.remove("nobody")  # unknown: no-op
+    index.update(node("a"))
+    index.update(node("b", loaded=frozenset({"m"})))
+    assert len(index) == 2 and index.choose("m") == "b"
+    index.update(node("b", owner_busy=True))  # replaced, now ineligible but still known
+    assert len(index) == 2 and index.get("b") is not None and index.choose("m") == "a"
+    assert index.choose("m", exclude=["a"]) is None
+    index.remove("a")
+    assert len(index) == 1 and index.get("a") is None and index.choose("m") is None
+
+
+# --- FairQueue ---------------------------------------------------------------------------------------
+
+
+def drain(q: FairQueue[str]) -> list[str]:
+    out = []
+    while (got := q.pop(lambda _: True)) is not None:
+        out.append(got[1])
+    return out
+
+
+def test_push_all_or_nothing_per_user() -> None:
+    q: FairQueue[str] = FairQueue(max_total=10, max_per_user=3)
+    q.push_all("a", ["a1", "a2"])
+    with pytest.raises(QueueFull) as info:
+        q.push_all("a", ["a3", "a4"])
+    assert info.value.retry_after >= 1 and info.value.message
+    assert len(q) == 2 and q.waiting("a") == 2  # nothing of the refused batch went in
+    q.push_all("a", ["a3"])  # exactly at the bound is fine
+    q.push_all("b", ["b1", "b2", "b3"])  # the bound is per user
+    assert q.waiting("a") == 3 and q.waiting("b") == 3 and q.users() == 2
+
+
+def test_push_all_or_nothing_total() -> None:
+    q: FairQueue[int] = FairQueue(max_total=5, max_per_user=5)
+    q.push_all("a", [1, 2, 3])
+    with pytest.raises(QueueFull):
+        q.push_all("b", [4, 5, 6])
+    assert len(q) == 3 and q.waiting("b") == 0 and q.users() == 1
+    q.push_all("b", [4, 5])
+    assert len(q) == 5
+    with pytest.raises(QueueFull):
+        q.push_all("c", [7])
+    q.push_all("c", [])  # nothing asked, nothing refused
+
+
+def test_round_robin_and_fifo() -> None:
+    q: FairQueue[str] = FairQueue(max_total=100, max_per_user=100)
+    q.push_all("a", ["a1", "a2", "a3"])
+    q.push_all("b", ["b1"])
+    q.push_all("c", ["c1", "c2"])
+    assert drain(q) == ["a1", "b1", "c1", "a2", "c2", "a3"]
+    assert len(q) == 0 and q.users() == 0
+
+
+def test_flood_does_not_starve() -> None:
+    q: FairQueue[str] = FairQueue(max_total=1000, max_per_user=500)
+    q.push_all("a", [f"a{i}" for i in range(100)])
+    assert q.pop(lambda _: True) == ("a", "a0")
+    q.push_all("b", ["b0"])
+    popped = [q.pop(lambda _: True) for _ in range(2)]
+    assert ("b", "b0") in popped
+    # B pushing again after being emptied joins at the back: it cannot jump ahead of A twice in a row.
+    q.push_all("b", ["b1"])
+    q.push_all("a", ["late"])
+    users = [got[0] for got in (q.pop(lambda _: True) for _ in range(4)) if got]
+    assert users.count("b") == 1 and users.count("a") == 3
+
+
+def test_many_users_interleave() -> None:
+    q: FairQueue[tuple[str, int]] = FairQueue(max_total=1000, max_per_user=100)
+    for user in "abcd":
+        q.push_all(user, [(user, i) for i in range(10 if user == "a" else 2)])
+    first = [got[0] for got in (q.pop(lambda _: True) for _ in range(8)) if got]
+    assert sorted(first) == sorted("abcd" * 2)
+
+
+def test_can_take_skips() -> None:
+    q: FairQueue[str] = FairQueue(max_total=100, max_per_user=100)
+    q.push_all("a", ["a:x", "a:y"])
+    q.push_all("b", ["b:x"])
+    only_y = lambda item: item.endswith(":y")  # noqa: E731
+    # A's first item cannot be taken, its second can: FIFO bends around what cannot run now.
+    assert q.pop(only_y) == ("a", "a:y")
+    assert q.pop(only_y) is None
+    assert len(q) == 2
+    # B was passed over while nothing of it could be taken; it is served before A comes round again.
+    assert q.pop(lambda _: True) == ("b", "b:x")
+    assert q.pop(lambda _: True) == ("a", "a:x")
+    assert q.pop(lambda _: True) is None
+
+
+def test_remove() -> None:
+    q: FairQueue[object] = FairQueue(max_total=100, max_per_user=100)
+    marker = object()
+    q.push_all("a", ["x", marker, "y"])
+    q.push_all("b", [["z"]])
+    assert q.remove(marker) is True  # identity
+    assert q.remove(["z"]) is True  # equality, a different list; B is now empty and leaves the rotation
+    assert q.remove("nope") is False
+    assert len(q) == 2 and q.waiting("a") == 2 and q.users() == 1
+    assert [got[1] for got in (q.pop(lambda _: True) for _ in range(3)) if got] == ["x", "y"]
+
+
+# --- pick_model ----------------------------------------------------------------------------------------
+
+SERVED = {"gemma": {"chat"}, "coder": {"code"}, "coder2": {"code", "chat"}, "plain": set()}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "```python\nprint(1)\n```",
+        "def add(a, b):\n    return a + b",
+        "import os\nos.listdir('.')",
+        "int main() { return 0; }",
+        "#include <stdio.h>",
+        "Why does my javascript throw here?",
+        "fix this bug please",
+        "It fails to compile",
+        "How do I write a C++ template?",
+        "const x = 1",
+        "items.map(x => x * 2)",
+    ],
+)
+def test_looks_like_code(text: str) -> None:
+    assert looks_like_code(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "Hello! How are you today?", "Write me a poem about the sea.", "let me know what you think",
+     "What is the capital of France?", "Please decode this riddle for me."],
+)  # fmt: skip
+def test_looks_like_prose(text: str) -> None:
+    assert not looks_like_code(text)
+
+
+def test_pick_model_concrete() -> None:
+    assert pick_model("coder", "hello", SERVED) == "coder"
+    assert pick_model("plain", "def f(): pass", SERVED) == "plain"
+    assert pick_model("missing", "hello", SERVED) is None
+    assert pick_model("missing", "hello", {}) is None
+
+
+def test_pick_model_auto() -> None:
+    assert pick_model("auto", "def f(x):\n    return x", SERVED) == "coder"  # first tagged code
+    assert pick_model("auto", "Tell me a story", SERVED) == "gemma"  # first tagged chat
+    assert pick_model("auto", "Tell me a story", {"coder": {"code"}, "coder2": {"code"}}) == "coder"  # no chat
+    assert pick_model("auto", "fix this bug", {"gemma": {"chat"}, "other": {"chat"}}) == "gemma"  # no code
+    assert pick_model("auto", "fix this bug", {"plain": set(), "plain2": ["x"]}) == "plain"  # no tags: first
+    assert pick_model("auto", "hello", {}) is None
+
+
+# --- serve_locally ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("has_model", [True, False])
+@pytest.mark.parametrize("busy", [True, False])
+@pytest.mark.parametrize("owner_busy", [True, False])
+@pytest.mark.parametrize("linked", [True, False])
+def test_serve_locally(has_model: bool, busy: bool, owner_busy: bool, linked: bool) -> None:
+    expected = not linked or (has_model and not busy and not owner_busy)
+    assert serve_locally(has_model=has_model, busy=busy, owner_busy=owner_busy, linked=linked) is expected
+
+
+def test_serve_locally_cases() -> None:
+    # Spelled out, so the truth table above is not only checked against its own formula.
+    assert serve_locally(has_model=False, busy=True, owner_busy=True, linked=False)
+    assert serve_locally(has_model=True, busy=False, owner_busy=False, linked=True)
+    assert not serve_locally(has_model=False, busy=False, owner_busy=False, linked=True)
+    assert not serve_locally(has_model=True, busy=True, owner_busy=False, linked=True)
+    assert not serve_locally(has_model=True, busy=False, owner_busy=True, linked=True)
