@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from dragonswarm.devtools.tiny_model import write_tiny_model
 from dragonswarm.engines.models import bundled_model
+from dragonswarm.store.sqlite import open_store
 
 
 @pytest.fixture(scope="session")
@@ -121,23 +123,131 @@ def _healthy(node: NodeProcess) -> bool:
         return False
 
 
+@dataclass
+class OrchestratorProcess:
+    """A real `dragon orchestrator` with an admin, a user and a node key in its store."""
+
+    proc: subprocess.Popen[bytes] | None
+    port: int
+    home: Path
+    log_path: Path
+    flags: tuple[str, ...]
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        return self.url + "/v1"
+
+    def client(self, role: str | None = "user") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[role]}"} if role else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def openai(self, role: str = "user") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.api, api_key=self.keys[role], max_retries=0)
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        with self.client("admin") as c:
+            return {n["name"]: n for n in c.get("/v1/nodes").json()["data"]}
+
+    def queued(self) -> int:
+        """Fragments waiting for a worker."""
+        with self.client("admin") as c:
+            return int(c.get("/v1/nodes").json()["queue"]["queued"])
+
+    def wait_live(self, *names: str, timeout: float = 60) -> None:
+        def live() -> bool:
+            nodes = self.nodes()
+            return all(nodes.get(n, {}).get("state") == "live" for n in names)
+
+        wait_until(live, timeout, f"nodes {names} to be live")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dragonswarm.cli", "orchestrator", "--home", str(self.home),
+                 "--port", str(self.port), *self.flags], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+        def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"orchestrator exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, 30, "the orchestrator to answer /health")
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def start_orchestrator(tmp_path: Path) -> Iterator[Callable[..., OrchestratorProcess]]:
+    """Start `dragon orchestrator` as a real process with fresh keys; stopped at teardown."""
+    started: list[OrchestratorProcess] = []
+
+    def start(*flags: str) -> OrchestratorProcess:
+        home = tmp_path / f"orchestrator-{len(started)}"
+        store = open_store(home)
+        keys = {role: store.create_key(role, f"test {role}")[0] for role in ("admin", "user", "node")}  # type: ignore[arg-type]
+        keys["user2"] = store.create_key("user", "second user")[0]
+        store.close()
+        orch = OrchestratorProcess(None, free_port(), home, tmp_path / f"orchestrator-{len(started)}.log", flags, keys)
+        started.append(orch)
+        orch.start()
+        return orch
+
+    yield start
+    for orch in started:
+        orch.stop()
+
+
 @pytest.fixture
 def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., NodeProcess]]:
-    """Start `dragon node` as a real process with the given flags; stopped at teardown."""
+    """Start `dragon node` as a real process with the given flags; stopped at teardown.
+
+    With `swarm`, it joins that orchestrator and counts the test run's processes as its
+    own, as `dragon up` does: on one machine the other nodes and the test client must
+    not look like a busy owner.
+    """
     nodes: list[NodeProcess] = []
 
-    def start(*flags: str, bundled: bool = False, home: Path | None = None) -> NodeProcess:
+    def start(*flags: str, bundled: bool = False, home: Path | None = None,
+              swarm: OrchestratorProcess | None = None, wait: bool = True) -> NodeProcess:  # fmt: skip
         port = free_port()
         home = home or (models_home if bundled else tmp_path / f"home-{len(nodes)}")
         log_path = tmp_path / f"node-{len(nodes)}.log"
         args = [sys.executable, "-m", "dragonswarm.cli", "node", "--home", str(home), "--api-port", str(port)]
         if not bundled:
             args.append("--no-bundled-model")
+        env = dict(os.environ)
+        if swarm is not None:
+            args += ["--orchestrator", swarm.url]
+            env |= {"DRAGON_KEY": swarm.keys["node"], "DRAGON_SWARM_PID": str(os.getpid()),
+                    # Placement, not owner detection, is under test here (test_governor and
+                    # test_scheduler cover that): a shared CI machine's other load must not
+                    # make every worker look like a busy owner.
+                    "DRAGON_OWNER_NOISE": "1.0"}
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([*args, *flags], stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([*args, *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
         node = NodeProcess(proc, port, home, log_path)
         nodes.append(node)
-        wait_until(lambda: _healthy(node), 60, "the node to answer /health")
+        if wait:
+            wait_until(lambda: _healthy(node), 60, "the node to answer /health")
         return node
 
     yield start

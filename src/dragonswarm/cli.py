@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--port", type=int, help="port (default 8700)")
     orch.add_argument("--home", help="data directory: keys, node registry (default $DRAGON_HOME or ~/.dragonswarm)")
     orch.add_argument("--max-queue", type=int, help="fragments that may wait before 429 (default 1024)")
+    orch.add_argument("--max-queue-per-user", type=int, help="fragments one key may have waiting (default 256)")
+    orch.add_argument("--fragment-timeout", type=float, dest="fragment_timeout_s", metavar="SECONDS",
+                      help="a request not finished after this long ends with 504 (default 600)")  # fmt: skip
     orch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     keys = commands.add_parser("keys", help="manage API keys")
@@ -147,7 +150,8 @@ def _bundled(models_dir: Any) -> ModelSpec:
 def cmd_orchestrator(args: argparse.Namespace) -> None:
     from dragonswarm.orchestrator.app import run_orchestrator
 
-    settings: OrchestratorSettings = _settings(args, ["host", "port", "home", "max_queue", "log_level"],
+    settings: OrchestratorSettings = _settings(args, ["host", "port", "home", "max_queue", "max_queue_per_user",
+                                                              "fragment_timeout_s", "log_level"],
                                                OrchestratorSettings)  # fmt: skip
     _setup_logging(settings.log_level)
     print(f"dragon orchestrator: http://{settings.host}:{settings.port}/v1 (state in {settings.db_path})",

@@ -10,8 +10,11 @@ import logging
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+
+from dragonswarm.errors import error_body
 
 log = logging.getLogger("dragonswarm.node")
 
@@ -55,5 +58,9 @@ async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
             yield chunk
     except httpx.TransportError:
         log.warning("orchestrator connection lost while relaying an answer")
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            # The stream has started: the error is its last event, as everywhere else.
+            error = error_body("the orchestrator connection was lost", "server_error", "orchestrator_unreachable")
+            yield b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n"
     finally:
         await response.aclose()

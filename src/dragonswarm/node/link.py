@@ -130,7 +130,7 @@ class SwarmLink:
         return Heartbeat(
             cpu_total=g["cpu_total"], cpu_ours=g["cpu_ours"], owner_load=min(1.0, g["owner_load"]),
             owner_busy=g["owner_busy"], ram_available=g["ram_available"], gpus=g["gpus"],
-            share_in_force=min(1.0, g["share_in_force"]), busy=sum(1 for s in slots if s.lock.locked()),
+            share_in_force=min(1.0, g["share_in_force"]), local_busy=self.service.governor.active["local"],
             loaded=[s.spec.name for s in slots if s.loaded],
         )  # fmt: skip
 

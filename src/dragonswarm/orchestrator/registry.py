@@ -54,9 +54,9 @@ class NodeConn:
     def placement_state(self, now: float, stale_after: float) -> NodeState:
         hb = self.heartbeat
         held = len(self.jobs) + len(self.draining)
-        # The heartbeat's `busy` includes the owner's own requests: a machine serving
-        # its owner is not given work for others, even between two of our assignments.
-        busy = max(held, hb.busy if hb else 0)
+        # What we placed there we know exactly; what the owner runs comes with heartbeats.
+        # A machine serving its owner is not given work for others.
+        busy = held + (hb.local_busy if hb else 0)
         return NodeState(
             name=self.name,
             models=self.models,

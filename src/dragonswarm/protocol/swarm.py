@@ -57,7 +57,7 @@ class Heartbeat(_Message):
     ram_available: int = Field(ge=0)
     gpus: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
     share_in_force: float = Field(ge=0.0, le=1.0)
-    busy: int = Field(ge=0)  # runners serving a job now (local or remote)
+    local_busy: int = Field(ge=0)  # runners serving the owner's own requests now
     loaded: list[str] = Field(default_factory=list, max_length=64)
 
 

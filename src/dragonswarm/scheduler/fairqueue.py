@@ -61,7 +61,7 @@ class FairQueue(Generic[T]):
                     del queue[i]
                     self._total -= 1
                     if queue:
-                        pass
+                        self._queues.move_to_end(user)
                     else:
                         del self._queues[user]
                     return user, item

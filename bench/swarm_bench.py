@@ -1,0 +1,502 @@
+"""Swarm benchmarks on real processes, each side by side with its reference, measured in the same run.
+
+    .venv/bin/python -m bench.swarm_bench [--quick]     # writes bench/results/swarm.{json,md}
+
+1. Hop overhead (Gemma 3 270M): one node at --share 0.8 --local-share 0.8, asked directly
+   on its local API and through the orchestrator (which places the request on that same
+   node), alternately: tokens/s and time to first token.
+2. Fan-out (tiny model): a 4-prompt /v1/completions request through the orchestrator to a
+   swarm of 1 worker and to a swarm of 4 workers, every worker at --share 0.25,
+   alternately: wall time and completion tokens per CPU-second of the nodes.
+3. Many clients (tiny model): `dragon up --workers 3` and N concurrent streaming clients
+   (200; --quick: 50): errors and time to first token, beside one client alone.
+
+Every part starts its own processes on free loopback ports in a temp dir and stops them,
+also on failure. On one machine all of them share its cores with the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from bench.swarm_procs import Processes, quiet_machine, start_node, start_orchestrator, start_up, tree_cpu, wait_until
+from dragonswarm.devtools.tiny_model import write_tiny_model
+from dragonswarm.engines.models import bundled_model
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+N_CPUS = psutil.cpu_count() or 1
+GEMMA = "gemma3-270m"
+TINY = "tiny"
+CODE_PROMPT = "def quicksort(arr):\n"
+FANOUT_PROMPTS = ["def quicksort(arr):\n", "class LRUCache:\n", "def parse_csv(path):\n", "async def fetch(url):\n"]
+HOP_TARGETS = {"ratio": 0.95, "added_ttft_ms": 10.0}
+
+
+@dataclass
+class Streamed:
+    """One streamed request as an OpenAI client sees it."""
+
+    status: int
+    nodes_header: str | None
+    ttft: float  # request sent -> first text
+    total: float  # request sent -> last text
+    first_to_last: float  # first text -> last text
+    tokens: int  # completion tokens, from the usage chunk
+    text: str
+    route: dict[str, Any] | None  # the `dragon` object
+    error: str | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Over the whole request, waiting for the first token included."""
+        return self.tokens / self.total if self.total > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """From the first token to the last: N tokens are N - 1 intervals."""
+        return (self.tokens - 1) / self.first_to_last if self.first_to_last > 0 else 0.0
+
+
+def stream_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+class StreamParser:
+    """Reads SSE lines of a completion stream, timing text as it arrives."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.first = self.last = 0.0
+        self.pieces: list[str] = []
+        self.tokens = 0
+        self.route: dict[str, Any] | None = None
+        self.error: str | None = None
+
+    def line(self, line: str) -> None:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            self.error = str(chunk["error"].get("message", chunk["error"]))
+            return
+        for choice in chunk.get("choices") or []:
+            if choice.get("text"):
+                self.last = time.perf_counter()
+                self.first = self.first or self.last
+                self.pieces.append(choice["text"])
+        if chunk.get("usage"):
+            self.tokens = chunk["usage"]["completion_tokens"]
+        if "dragon" in chunk:
+            self.route = chunk["dragon"]
+
+    def result(self, status: int, nodes_header: str | None, error: str | None = None) -> Streamed:
+        error = error or self.error
+        if status == 200 and not error and not self.first:
+            error = "no text in the stream"
+        first = self.first or self.start
+        return Streamed(status, nodes_header, first - self.start, (self.last or first) - self.start,
+                        (self.last or first) - first, self.tokens, "".join(self.pieces), self.route, error)  # fmt: skip
+
+
+def stream_once(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]) -> Streamed:
+    parser = StreamParser(time.perf_counter())
+    with client.stream("POST", url, json=body, headers=headers) as response:
+        if response.status_code != 200:
+            response.read()
+            return parser.result(response.status_code, None, response.text[:200])
+        for line in response.iter_lines():
+            parser.line(line)
+    return parser.result(response.status_code, response.headers.get("x-dragon-nodes"))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+# 1. Hop overhead
+
+
+def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str, Any]:
+    name = "hop-node"
+    with Processes(root / "hop") as procs:
+        orch = start_orchestrator(procs, "orchestrator")
+        node = start_node(procs, orch, name, f"{GEMMA}={gemma}", share=0.8, local_share=0.8)
+        orch.wait_live([name], procs)
+        wait_until(lambda: node.status()["swarm"]["connected"], 30, "the node's swarm link")
+        paths = {
+            "direct": (node.base + "/v1/completions", {}),
+            "via orchestrator": (orch.api + "/completions", orch.auth("user")),
+        }
+        runs: dict[str, list[Streamed]] = {p: [] for p in paths}
+        with httpx.Client(timeout=600) as client:
+            for url, headers in paths.values():  # untimed: load the model, warm caches
+                stream_once(client, url, stream_body(GEMMA, CODE_PROMPT, 8), headers)
+            for r in range(rounds):
+                order = list(paths) if r % 2 == 0 else list(paths)[::-1]  # alternate to cancel drift
+                for path in order:
+                    quiet_machine()
+                    node.settle()
+                    orch.wait_idle([name])
+                    url, headers = paths[path]
+                    run = stream_once(client, url, stream_body(GEMMA, CODE_PROMPT, max_tokens), headers)
+                    if run.error:
+                        raise RuntimeError(f"{path}: HTTP {run.status}: {run.error}")
+                    runs[path].append(run)
+                    print(f"  round {r + 1}/{rounds} {path}: {run.decode_tokens_per_s:.1f} tok/s decode, "
+                          f"TTFT {run.ttft * 1000:.0f} ms, {run.tokens} tokens, via {run.nodes_header}", flush=True)
+        gov = node.status()["governor"]
+    systems = {p: summarize_hop(rs) for p, rs in runs.items()}
+    direct, via = systems["direct"], systems["via orchestrator"]
+    ratio = via["decode_tokens_per_s"] / direct["decode_tokens_per_s"]
+    added = via["ttft_ms"] - direct["ttft_ms"]
+    paired = [(v.ttft - d.ttft) * 1000 for d, v in zip(runs["direct"], runs["via orchestrator"], strict=True)]
+    texts = {p: rs[0].text for p, rs in runs.items()}
+    checks = {
+        "direct ran on the node itself (X-Dragon-Nodes)": all(r.nodes_header == name for r in runs["direct"]),
+        "orchestrator placed it on the node (X-Dragon-Nodes)": all(
+            r.nodes_header == name for r in runs["via orchestrator"]),
+        "orchestrator's dragon object names the node": all(
+            (r.route or {}).get("nodes") == [name] for r in runs["via orchestrator"]),
+        "same text on both paths": len(set(texts.values())) == 1,
+    }  # fmt: skip
+    return {
+        "rounds": rounds, "max_tokens": max_tokens, "share": 0.8, "local_share": 0.8, "node": name,
+        "threads": gov["threads"], "mechanism": gov["mechanism"], "systems": systems,
+        "ratio_decode_tokens_per_s": ratio,
+        "ratio_tokens_per_s": via["tokens_per_s"] / direct["tokens_per_s"],
+        "added_ttft_ms": added, "added_ttft_ms_paired_median": median(paired),
+        "pass_ratio": ratio >= HOP_TARGETS["ratio"], "pass_added_ttft": added <= HOP_TARGETS["added_ttft_ms"],
+        "checks": checks, "texts": texts,
+        "runs": {p: [asdict(r) | {"text": None} for r in rs] for p, rs in runs.items()},
+    }  # fmt: skip
+
+
+def summarize_hop(runs: list[Streamed]) -> dict[str, float]:
+    return {
+        "decode_tokens_per_s": median([r.decode_tokens_per_s for r in runs]),
+        "tokens_per_s": median([r.tokens_per_s for r in runs]),
+        "ttft_ms": median([r.ttft * 1000 for r in runs]),
+        "tokens": median([r.tokens for r in runs]),
+    }
+
+
+# 2. Fan-out
+
+
+def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tuple[int, ...] = (1, 4),
+                 share: float = 0.25) -> dict[str, Any]:  # fmt: skip
+    runs: dict[int, list[dict[str, Any]]] = {k: [] for k in sizes}
+    with Processes(root / "fanout") as procs:
+        swarms = {}
+        for k in sizes:  # both swarms stay up, so their rounds can alternate
+            orch = start_orchestrator(procs, f"orchestrator-{k}")
+            nodes = [start_node(procs, orch, f"s{k}-worker-{i}", f"{TINY}={tiny}", share=share, local_share=0.8)
+                     for i in range(1, k + 1)]  # fmt: skip
+            orch.wait_live([n.name for n in nodes], procs)
+            swarms[k] = (orch, nodes)
+        body = {"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": max_tokens, "temperature": 0}
+        with httpx.Client(timeout=600) as client:
+
+            def once(k: int) -> dict[str, Any]:
+                orch, nodes = swarms[k]
+                pids = [n.pid for n in nodes]
+                cpu0, orch0, t0 = tree_cpu(pids), tree_cpu([orch.started.proc.pid]), time.perf_counter()
+                response = client.post(orch.api + "/completions", json=body, headers=orch.auth("user"))
+                wall = time.perf_counter() - t0
+                cpu, orch_cpu = tree_cpu(pids) - cpu0, tree_cpu([orch.started.proc.pid]) - orch0
+                if response.status_code != 200:
+                    raise RuntimeError(f"swarm of {k}: HTTP {response.status_code}: {response.text[:300]}")
+                data = response.json()
+                tokens = data["usage"]["completion_tokens"]
+                route = data.get("dragon") or {}
+                return {"wall_s": wall, "node_cpu_s": cpu, "orchestrator_cpu_s": orch_cpu, "tokens": tokens,
+                        "tokens_per_cpu_s": tokens / cpu if cpu > 0 else float("nan"),
+                        "nodes": route.get("nodes", []), "fragments": route.get("fragments"),
+                        "choices": len(data["choices"])}  # fmt: skip
+
+            for k in sizes:  # untimed: load every worker's runner
+                once(k)
+            for r in range(rounds):
+                order = list(sizes) if r % 2 == 0 else list(sizes)[::-1]
+                for k in order:
+                    quiet_machine()
+                    swarms[k][0].wait_idle([n.name for n in swarms[k][1]])
+                    runs[k].append(once(k))
+                    x = runs[k][-1]
+                    print(f"  round {r + 1}/{rounds} {k} worker(s): {x['wall_s']:.2f} s, {x['tokens']} tokens, "
+                          f"{x['tokens_per_cpu_s']:.0f} tok/CPU-s on {len(set(x['nodes']))} node(s)", flush=True)
+    out: dict[str, Any] = {"rounds": rounds, "max_tokens": max_tokens, "prompts": len(FANOUT_PROMPTS),
+                           "share": share, "swarms": {}}  # fmt: skip
+    for k, rs in runs.items():
+        distinct = [len(set(x["nodes"])) for x in rs]
+        expected = min(k, len(FANOUT_PROMPTS))
+        out["swarms"][str(k)] = {
+            "workers": k,
+            "wall_s": median([x["wall_s"] for x in rs]),
+            "tokens": median([x["tokens"] for x in rs]),
+            "node_cpu_s": median([x["node_cpu_s"] for x in rs]),
+            "orchestrator_cpu_s": median([x["orchestrator_cpu_s"] for x in rs]),
+            "tokens_per_cpu_s": median([x["tokens_per_cpu_s"] for x in rs]),
+            "tokens_per_s": median([x["tokens"] / x["wall_s"] for x in rs]),
+            "cpu_fraction": median([x["node_cpu_s"] / (x["wall_s"] * N_CPUS) for x in rs]),
+            "distinct_nodes": distinct,
+            "expected_nodes": expected,
+            "pass_nodes": all(d == expected for d in distinct) and all(x["fragments"] == 4 for x in rs),
+            "runs": rs,
+        }
+    one, many = out["swarms"][str(sizes[0])], out["swarms"][str(sizes[-1])]
+    out["speedup"] = one["wall_s"] / many["wall_s"]
+    out["ideal_speedup"] = min(sizes[-1], len(FANOUT_PROMPTS), 1 / share) / sizes[0]
+    out["efficiency_ratio"] = many["tokens_per_cpu_s"] / one["tokens_per_cpu_s"]
+    return out
+
+
+# 3. Many clients
+
+
+async def _client(client: httpx.AsyncClient, url: str, key: str, i: int, max_tokens: int,
+                  go: asyncio.Event) -> Streamed:  # fmt: skip
+    await go.wait()
+    parser = StreamParser(time.perf_counter())
+    body = stream_body(TINY, f"# client {i}\ndef f{i}(x):\n", max_tokens)
+    try:
+        async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return parser.result(response.status_code, None, response.text[:200])
+            async for line in response.aiter_lines():
+                parser.line(line)
+            return parser.result(200, response.headers.get("x-dragon-nodes"))
+    except httpx.HTTPError as exc:
+        return parser.result(0, None, f"{type(exc).__name__}: {exc}")
+
+
+async def _burst(url: str, key: str, clients: int, max_tokens: int) -> tuple[list[Streamed], float]:
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=30)) as client:
+        go = asyncio.Event()
+        tasks = [asyncio.create_task(_client(client, url, key, i, max_tokens, go)) for i in range(clients)]
+        await asyncio.sleep(0.1)  # every task waits at the start line
+        t0 = time.perf_counter()
+        go.set()
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - t0
+
+
+def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, alone_runs: int = 5) -> dict[str, Any]:
+    workers = 3
+    with Processes(root / "clients") as procs:
+        up = start_up(procs, workers, f"{TINY}={tiny}")
+        url = up.api_url + "/completions"
+        # Warm every node's runner: four prompts go to four nodes.
+        warm = httpx.post(url, json={"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": 4, "temperature": 0},
+                          headers={"Authorization": f"Bearer {up.api_key}"}, timeout=120)  # fmt: skip
+        warm.raise_for_status()
+        alone: list[Streamed] = []
+        with httpx.Client(timeout=120) as client:
+            for _ in range(alone_runs):  # the reference: one client with the swarm to itself
+                quiet_machine()
+                alone.append(stream_once(client, url, stream_body(TINY, "def f(x):\n", max_tokens),
+                                         {"Authorization": f"Bearer {up.api_key}"}))  # fmt: skip
+        quiet_machine()
+        cpu0 = tree_cpu(list(up.pids.values()))
+        runs, wall = asyncio.run(_burst(url, up.api_key, clients, max_tokens))
+        swarm_cpu = tree_cpu(list(up.pids.values())) - cpu0
+        procs.check_alive()
+    errors = [r for r in runs if r.status != 200 or r.error]
+    ok = [r for r in runs if r not in errors]
+    nodes: dict[str, int] = {}
+    for r in ok:
+        for n in (r.nodes_header or "?").split(","):
+            nodes[n] = nodes.get(n, 0) + 1
+    ttft = [r.ttft * 1000 for r in ok]
+    total = [r.total * 1000 for r in ok]
+    return {
+        "clients": clients, "max_tokens": max_tokens, "workers": workers, "nodes_in_swarm": workers + 1,
+        "errors": len(errors), "error_samples": sorted({f"{r.status}: {r.error}" for r in errors})[:5],
+        "pass_errors": not errors,
+        "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "max": max(ttft, default=float("nan"))},
+        "total_ms": {"p50": percentile(total, 50), "p99": percentile(total, 99),
+                     "max": max(total, default=float("nan"))},
+        "wall_s": wall,
+        "tokens": sum(r.tokens for r in ok),
+        "swarm_cpu_s": swarm_cpu,
+        "requests_by_node": dict(sorted(nodes.items())),
+        "alone": {"runs": alone_runs, "ttft_ms": median([r.ttft * 1000 for r in alone]),
+                  "total_ms": median([r.total * 1000 for r in alone]),
+                  "errors": sum(1 for r in alone if r.status != 200 or r.error)},
+    }  # fmt: skip
+
+
+# Report
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "**fail**"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    hop, fan, cl = results["hop"], results["fanout"], results["clients"]
+    d, v = hop["systems"]["direct"], hop["systems"]["via orchestrator"]
+    lines = [
+        "# Swarm benchmark results",
+        "",
+        f"Machine: {results['machine']}. **{N_CPUS} CPU cores in all, shared by every process of the run**: "
+        "the benchmark's own clients, the orchestrator(s), every node and its llama.cpp runner. "
+        "A swarm on one machine shows the swarm's overheads and behaviour, not extra speed.",
+        "",
+        f"Command: `{results['command']}` ({results['date']}, {results['elapsed_s'] / 60:.1f} min).",
+        "",
+        f"## 1. Hop overhead: direct to the node vs through the orchestrator ({hop['rounds']} alternating rounds)",
+        "",
+        f"Model {GEMMA} (Gemma 3 270M Q4_K_M); one node with --share {hop['share']} --local-share "
+        f"{hop['local_share']} ({hop['threads']} threads, cap: {hop['mechanism']}); prompt {CODE_PROMPT!r}, "
+        f"temperature 0, max_tokens {hop['max_tokens']}, streamed, usage from `stream_options.include_usage`. "
+        "Medians. Decode tokens/s: (completion tokens − 1) / (last token − first token).",
+        "",
+        "| path | decode tokens/s | tokens/s over the request | time to first token | tokens |",
+        "|---|---|---|---|---|",
+        f"| direct (node's local API) | {d['decode_tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} "
+        f"| {d['ttft_ms']:.1f} ms | {d['tokens']:.0f} |",
+        f"| via orchestrator (user key) | {v['decode_tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} "
+        f"| {v['ttft_ms']:.1f} ms | {v['tokens']:.0f} |",
+        "",
+        "| measure | value | target | result |",
+        "|---|---|---|---|",
+        f"| decode tokens/s, via / direct | {hop['ratio_decode_tokens_per_s']:.3f} | ≥ {HOP_TARGETS['ratio']} "
+        f"| {verdict(hop['pass_ratio'])} |",
+        f"| tokens/s over the request, via / direct | {hop['ratio_tokens_per_s']:.3f} | (reported) | |",
+        f"| added time to first token (difference of medians) | {hop['added_ttft_ms']:+.1f} ms "
+        f"| ≤ {HOP_TARGETS['added_ttft_ms']:.0f} ms | {verdict(hop['pass_added_ttft'])} |",
+        f"| added time to first token (median of per-round differences) | "
+        f"{hop['added_ttft_ms_paired_median']:+.1f} ms | (reported) | |",
+        *[f"| {name} | {ok} | True | {verdict(ok)} |" for name, ok in hop["checks"].items()],
+        "",
+        f"## 2. Fan-out: one 4-prompt request, 1 worker vs 4 workers ({fan['rounds']} alternating rounds)",
+        "",
+        f"Tiny random-weight llama GGUF; `/v1/completions` with a list of {fan['prompts']} prompts, non-streaming, "
+        f"temperature 0, max_tokens {fan['max_tokens']} per prompt, through the orchestrator; every worker at "
+        f"--share {fan['share']} (1 thread, {fan['share'] * N_CPUS:.1f} CPU of quota). Node CPU: user + system "
+        "seconds of every node process and its runner, before/after. Medians.",
+        "",
+        "| swarm | wall time | completion tokens | tokens/s | node CPU | tokens per CPU-second "
+        "| node CPU / machine | orchestrator CPU | distinct nodes used (per round) | target | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in fan["swarms"].values():
+        lines.append(
+            f"| {s['workers']} worker(s) | {s['wall_s']:.2f} s | {s['tokens']:.0f} | {s['tokens_per_s']:.0f} "
+            f"| {s['node_cpu_s']:.2f} s | {s['tokens_per_cpu_s']:.0f} | {s['cpu_fraction']:.2f} "
+            f"| {s['orchestrator_cpu_s']:.2f} s | {', '.join(map(str, s['distinct_nodes']))} "
+            f"| {s['expected_nodes']} node(s), 4 fragments | {verdict(s['pass_nodes'])} |"
+        )
+    lines += [
+        "",
+        f"Speedup in wall time, 4 workers over 1: {fan['speedup']:.2f}× (ideal {fan['ideal_speedup']:.0f}×: "
+        f"4 × {fan['share']} of the machine against {fan['share']}). Tokens per CPU-second, 4 workers / 1 worker: "
+        f"{fan['efficiency_ratio']:.2f}.",
+        "",
+        f"## 3. Many clients: {cl['clients']} concurrent streaming clients on `dragon up --workers {cl['workers']}`",
+        "",
+        f"Tiny model on {cl['nodes_in_swarm']} nodes (`local` and {cl['workers']} workers, `dragon up`'s defaults: "
+        f"--share 0.10, one fragment at a time each); each client one streamed `/v1/completions` request, "
+        f"max_tokens {cl['max_tokens']}, temperature 0, all released at once from one `httpx.AsyncClient` "
+        "(one connection each) against the orchestrator's api_url with the user key from swarm.json. "
+        f"The reference: one client alone, {cl['alone']['runs']} sequential requests, medians.",
+        "",
+        "| measure | value | target | result |",
+        "|---|---|---|---|",
+        f"| errors (HTTP ≠ 200, error event, transport error) | {cl['errors']} of {cl['clients']} | 0 "
+        f"| {verdict(cl['pass_errors'])} |",
+        f"| time to first token p50 / p99 / max | {cl['ttft_ms']['p50']:.0f} / {cl['ttft_ms']['p99']:.0f} / "
+        f"{cl['ttft_ms']['max']:.0f} ms | (reported) | |",
+        f"| total time p50 / p99 / max | {cl['total_ms']['p50']:.0f} / {cl['total_ms']['p99']:.0f} / "
+        f"{cl['total_ms']['max']:.0f} ms | (reported) | |",
+        f"| wall time for all {cl['clients']} | {cl['wall_s']:.2f} s | (reported) | |",
+        f"| completion tokens, all clients | {cl['tokens']} | (reported) | |",
+        f"| swarm CPU during the burst (all nodes, runners, orchestrator) | {cl['swarm_cpu_s']:.1f} s | (reported) | |",
+        f"| one client alone: time to first token / total | {cl['alone']['ttft_ms']:.1f} / "
+        f"{cl['alone']['total_ms']:.1f} ms | (reference) | |",
+        f"| requests per node (X-Dragon-Nodes) | "
+        f"{', '.join(f'{n}: {c}' for n, c in cl['requests_by_node'].items())} | (reported) | |",
+    ]
+    if cl["error_samples"]:
+        lines += ["", "Errors seen: " + "; ".join(f"`{e}`" for e in cl["error_samples"])]
+    if results.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and 50 clients: a smoke run")
+    parser.add_argument("--hop-rounds", type=int, help="rounds per path in part 1 (default 5; --quick 2)")
+    parser.add_argument("--fanout-rounds", type=int, help="rounds per swarm in part 2 (default 3; --quick 2)")
+    parser.add_argument("--fanout-tokens", type=int, default=256, help="max_tokens per prompt in part 2")
+    parser.add_argument("--clients", type=int, help="concurrent clients in part 3 (default 200; --quick 50)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "swarm")
+    args = parser.parse_args(argv)
+    hop_rounds = args.hop_rounds or (2 if args.quick else 5)
+    fanout_rounds = args.fanout_rounds or (2 if args.quick else 3)
+    clients = args.clients or (50 if args.quick else 200)
+
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="dragon-swarm-bench-"))
+    try:
+        gemma = bundled_model(root / "models").path
+        tiny = write_tiny_model(root / "models" / "tiny.gguf")
+        results: dict[str, Any] = {
+            "machine": f"{N_CPUS} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}, "
+                       f"Python {platform.python_version()}",
+            "command": "python -m bench.swarm_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }  # fmt: skip
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("hop", lambda: bench_hop(root, gemma, hop_rounds, 128)),
+            ("fanout", lambda: bench_fanout(root, tiny, fanout_rounds, args.fanout_tokens)),
+            ("clients", lambda: bench_clients(root, tiny, clients, 16)),
+        ]
+        for name, step in steps:
+            print(f"{name}...", flush=True)
+            results[name] = step()
+        results["elapsed_s"] = time.monotonic() - started
+    except BaseException:
+        print(f"failed; the processes' logs are kept in {root / '*' / 'logs'}", file=sys.stderr)
+        raise
+    shutil.rmtree(root, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, args.out.with_suffix(".md"))
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,289 @@
+"""Real swarm processes for the swarm benchmark: an orchestrator, nodes, `dragon up`.
+
+Every process is started through `Processes`, which stops them all, newest first, when
+its `with` block ends, also on failure: SIGINT, a grace period, then SIGKILL for the
+process and every descendant it had (runners, and `dragon up`'s children, which live in
+sessions of their own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psutil
+
+from dragonswarm.store.sqlite import open_store
+
+T = TypeVar("T")
+STOP_GRACE_S = 15.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def quiet_machine(threshold: float = 10.0, timeout: float = 30.0) -> float:
+    """Wait until the whole machine's CPU stays under `threshold` percent; returns the last reading."""
+    deadline = time.monotonic() + timeout
+    reading = psutil.cpu_percent(interval=0.3)
+    while reading > threshold and time.monotonic() < deadline:
+        reading = psutil.cpu_percent(interval=0.3)
+    return reading
+
+
+def tree_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and all their descendants, now alive."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass  # exited between listing and reading
+    return total
+
+
+@dataclass
+class Started:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    adopted: list[psutil.Process] = field(default_factory=list)  # descendants we must not leave behind
+
+
+class Processes:
+    """The processes of one benchmark part, stopped together when the `with` block ends."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.started: list[Started] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Started:
+        log_path = self.root / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        # DRAGON_HOME points at the temp dir, so no config.toml of this machine's user is read.
+        full_env = {**os.environ, "DRAGON_HOME": str(self.root), **(env or {})}
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "dragonswarm.cli", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, env=full_env)  # fmt: skip
+        started = Started(name, proc, log_path)
+        self.started.append(started)
+        return started
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        for s in self.started:
+            if s.name == name:
+                return "\n".join(s.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def check_alive(self) -> None:
+        for s in self.started:
+            if s.proc.poll() is not None:
+                raise RuntimeError(f"{s.name} exited with {s.proc.returncode}:\n{self.log_tail(s.name)}")
+
+    def close(self) -> None:
+        for s in reversed(self.started):
+            descendants = _descendants(s)
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGINT)
+                try:
+                    s.proc.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    s.proc.kill()
+                    s.proc.wait()
+            _, alive = psutil.wait_procs(descendants, timeout=STOP_GRACE_S)
+            for p in alive:
+                try:
+                    p.kill()  # psutil checks the process is still the one we listed
+                except psutil.Error:
+                    pass
+        self.started.clear()
+
+
+def _descendants(s: Started) -> list[psutil.Process]:
+    """Everything under a started process (listed before it is stopped, while it still knows them)."""
+    found = list(s.adopted)
+    roots = list(s.adopted)
+    try:
+        roots.append(psutil.Process(s.proc.pid))
+    except psutil.Error:
+        pass
+    for root in roots:
+        try:
+            found += root.children(recursive=True)
+        except psutil.Error:
+            pass
+    return found
+
+
+@dataclass
+class Orchestrator:
+    url: str  # http://127.0.0.1:PORT
+    keys: dict[str, str]  # role -> key
+    started: Started
+
+    @property
+    def api(self) -> str:
+        return self.url + "/v1"
+
+    def auth(self, role: str = "user") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[role]}"}
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        response = httpx.get(self.api + "/nodes", headers=self.auth("admin"), timeout=10)
+        response.raise_for_status()
+        return {n["name"]: n for n in response.json()["data"]}
+
+    def wait_live(self, names: list[str], procs: Processes, timeout: float = 120) -> None:
+        def live() -> bool:
+            procs.check_alive()
+            try:
+                nodes = self.nodes()
+            except httpx.HTTPError:
+                return False
+            return all(nodes.get(n, {}).get("state") == "live" for n in names)
+
+        wait_until(live, timeout, f"nodes {names} to be live")
+
+    def wait_idle(self, names: list[str], timeout: float = 30) -> None:
+        """Every node live, holding no work and not seeing its owner busy: ready for a timed run."""
+
+        def idle() -> bool:
+            nodes = self.nodes()
+            return all(
+                nodes.get(n, {}).get("state") == "live" and not nodes[n].get("owner_busy")
+                and not nodes[n].get("busy") and not nodes[n].get("running") for n in names
+            )  # fmt: skip
+
+        wait_until(idle, timeout, f"nodes {names} to be idle")
+
+
+def start_orchestrator(procs: Processes, name: str) -> Orchestrator:
+    """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store."""
+    home = procs.root / name
+    store = open_store(home)
+    try:
+        keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}  # type: ignore[arg-type]
+    finally:
+        store.close()
+    url = f"http://127.0.0.1:{free_port()}"
+    started = procs.start(name, ["orchestrator", "--home", str(home), "--port", url.rsplit(":", 1)[1]])
+
+    def healthy() -> bool:
+        procs.check_alive()
+        try:
+            return httpx.get(url + "/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, 60, f"{name} to answer /health")
+    return Orchestrator(url, keys, started)
+
+
+@dataclass
+class Node:
+    name: str
+    base: str  # http://127.0.0.1:PORT, the node's local API
+    started: Started
+
+    @property
+    def pid(self) -> int:
+        return self.started.proc.pid
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.base + "/v1/node", timeout=10).json()
+        return data
+
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until the governor no longer sees the previous run's burst as the owner."""
+
+        def settled() -> bool:
+            gov = self.status()["governor"]
+            return not gov["owner_busy"] and gov["share_in_force"] >= max(gov["local_share"], gov["share"])
+
+        wait_until(settled, timeout, f"{self.name}'s governor to settle", interval=0.2)
+
+
+def start_node(procs: Processes, orch: Orchestrator, name: str, model: str, share: float,
+               local_share: float) -> Node:  # fmt: skip
+    """`dragon node` joined to `orch`, serving `model` (NAME=PATH) and no bundled model.
+
+    DRAGON_SWARM_PID is this benchmark's pid: on one machine every swarm process is ours,
+    so no node mistakes the others' CPU for its owner's.
+    """
+    port = free_port()
+    args = ["node", "--name", name, "--home", str(procs.root / "nodes" / name), "--api-port", str(port),
+            "--no-bundled-model", "--model", model, "--orchestrator", orch.url, "--share", str(share),
+            "--local-share", str(local_share)]  # fmt: skip
+    env = {"DRAGON_KEY": orch.keys["node"], "DRAGON_SWARM_PID": str(os.getpid())}
+    return Node(name, f"http://127.0.0.1:{port}", procs.start(name, args, env))
+
+
+@dataclass
+class Up:
+    """A `dragon up` swarm, as described by its swarm.json."""
+
+    api_url: str
+    api_key: str
+    pids: dict[str, int]  # child name -> pid
+    started: Started
+
+
+def start_up(procs: Processes, workers: int, model: str, timeout: float = 180) -> Up:
+    home = procs.root / "up"
+    swarm_file = home / "swarm.json"
+    args = ["up", "--home", str(home), "--port", str(free_port()), "--api-port", str(free_port()),
+            "--workers", str(workers), "--no-bundled-model", "--model", model]  # fmt: skip
+    started = procs.start("up", args)
+
+    def ready() -> dict[str, Any] | None:
+        procs.check_alive()
+        return json.loads(swarm_file.read_text()) if swarm_file.exists() else None
+
+    state = wait_until(ready, timeout, "dragon up to write swarm.json", interval=0.2)
+    pids = {n["name"]: n["pid"] for n in state["nodes"]}
+    # `dragon up` starts its children in sessions of their own: hold on to them by pid, so
+    # they are stopped even if `dragon up` itself dies first.
+    for pid in pids.values():
+        try:
+            started.adopted.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+    return Up(state["api_url"], state["api_key"], pids, started)
