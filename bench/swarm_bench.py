@@ -36,7 +36,16 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.swarm_procs import Processes, quiet_machine, start_node, start_orchestrator, start_up, tree_cpu, wait_until
+from bench.swarm_procs import (
+    CpuWatch,
+    Processes,
+    quiet_machine,
+    start_node,
+    start_orchestrator,
+    start_up,
+    tree_cpu,
+    wait_until,
+)
 from dragonswarm.devtools.tiny_model import write_tiny_model
 from dragonswarm.engines.models import bundled_model
 
@@ -155,6 +164,7 @@ def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str
             "via orchestrator": (orch.api + "/completions", orch.auth("user")),
         }
         runs: dict[str, list[Streamed]] = {p: [] for p in paths}
+        conditions: list[dict[str, Any]] = []
         with httpx.Client(timeout=600) as client:
             for url, headers in paths.values():  # untimed: load the model, warm caches
                 stream_once(client, url, stream_body(GEMMA, CODE_PROMPT, 8), headers)
@@ -162,10 +172,11 @@ def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str
                 order = list(paths) if r % 2 == 0 else list(paths)[::-1]  # alternate to cancel drift
                 for path in order:
                     quiet_machine()
-                    node.settle()
-                    orch.wait_idle([name])
+                    settled = node.settle() and orch.wait_idle([name])
                     url, headers = paths[path]
+                    watch = CpuWatch()
                     run = stream_once(client, url, stream_body(GEMMA, CODE_PROMPT, max_tokens), headers)
+                    conditions.append({"path": path, "settled": settled, "other_cpu": watch.other_fraction()})
                     if run.error:
                         raise RuntimeError(f"{path}: HTTP {run.status}: {run.error}")
                     runs[path].append(run)
@@ -193,9 +204,16 @@ def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str
         "ratio_tokens_per_s": via["tokens_per_s"] / direct["tokens_per_s"],
         "added_ttft_ms": added, "added_ttft_ms_paired_median": median(paired),
         "pass_ratio": ratio >= HOP_TARGETS["ratio"], "pass_added_ttft": added <= HOP_TARGETS["added_ttft_ms"],
-        "checks": checks, "texts": texts,
+        "checks": checks, "texts": texts, "conditions": summarize_conditions(conditions),
         "runs": {p: [asdict(r) | {"text": None} for r in rs] for p, rs in runs.items()},
     }  # fmt: skip
+
+
+def summarize_conditions(conditions: list[dict[str, Any]]) -> dict[str, Any]:
+    """How quiet the machine was: other programs' CPU during the timed runs, and unsettled starts."""
+    other = [c["other_cpu"] for c in conditions]
+    return {"other_cpu_median": median(other), "other_cpu_max": max(other, default=float("nan")),
+            "unsettled_runs": sum(1 for c in conditions if not c["settled"]), "runs": conditions}  # fmt: skip
 
 
 def summarize_hop(runs: list[Streamed]) -> dict[str, float]:
@@ -227,10 +245,12 @@ def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tu
             def once(k: int) -> dict[str, Any]:
                 orch, nodes = swarms[k]
                 pids = [n.pid for n in nodes]
+                watch = CpuWatch()
                 cpu0, orch0, t0 = tree_cpu(pids), tree_cpu([orch.started.proc.pid]), time.perf_counter()
                 response = client.post(orch.api + "/completions", json=body, headers=orch.auth("user"))
                 wall = time.perf_counter() - t0
                 cpu, orch_cpu = tree_cpu(pids) - cpu0, tree_cpu([orch.started.proc.pid]) - orch0
+                other = watch.other_fraction()
                 if response.status_code != 200:
                     raise RuntimeError(f"swarm of {k}: HTTP {response.status_code}: {response.text[:300]}")
                 data = response.json()
@@ -239,7 +259,7 @@ def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tu
                 return {"wall_s": wall, "node_cpu_s": cpu, "orchestrator_cpu_s": orch_cpu, "tokens": tokens,
                         "tokens_per_cpu_s": tokens / cpu if cpu > 0 else float("nan"),
                         "nodes": route.get("nodes", []), "fragments": route.get("fragments"),
-                        "choices": len(data["choices"])}  # fmt: skip
+                        "choices": len(data["choices"]), "other_cpu": other}  # fmt: skip
 
             for k in sizes:  # untimed: load every worker's runner
                 once(k)
@@ -247,8 +267,8 @@ def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tu
                 order = list(sizes) if r % 2 == 0 else list(sizes)[::-1]
                 for k in order:
                     quiet_machine()
-                    swarms[k][0].wait_idle([n.name for n in swarms[k][1]])
-                    runs[k].append(once(k))
+                    settled = swarms[k][0].wait_idle([n.name for n in swarms[k][1]])
+                    runs[k].append(once(k) | {"settled": settled})
                     x = runs[k][-1]
                     print(f"  round {r + 1}/{rounds} {k} worker(s): {x['wall_s']:.2f} s, {x['tokens']} tokens, "
                           f"{x['tokens_per_cpu_s']:.0f} tok/CPU-s on {len(set(x['nodes']))} node(s)", flush=True)
@@ -275,6 +295,7 @@ def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tu
     out["speedup"] = one["wall_s"] / many["wall_s"]
     out["ideal_speedup"] = min(sizes[-1], len(FANOUT_PROMPTS), 1 / share) / sizes[0]
     out["efficiency_ratio"] = many["tokens_per_cpu_s"] / one["tokens_per_cpu_s"]
+    out["conditions"] = summarize_conditions([x for rs in runs.values() for x in rs])
     return out
 
 
@@ -326,9 +347,11 @@ def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, alone_r
                 alone.append(stream_once(client, url, stream_body(TINY, "def f(x):\n", max_tokens),
                                          {"Authorization": f"Bearer {up.api_key}"}))  # fmt: skip
         quiet_machine()
+        watch = CpuWatch()
         cpu0 = tree_cpu(list(up.pids.values()))
         runs, wall = asyncio.run(_burst(url, up.api_key, clients, max_tokens))
         swarm_cpu = tree_cpu(list(up.pids.values())) - cpu0
+        other = watch.other_fraction()
         procs.check_alive()
     errors = [r for r in runs if r.status != 200 or r.error]
     ok = [r for r in runs if r not in errors]
@@ -349,6 +372,7 @@ def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, alone_r
         "tokens": sum(r.tokens for r in ok),
         "swarm_cpu_s": swarm_cpu,
         "requests_by_node": dict(sorted(nodes.items())),
+        "conditions": summarize_conditions([{"settled": True, "other_cpu": other}]),
         "alone": {"runs": alone_runs, "ttft_ms": median([r.ttft * 1000 for r in alone]),
                   "total_ms": median([r.total * 1000 for r in alone]),
                   "errors": sum(1 for r in alone if r.status != 200 or r.error)},
@@ -360,6 +384,12 @@ def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, alone_r
 
 def verdict(ok: bool) -> str:
     return "pass" if ok else "**fail**"
+
+
+def conditions_line(c: dict[str, Any]) -> str:
+    return (f"Other programs' CPU during the timed runs (machine busy time not from this benchmark's processes): "
+            f"median {c['other_cpu_median']:.1%}, max {c['other_cpu_max']:.1%} of the machine; timed runs started "
+            f"before the nodes had settled (owner seen busy or work still held after 60 s): {c['unsettled_runs']}.")
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -399,6 +429,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"{hop['added_ttft_ms_paired_median']:+.1f} ms | (reported) | |",
         *[f"| {name} | {ok} | True | {verdict(ok)} |" for name, ok in hop["checks"].items()],
         "",
+        conditions_line(hop["conditions"]),
+        "",
         f"## 2. Fan-out: one 4-prompt request, 1 worker vs 4 workers ({fan['rounds']} alternating rounds)",
         "",
         f"Tiny random-weight llama GGUF; `/v1/completions` with a list of {fan['prompts']} prompts, non-streaming, "
@@ -422,6 +454,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Speedup in wall time, 4 workers over 1: {fan['speedup']:.2f}× (ideal {fan['ideal_speedup']:.0f}×: "
         f"4 × {fan['share']} of the machine against {fan['share']}). Tokens per CPU-second, 4 workers / 1 worker: "
         f"{fan['efficiency_ratio']:.2f}.",
+        "",
+        conditions_line(fan["conditions"]),
         "",
         f"## 3. Many clients: {cl['clients']} concurrent streaming clients on `dragon up --workers {cl['workers']}`",
         "",
@@ -447,6 +481,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"| requests per node (X-Dragon-Nodes) | "
         f"{', '.join(f'{n}: {c}' for n, c in cl['requests_by_node'].items())} | (reported) | |",
     ]
+    lines += ["", conditions_line(cl["conditions"])]
     if cl["error_samples"]:
         lines += ["", "Errors seen: " + "; ".join(f"`{e}`" for e in cl["error_samples"])]
     if results.get("notes"):

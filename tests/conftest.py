@@ -258,3 +258,19 @@ def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., Node
 @pytest.fixture
 def tiny_node(start_node: Callable[..., NodeProcess], tiny_model: Path) -> NodeProcess:
     return start_node("--model", f"tiny={tiny_model}")
+
+
+@pytest.fixture
+def swarm(start_orchestrator: Callable[..., OrchestratorProcess], start_node: Callable[..., NodeProcess],
+          tiny_model: Path) -> Callable[..., OrchestratorProcess]:  # fmt: skip
+    """An orchestrator and `workers` nodes serving the tiny model, all live."""
+
+    def make(workers: int, *orch_flags: str, node_flags: tuple[str, ...] = ()) -> OrchestratorProcess:
+        orch = start_orchestrator(*orch_flags)
+        names = [f"w{i}" for i in range(1, workers + 1)]
+        for name in names:
+            start_node("--name", name, "--model", f"tiny={tiny_model}", *node_flags, swarm=orch)
+        orch.wait_live(*names)
+        return orch
+
+    return make

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -167,13 +168,13 @@ def test_open_store_uses_state_db_under_home(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_file_header_says_wal_and_schema_version_1(store: SqliteStore, tmp_path: Path) -> None:
+def test_file_header_says_wal_and_schema_version_2(store: SqliteStore, tmp_path: Path) -> None:
     # Read from the SQLite file header (https://sqlite.org/fileformat.html) rather than
     # through sqlite3, which only store/ imports. Closing checkpoints the WAL into the file.
     store.close()
     header = (tmp_path / "home" / "state.db").read_bytes()[:100]
     assert header[18:20] == b"\x02\x02"  # read/write format 2 = WAL
-    assert int.from_bytes(header[60:64], "big") == 1  # PRAGMA user_version
+    assert int.from_bytes(header[60:64], "big") == 2  # PRAGMA user_version
 
 
 def test_threads_share_one_store(store: SqliteStore) -> None:
@@ -189,3 +190,45 @@ def test_threads_share_one_store(store: SqliteStore) -> None:
     for thread in threads:
         thread.join(timeout=30)
     assert store.usage_by_key() == {1: (400, 800, 400)}
+
+
+def test_keys_expire_and_are_revoked(store: SqliteStore) -> None:
+    key, record = store.create_key("user", "temp", expires=time.time() + 3600)
+    assert store.find_key(key) == record and record.refusal(time.time()) is None
+    assert record.refusal(time.time() + 7200) == "this API key has expired"
+    revoked = store.revoke_key(record.prefix)
+    assert revoked is not None and revoked.revoked is not None
+    found = store.find_key(key)
+    assert found is not None and found.refusal(time.time()) == "this API key has been revoked"
+    assert store.revoke_key(str(record.id)) == found  # revoking twice keeps the first time
+    assert store.revoke_key("dsk_nothing") is None
+
+
+def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "old.db")
+    key, _ = store.create_key("user", "kept")
+    store.close()
+    import sqlite3  # simulate a file written by schema version 1: drop what version 2 added
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript("ALTER TABLE keys DROP COLUMN expires; ALTER TABLE keys DROP COLUMN revoked;"
+                     "DROP TABLE identities; PRAGMA user_version = 1;")  # fmt: skip
+    db.close()
+    store = SqliteStore(tmp_path / "old.db")
+    found = store.find_key(key)
+    store.close()
+    assert found is not None and found.name == "kept" and found.expires is None
+
+
+def test_node_identities(store: SqliteStore) -> None:
+    credential = store.create_identity("w1")
+    assert credential is not None
+    assert store.create_identity("w1") is None  # a name is admitted once
+    found = store.find_identity("w1", credential)
+    assert found is not None and found.revoked is None
+    assert store.find_identity("w1", credential + "x") is None
+    assert store.find_identity("w2", credential) is None
+    assert store.revoke_identity("w1") and not store.revoke_identity("nobody")
+    again = store.find_identity("w1", credential)
+    assert again is not None and again.revoked is not None
+    assert [i.name for i in store.list_identities()] == ["w1"]

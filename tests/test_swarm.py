@@ -34,21 +34,6 @@ def texts_by_index(events: list[dict[str, Any]]) -> dict[int, str]:
     return out
 
 
-@pytest.fixture
-def swarm(start_orchestrator: Start, start_node: Start, tiny_model: Path) -> Callable[..., OrchestratorProcess]:
-    """An orchestrator and `workers` nodes serving the tiny model, all live."""
-
-    def make(workers: int, *orch_flags: str, node_flags: tuple[str, ...] = ()) -> OrchestratorProcess:
-        orch = start_orchestrator(*orch_flags)
-        names = [f"w{i}" for i in range(1, workers + 1)]
-        for name in names:
-            start_node("--name", name, "--model", f"tiny={tiny_model}", *node_flags, swarm=orch)
-        orch.wait_live(*names)
-        return orch
-
-    return make
-
-
 def complete(orch: OrchestratorProcess, role: str = "user", **body: Any) -> httpx.Response:
     with orch.client(role) as c:
         return c.post("/v1/completions", json={"model": "tiny", "temperature": 0, **body})

@@ -32,6 +32,14 @@ def _share(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.replace(".", "", 1).isdigit() or float(number) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90m, 12h or 30d, got {text!r}")
+    return float(number) * units[unit]
+
+
 def _model(text: str) -> ModelSpec:
     try:
         return ModelSpec.parse(text)
@@ -73,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--max-queue-per-user", type=int, help="fragments one key may have waiting (default 256)")
     orch.add_argument("--fragment-timeout", type=float, dest="fragment_timeout_s", metavar="SECONDS",
                       help="a request not finished after this long ends with 504 (default 600)")  # fmt: skip
+    orch.add_argument("--rate-rpm", type=int, help="requests per minute per key, 0 for no limit (default 600)")
+    orch.add_argument("--rate-tpm", type=int, help="tokens per minute per key, 0 for no limit (default 2000000)")
+    orch.add_argument("--max-tokens", type=int, help="the most max_tokens a request may ask per choice (4096)")
     orch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     keys = commands.add_parser("keys", help="manage API keys")
@@ -81,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=["user", "node", "admin"])
     create.add_argument("--name", default="", help="a label to recognise the key by")
     create.add_argument("--home", help="the orchestrator's data directory")
+    create.add_argument("--expires", type=_duration, metavar="DURATION", help="valid for this long: 90m, 12h, 30d")
+    listing = keys_commands.add_parser("list", help="every key: id, role, name, shown prefix, state")
+    listing.add_argument("--home", help="the orchestrator's data directory")
+    revoke = keys_commands.add_parser("revoke", help="revoke a key for good (by id or shown prefix)")
+    revoke.add_argument("key", metavar="ID|PREFIX")
+    revoke.add_argument("--home", help="the orchestrator's data directory")
 
     status = commands.add_parser("status", help="show the swarm's nodes")
     status.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
@@ -150,9 +167,9 @@ def _bundled(models_dir: Any) -> ModelSpec:
 def cmd_orchestrator(args: argparse.Namespace) -> None:
     from dragonswarm.orchestrator.app import run_orchestrator
 
-    settings: OrchestratorSettings = _settings(args, ["host", "port", "home", "max_queue", "max_queue_per_user",
-                                                              "fragment_timeout_s", "log_level"],
-                                               OrchestratorSettings)  # fmt: skip
+    names = ["host", "port", "home", "max_queue", "max_queue_per_user", "fragment_timeout_s", "log_level",
+             "rate_rpm", "rate_tpm", "max_tokens"]  # fmt: skip
+    settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
     print(f"dragon orchestrator: http://{settings.host}:{settings.port}/v1 (state in {settings.db_path})",
           file=sys.stderr)  # fmt: skip
@@ -160,18 +177,33 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
+    import time
+
     from dragonswarm.store.sqlite import open_store
 
     home = Path(args.home).expanduser() if args.home else default_home()
     store = open_store(home)
     try:
-        key, record = store.create_key(args.role, args.name or f"{args.role} key")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        if args.keys_command == "create":
+            expires = time.time() + args.expires if args.expires else None
+            try:
+                key, record = store.create_key(args.role, args.name or f"{args.role} key", expires)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            print(f"created {record.role} key #{record.id} ({record.name}); it is shown only this once:",
+                  file=sys.stderr)  # fmt: skip
+            print(key)
+        elif args.keys_command == "list":
+            from dragonswarm.status import keys_table
+
+            print(keys_table(store.list_keys(), time.time()))
+        else:
+            revoked = store.revoke_key(args.key)
+            if revoked is None:
+                raise ConfigError(f"no single key has id or prefix {args.key!r} (see dragon keys list)")
+            print(f"revoked {revoked.role} key #{revoked.id} ({revoked.name})", file=sys.stderr)
     finally:
         store.close()
-    print(f"created {record.role} key #{record.id} ({record.name}); it is shown only this once:", file=sys.stderr)
-    print(key)
 
 
 def cmd_status(args: argparse.Namespace) -> None:

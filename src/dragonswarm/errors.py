@@ -58,6 +58,12 @@ class Overloaded(DragonError):
         self.retry_after = retry_after
 
 
+class RateLimited(Overloaded):
+    """This key used its requests or tokens for the minute."""
+
+    code = "rate_limit_exceeded"
+
+
 class Unauthorized(DragonError):
     """No key, or a key nobody issued."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +49,16 @@ class ModelSpec(BaseModel):
         if colon and head and _TAGS.match(tail) and not Path(rest).exists():
             path_text, tags = head, tuple(tail.split(","))
         return cls(name=name, path=Path(path_text).expanduser(), tags=tags)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, checked before any work starts."""
+
+    max_n: int
+    max_prompts: int
+    max_tokens: int  # per choice
+    max_prompt_chars: int  # all prompts or messages together
 
 
 def default_home() -> Path:
@@ -112,6 +123,10 @@ class NodeSettings(_FileSettings):
 
     max_n: int = Field(8, ge=1)
     max_prompts: int = Field(16, ge=1)
+    # The model's context is the real bound on the owner's own machine (a clear 400
+    # context_length_exceeded); this cap only stops absurd values early.
+    max_tokens: int = Field(131_072, ge=1)
+    max_prompt_chars: int = Field(1_000_000, ge=1)
     max_queue: int = Field(32, ge=0)  # requests waiting per model beyond the running one
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     log_level: str = "info"
@@ -124,6 +139,10 @@ class NodeSettings(_FileSettings):
         if isinstance(value, list):
             return [ModelSpec.parse(v) if isinstance(v, str) else v for v in value]
         return value
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_n, self.max_prompts, self.max_tokens, self.max_prompt_chars)
 
     @property
     def models_dir(self) -> Path:
@@ -154,9 +173,19 @@ class OrchestratorSettings(_FileSettings):
 
     max_n: int = Field(8, ge=1)
     max_prompts: int = Field(16, ge=1)
+    max_tokens: int = Field(4096, ge=1)  # the most one choice may ask for
+    max_prompt_chars: int = Field(200_000, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Per key, per minute (0: no limit). Tokens are charged as prompt characters plus
+    # max_tokens at admission; what a request did not use is given back when it ends.
+    rate_rpm: int = Field(600, ge=0)
+    rate_tpm: int = Field(2_000_000, ge=0)
     max_message_bytes: int = Field(1 << 20, ge=1024)  # one WebSocket message from a node
     log_level: str = "info"
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_n, self.max_prompts, self.max_tokens, self.max_prompt_chars)
 
     @property
     def db_path(self) -> Path:

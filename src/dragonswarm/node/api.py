@@ -53,7 +53,7 @@ async def node_status(request: Request) -> dict[str, Any]:
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, body: CompletionRequest) -> Response:
     service = service_of(request)
-    jobs = completion_jobs(body, service.settings.max_n, service.settings.max_prompts)
+    jobs = completion_jobs(body, service.settings.limits)
     echo = [p for p in body.prompts() for _ in range(body.n)] if body.echo else None
     return await _serve(request, "text", body, jobs, echo)
 
@@ -61,7 +61,7 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     service = service_of(request)
-    return await _serve(request, "chat", body, chat_jobs(body, service.settings.max_n), None)
+    return await _serve(request, "chat", body, chat_jobs(body, service.settings.limits), None)
 
 
 async def _serve(request: Request, kind: str, body: SamplingParams, jobs: list[RunJob],

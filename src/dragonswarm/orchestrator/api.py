@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from dragonswarm.errors import RateLimited
 from dragonswarm.orchestrator.auth import require
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Event, RunJob
-from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text
+from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text, token_estimate
 from dragonswarm.scheduler.models import pick_model
 from dragonswarm.store.base import KeyRecord
 from dragonswarm.web.replies import Reply, respond
@@ -59,7 +61,7 @@ async def list_nodes(request: Request, key: Admin) -> dict[str, Any]:
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, body: CompletionRequest, key: Inference) -> Response:
     s = swarm_of(request).settings
-    jobs = completion_jobs(body, s.max_n, s.max_prompts)
+    jobs = completion_jobs(body, s.limits)
     echo = [p for p in body.prompts() for _ in range(body.n)] if body.echo else None
     return await _serve(request, key, "text", body, jobs, echo)
 
@@ -67,7 +69,7 @@ async def completions(request: Request, body: CompletionRequest, key: Inference)
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, body: ChatCompletionRequest, key: Inference) -> Response:
     s = swarm_of(request).settings
-    return await _serve(request, key, "chat", body, chat_jobs(body, s.max_n), None)
+    return await _serve(request, key, "chat", body, chat_jobs(body, s.limits), None)
 
 
 async def _serve(request: Request, key: KeyRecord, kind: str, body: SamplingParams, jobs: list[RunJob],
@@ -76,15 +78,22 @@ async def _serve(request: Request, key: KeyRecord, kind: str, body: SamplingPara
     model = pick_model(body.model, prompt_text(body), swarm.registry.model_tags()) or body.model
     # Only a node may say which node handed the request over (it is kept off that node).
     origin = request.headers.get("x-dragon-origin") if key.role == "node" else None
+    estimate = token_estimate(jobs, swarm.settings.max_tokens)
+    wait = swarm.limiter.admit(str(key.id), estimate, time.monotonic())
+    if wait:
+        s = swarm.settings
+        raise RateLimited(f"rate limit reached for this key ({s.rate_rpm} requests and {s.rate_tpm} tokens "
+                          f"per minute); retry in {wait} s", retry_after=wait)  # fmt: skip
     req = SwarmRequest(user=f"key-{key.id}", model=model, origin=origin)
     reply = Reply(kind, model, len(jobs), body.stream, body.include_usage, echo,
                   headers=lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}, route=req.route)  # fmt: skip
-    return await respond(request, reply, _metered(swarm, key, model, swarm.run(req, jobs)))
+    return await respond(request, reply, _metered(swarm, key, model, estimate, swarm.run(req, jobs)))
 
 
-async def _metered(swarm: Swarm, key: KeyRecord, model: str, events: AsyncGenerator[tuple[int, Event]]
-                   ) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
-    """Pass events through, and record the key's usage once the request ends."""
+async def _metered(swarm: Swarm, key: KeyRecord, model: str, estimate: int,
+                   events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
+    """Pass events through; once the request ends, record the key's usage and give back
+    the tokens charged at admission but not used."""
     prompt = completion = 0
     try:
         async for index, event in events:
@@ -94,5 +103,6 @@ async def _metered(swarm: Swarm, key: KeyRecord, model: str, events: AsyncGenera
             yield index, event
     finally:
         await events.aclose()
+        swarm.limiter.refund(str(key.id), estimate - prompt - completion, time.monotonic())
         if prompt or completion:
             swarm.store.record_usage(key.id, model, prompt, completion)

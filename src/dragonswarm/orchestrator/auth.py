@@ -6,6 +6,7 @@ Fails closed: no key or an unknown key is 401, a known key with the wrong role 4
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 from fastapi import Request
@@ -29,6 +30,9 @@ def authenticate(store: Store, headers: Mapping[str, str], roles: tuple[Role, ..
     record = store.find_key(token)
     if record is None:
         raise Unauthorized("invalid API key")
+    refusal = record.refusal(time.time())
+    if refusal is not None:
+        raise Unauthorized(refusal)
     if record.role != "admin" and record.role not in roles:
         raise Forbidden(f"a {record.role} key may not {what}")
     return record

@@ -23,6 +23,7 @@ from dragonswarm.orchestrator.registry import NodeConn, Registry
 from dragonswarm.protocol.runner import Event, RunJob
 from dragonswarm.protocol.swarm import Cancel, JobEvent, ProtocolError, dump
 from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
+from dragonswarm.scheduler.ratelimit import RateLimiter
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.base import Store
 
@@ -40,6 +41,8 @@ class Swarm:
         self.registry = Registry(settings.stale_after_s)
         self.queue: FairQueue[Fragment] = FairQueue(settings.max_queue, settings.max_queue_per_user)
         self.retries: deque[Fragment] = deque()  # fragments moving after a failure go first
+        # Per process for now: with several replicas (the Redis store) the buckets move there.
+        self.limiter = RateLimiter(settings.rate_rpm, settings.rate_tpm)
         self.requests: set[Request] = set()
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -23,6 +23,25 @@ class KeyRecord:
     role: Role
     prefix: str  # first 12 characters of the key, to recognise it in listings (never the whole key)
     created: float  # unix time
+    expires: float | None = None  # unix time; None: never
+    revoked: float | None = None  # unix time it was revoked; None: in force
+
+    def refusal(self, now: float) -> str | None:
+        """Why this key may not be used now, or None if it may."""
+        if self.revoked is not None:
+            return "this API key has been revoked"
+        if self.expires is not None and now >= self.expires:
+            return "this API key has expired"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """A machine admitted to the swarm: its name and the hash of its own credential."""
+
+    name: str
+    created: float
+    revoked: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +84,32 @@ def check_new_key(role: str, name: str) -> None:
 class Store(Protocol):
     """The orchestrator's state. Implementations must be safe to call from several threads."""
 
-    def create_key(self, role: Role, name: str) -> tuple[str, KeyRecord]:
+    def create_key(self, role: Role, name: str, expires: float | None = None) -> tuple[str, KeyRecord]:
         """Make a key; the plaintext is returned this once and only its hash is stored."""
 
     def find_key(self, key: str) -> KeyRecord | None:
-        """The record of a plaintext key, or None if it is unknown."""
+        """The record of a plaintext key (revoked and expired ones too), or None if it is unknown."""
 
     def list_keys(self) -> list[KeyRecord]:
         """Every key, oldest first."""
+
+    def revoke_key(self, ident: str) -> KeyRecord | None:
+        """Revoke the key with this id or shown prefix; None if no single key matches."""
+
+    def create_identity(self, name: str) -> str | None:
+        """Admit a node name: its new credential (plaintext, once), or None if the name is taken."""
+
+    def find_identity(self, name: str, credential: str) -> NodeIdentity | None:
+        """The identity if `credential` is this name's, else None."""
+
+    def get_identity(self, name: str) -> NodeIdentity | None:
+        """The identity held under a name, if any."""
+
+    def revoke_identity(self, name: str) -> bool:
+        """Revoke a node for good; False if no such node was admitted."""
+
+    def list_identities(self) -> list[NodeIdentity]:
+        """Every admitted node, by name."""
 
     def save_nodes(self, nodes: Sequence[NodeRecord]) -> None:
         """Upsert by name in one transaction; a node's first_seen is kept from its first save."""

@@ -33,10 +33,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     where = ".".join(loc)
+    param = loc[0] if loc else None  # the request field, as OpenAI names it (not pydantic's union branch)
     detail = first.get("msg", "invalid value")
     if first.get("type") == "missing":
-        return (f"missing required field {where!r}" if where else "missing request body"), where or None
-    return f"invalid value for {where!r}: {detail}" if where else detail, where or None
+        return (f"missing required field {where!r}" if where else "missing request body"), param
+    return f"invalid value for {where!r}: {detail}" if where else detail, param
 
 
 def dragon_error_response(exc: DragonError) -> JSONResponse:
