@@ -210,7 +210,7 @@ class Orchestrator:
             nodes = self.nodes()
             return all(
                 nodes.get(n, {}).get("state") == "live" and not nodes[n].get("owner_busy")
-                and not nodes[n].get("busy") and not nodes[n].get("running") for n in names
+                and not any(nodes[n].get(k) for k in ("running", "local_busy", "busy")) for n in names
             )  # fmt: skip
 
         try:

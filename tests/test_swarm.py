@@ -191,13 +191,18 @@ def test_auth_matrix(swarm: Callable[..., OrchestratorProcess]) -> None:
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    for label, key, status in [("no key", None, 401), ("bad key", "dsk_nope", 401), ("user", orch.keys["user"], 403)]:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = orch.url.replace("http", "ws") + "/v1/swarm"
+    for label, key, status in [("no key", None, 401), ("bad key", "dsk_nope", 401), ("user", orch.keys["user"], 403),
+                               ("bad credential", "dnc_nope", 401)]:  # fmt: skip
+        headers = {"X-Dragon-Node": "probe"} | ({"Authorization": f"Bearer {key}"} if key else {})
         with pytest.raises(InvalidStatus) as refused:
-            connect(orch.url.replace("http", "ws") + "/v1/swarm", additional_headers=headers, open_timeout=10)
+            connect(url, additional_headers=headers, open_timeout=10)
         assert refused.value.response.status_code == status, label
-    with connect(orch.url.replace("http", "ws") + "/v1/swarm",
-                 additional_headers={"Authorization": f"Bearer {orch.keys['node']}"}) as ws:  # fmt: skip
+    with pytest.raises(InvalidStatus) as unnamed:
+        connect(url, additional_headers={"Authorization": f"Bearer {orch.keys['node']}"}, open_timeout=10)
+    assert unnamed.value.response.status_code == 400
+    with connect(url, additional_headers={"Authorization": f"Bearer {orch.keys['node']}",
+                                          "X-Dragon-Node": "probe"}) as ws:  # fmt: skip
         ws.send("{}")  # not a hello: the orchestrator ends the connection
         with pytest.raises(Exception, match="1008"):
             ws.recv(timeout=10)

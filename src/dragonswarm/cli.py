@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
     status.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
 
+    nodes = commands.add_parser("nodes", help="list the swarm's nodes, or revoke one")
+    nodes_commands = nodes.add_subparsers(dest="nodes_command", required=True, metavar="ACTION", parser_class=_Parser)
+    nodes_list = nodes_commands.add_parser("list", help="the nodes, as `dragon status` shows them")
+    nodes_revoke = nodes_commands.add_parser("revoke", help="cut a node off now; it can never rejoin")
+    nodes_revoke.add_argument("name")
+    for sub in (nodes_list, nodes_revoke):
+        sub.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
+        sub.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
+        sub.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
+
     up = commands.add_parser("up", help="a whole swarm on this machine: orchestrator, this node and K workers")
     up.add_argument("--workers", type=int, default=3, help="worker nodes besides this machine's own (default 3)")
     up.add_argument("--port", type=int, default=8700, help="the orchestrator's port (default 8700)")
@@ -206,10 +216,9 @@ def cmd_keys(args: argparse.Namespace) -> None:
         store.close()
 
 
-def cmd_status(args: argparse.Namespace) -> None:
+def _admin_request(args: argparse.Namespace, method: str, path: str) -> Any:
+    """Call the orchestrator's admin API; the URL and key default to what `dragon up` keeps."""
     import httpx
-
-    from dragonswarm.status import nodes_table
 
     home = Path(args.home).expanduser() if args.home else default_home()
     url, key = args.url, args.key or os.environ.get("DRAGON_KEY")
@@ -219,10 +228,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     if key is None and admin_file.exists():
         key = admin_file.read_text().strip()
     if not key:
-        raise ConfigError("dragon status needs an admin key: --key KEY or DRAGON_KEY")
+        raise ConfigError("this needs an admin key: --key KEY or DRAGON_KEY")
     base = url.rstrip("/").removesuffix("/v1")
     try:
-        response = httpx.get(f"{base}/v1/nodes", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        response = httpx.request(method, f"{base}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=10)
     except httpx.TransportError as exc:
         raise ConfigError(f"cannot reach the orchestrator at {base}: {exc}") from None
     if response.status_code != 200:
@@ -231,7 +240,24 @@ def cmd_status(args: argparse.Namespace) -> None:
         except (ValueError, KeyError, TypeError):
             message = response.text[:200]
         raise ConfigError(f"the orchestrator answered {response.status_code}: {message}")
-    print(nodes_table(response.json()["data"]))
+    return response.json()
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from dragonswarm.status import nodes_table
+
+    print(nodes_table(_admin_request(args, "GET", "/v1/nodes")["data"]))
+
+
+def cmd_nodes(args: argparse.Namespace) -> None:
+    from dragonswarm.status import nodes_table
+
+    if args.nodes_command == "list":
+        print(nodes_table(_admin_request(args, "GET", "/v1/nodes")["data"]))
+        return
+    result = _admin_request(args, "POST", f"/v1/nodes/{args.name}/revoke")
+    cut = " and cut off" if result["was_connected"] else ""
+    print(f"node {result['name']} revoked{cut}; it cannot rejoin", file=sys.stderr)
 
 
 def cmd_up(args: argparse.Namespace) -> None:
@@ -259,7 +285,8 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-COMMANDS = {"node": cmd_node, "orchestrator": cmd_orchestrator, "keys": cmd_keys, "status": cmd_status, "up": cmd_up}
+COMMANDS = {"node": cmd_node, "orchestrator": cmd_orchestrator, "keys": cmd_keys, "status": cmd_status,
+            "nodes": cmd_nodes, "up": cmd_up}
 
 
 def main(argv: list[str] | None = None) -> int:

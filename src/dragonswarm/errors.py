@@ -46,6 +46,12 @@ class ModelNotFound(DragonError):
     code = "model_not_found"
 
 
+class NotFound(DragonError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class Overloaded(DragonError):
     """The bounded queue is full: the client should retry after `retry_after` seconds."""
 

@@ -46,7 +46,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def node_status(request: Request) -> dict[str, Any]:
     service = service_of(request)
     link: SwarmLink | None = request.app.state.link
-    swarm = {"orchestrator": link.url, "connected": link.connected} if link else None
+    swarm = {"orchestrator": link.url, "connected": link.connected, "refused": link.refused} if link else None
     return {"name": service.settings.name, "governor": service.governor.status(), "swarm": swarm, **service.status()}
 
 

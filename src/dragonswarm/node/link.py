@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import random
 from typing import Any
 
@@ -20,6 +22,7 @@ from dragonswarm.errors import DragonError
 from dragonswarm.node.service import NodeService
 from dragonswarm.protocol.runner import RunJob
 from dragonswarm.protocol.swarm import (
+    NODE_HEADER,
     VERSION,
     Cancel,
     Heartbeat,
@@ -54,8 +57,10 @@ class SwarmLink:
         self.service = service
         self.url = url
         self.key = key
+        self.credential_path = service.settings.home / "swarm-credential.json"
         self.max_message_bytes = max_message_bytes
         self.connected = False
+        self.refused: str | None = None  # why the orchestrator refused us for good
         self.heartbeat_s = 1.0
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -77,16 +82,21 @@ class SwarmLink:
         """Stay connected: reconnect with backoff for as long as the node runs."""
         failures = 0
         while True:
+            headers = {"Authorization": f"Bearer {self.credential() or self.key}", NODE_HEADER: self.name}
             try:
-                async with connect(ws_url(self.url), additional_headers={"Authorization": f"Bearer {self.key}"},
-                                   max_size=self.max_message_bytes, open_timeout=10) as ws:  # fmt: skip
+                async with connect(ws_url(self.url), additional_headers=headers, max_size=self.max_message_bytes,
+                                   open_timeout=10) as ws:  # fmt: skip
                     await self._session(ws)
                     failures = 0
             except asyncio.CancelledError:
                 raise
             except websockets.InvalidStatus as exc:
                 status = exc.response.status_code
-                log.error("the orchestrator refused this node (HTTP %d); check --key", status)
+                reason = _error_message(exc.response.body)
+                log.error("the orchestrator refused this node (HTTP %d: %s)", status, reason)
+                if status == 403:
+                    self.refused = reason
+                    return  # revoked, or the name belongs to another machine: retrying cannot help
             except (OSError, websockets.WebSocketException, ProtocolError, TimeoutError) as exc:
                 log.warning("swarm link to %s lost: %s", self.url, exc or type(exc).__name__)
             finally:
@@ -102,6 +112,8 @@ class SwarmLink:
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected welcome")
         self.heartbeat_s = welcome.heartbeat_s
+        if welcome.credential:
+            self._save_credential(welcome.credential)
         self.connected = True
         log.info("joined the swarm at %s as %s", self.url, welcome.name)
         beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
@@ -116,6 +128,25 @@ class SwarmLink:
                         task.cancel()
         finally:
             beats.cancel()
+
+    def credential(self) -> str | None:
+        """This machine's own credential for this orchestrator and name, once admitted."""
+        try:
+            data = json.loads(self.credential_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if data.get("orchestrator") == self.url and data.get("name") == self.name:
+            return str(data["credential"])
+        return None
+
+    def _save_credential(self, credential: str) -> None:
+        self.credential_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.credential_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"orchestrator": self.url, "name": self.name, "credential": credential}, f)
+        tmp.replace(self.credential_path)
+        log.info("admitted to the swarm as %s; credential kept in %s", self.name, self.credential_path)
 
     def _hello(self) -> Hello:
         s = self.service
@@ -177,3 +208,10 @@ class SwarmLink:
     def _cancel_all(self) -> None:
         for task in list(self._jobs.values()):
             task.cancel()
+
+
+def _error_message(body: bytes | bytearray | None) -> str:
+    try:
+        return str(json.loads(body or b"")["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return "no reason given"

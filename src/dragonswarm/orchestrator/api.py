@@ -9,10 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from dragonswarm.errors import RateLimited
+from dragonswarm.errors import NotFound, RateLimited
 from dragonswarm.orchestrator.auth import require
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
-from dragonswarm.orchestrator.swarm import Swarm
+from dragonswarm.orchestrator.swarm import CLOSE_REVOKED, Swarm
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Event, RunJob
 from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text, token_estimate
@@ -56,6 +56,19 @@ async def list_nodes(request: Request, key: Admin) -> dict[str, Any]:
         data.append({"name": record.name, "state": state, "first_seen": record.first_seen,
                      "last_seen": record.last_seen, **record.info})  # fmt: skip
     return {"object": "list", "data": data, "queue": swarm.status()}
+
+
+@router.post("/v1/nodes/{name}/revoke")
+async def revoke_node(request: Request, name: str, key: Admin) -> dict[str, Any]:
+    """Revoke a node for good: its connection is cut now, its work moves, it cannot rejoin."""
+    swarm = swarm_of(request)
+    if not swarm.store.revoke_identity(name):
+        raise NotFound(f"no node named {name!r} was ever admitted", param="name")
+    conn = swarm.registry.conns.get(name)
+    if conn is not None:
+        conn.close(CLOSE_REVOKED, "revoked")
+        swarm.node_left(conn)
+    return {"name": name, "revoked": True, "was_connected": conn is not None}
 
 
 @router.post("/v1/completions", response_model=None)

@@ -32,6 +32,7 @@ log = logging.getLogger("dragonswarm.orchestrator")
 # Errors that are the request's fault: moving the fragment to another worker would not help.
 CLIENT_ERRORS = {"context_length_exceeded", "invalid_request"}
 CLOSE_STALE = 4000  # WebSocket close code for a node whose heartbeats stopped
+CLOSE_REVOKED = 4003  # ... for a node an admin revoked
 
 
 class Swarm:

@@ -1,7 +1,7 @@
 """The orchestrator's end of a node's WebSocket: admit, greet, listen, and let go.
 
-A node is admitted with a `node` (or `admin`) key before the handshake completes; a
-refused key gets a plain HTTP 401/403. After that, anything that breaks the protocol
+A node is admitted before the handshake completes, by its own credential or, the first
+time, by a `node` (or `admin`) key; a refusal is a plain HTTP 400/401/403. After that, anything that breaks the protocol
 ends the connection with close code 1008, and its fragments move to other workers.
 """
 
@@ -10,15 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from dragonswarm.errors import DragonError
-from dragonswarm.orchestrator.auth import authenticate
+from dragonswarm.errors import DragonError, Forbidden, InvalidRequest, Unauthorized
+from dragonswarm.orchestrator.auth import authenticate, bearer
 from dragonswarm.orchestrator.registry import NodeConn
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.protocol.swarm import (
+    CREDENTIAL_PREFIX,
+    NAME_PATTERN,
+    NODE_HEADER,
     VERSION,
     Heartbeat,
     Hello,
@@ -28,6 +35,7 @@ from dragonswarm.protocol.swarm import (
     dump,
     parse_node_message,
 )
+from dragonswarm.store.base import Store
 from dragonswarm.web.errors import dragon_error_response
 
 log = logging.getLogger("dragonswarm.orchestrator")
@@ -39,11 +47,46 @@ CLOSE_PROTOCOL = 1008  # policy violation
 CLOSE_CONFLICT = 4009  # another live connection already speaks for this node
 
 
+@dataclass(frozen=True)
+class Admission:
+    name: str
+    credential: str | None  # a new credential to hand over, when a node key admitted a new name
+
+
+def admit(store: Store, headers: Mapping[str, str]) -> Admission:
+    """Who may open a node connection, decided before the handshake completes.
+
+    A node's own credential speaks for its name only. A node key admits a name nobody
+    holds yet, once: the new credential goes back in `welcome`, and from then on the
+    shared node key can no longer speak for that name. A revoked name never returns.
+    """
+    name = headers.get(NODE_HEADER.lower(), "")
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise InvalidRequest(f"the {NODE_HEADER} header must carry the node's name", param=NODE_HEADER)
+    token = bearer(headers) or ""
+    if token.startswith(CREDENTIAL_PREFIX):
+        identity = store.find_identity(name, token)
+        if identity is None:
+            raise Unauthorized(f"not a credential of node {name!r}")
+        if identity.revoked is not None:
+            raise Forbidden(f"node {name!r} has been revoked")
+        return Admission(name, None)
+    authenticate(store, headers, ("node",), "join the swarm")
+    existing = store.get_identity(name)
+    if existing is not None:
+        state = "revoked" if existing.revoked is not None else "admitted with its own credential"
+        raise Forbidden(f"node {name!r} is already {state}; a node key cannot speak for it")
+    credential = store.create_identity(name)
+    if credential is None:  # admitted by a concurrent connection a moment ago
+        raise Forbidden(f"node {name!r} was just admitted by another connection")
+    return Admission(name, credential)
+
+
 @router.websocket("/v1/swarm")
 async def swarm_socket(ws: WebSocket) -> None:
     swarm: Swarm = ws.app.state.swarm
     try:
-        authenticate(ws.app.state.store, ws.headers, ("node",), "join the swarm")
+        admission = admit(ws.app.state.store, ws.headers)
     except DragonError as exc:
         await ws.send_denial_response(dragon_error_response(exc))
         return
@@ -54,6 +97,8 @@ async def swarm_socket(ws: WebSocket) -> None:
             raise ProtocolError("the first message must be hello")
         if hello.v != VERSION:
             raise ProtocolError(f"protocol version {hello.v} is not supported (this orchestrator speaks {VERSION})")
+        if hello.name != admission.name:
+            raise ProtocolError(f"hello names {hello.name!r} but the connection was admitted as {admission.name!r}")
     except (ProtocolError, TimeoutError, WebSocketDisconnect, KeyError) as exc:
         with contextlib.suppress(Exception):
             await ws.close(CLOSE_PROTOCOL, str(exc)[:120] or "expected hello")
@@ -62,10 +107,10 @@ async def swarm_socket(ws: WebSocket) -> None:
         log.warning("refused a second live connection for node %s", hello.name)
         await ws.close(CLOSE_CONFLICT, f"node {hello.name} is already connected")
         return
-    await _serve(ws, swarm, hello)
+    await _serve(ws, swarm, hello, admission.credential)
 
 
-async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello) -> None:
+async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, credential: str | None) -> None:
     outbox: asyncio.Queue[str | None] = asyncio.Queue()
     closing: list[tuple[int, str]] = []
 
@@ -78,7 +123,7 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello) -> None:
     if replaced is not None:
         replaced.close(CLOSE_CONFLICT, "replaced by a new connection")
         swarm.node_left(replaced)
-    conn.send(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=swarm.settings.heartbeat_s)))
+    conn.send(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=swarm.settings.heartbeat_s, credential=credential)))
     log.info("node %s joined (%s)", hello.name, ", ".join(m.name for m in hello.models))
     writer = asyncio.create_task(_write(ws, outbox), name=f"ws-writer-{hello.name}")
     reader = asyncio.create_task(_read(ws, swarm, conn), name=f"ws-reader-{hello.name}")
@@ -103,7 +148,20 @@ async def _write(ws: WebSocket, outbox: asyncio.Queue[str | None]) -> None:
         await ws.send_text(message)
 
 
+class FloodGuard:
+    """Heartbeats come about once a second; many more than that is an attack or a bug."""
+
+    def __init__(self, limit: int = 20, window_s: float = 2.0):
+        self.window_s = window_s
+        self.times: deque[float] = deque(maxlen=limit)
+
+    def flooding(self, now: float) -> bool:
+        self.times.append(now)
+        return len(self.times) == self.times.maxlen and now - self.times[0] < self.window_s
+
+
 async def _read(ws: WebSocket, swarm: Swarm, conn: NodeConn) -> None:
+    guard = FloodGuard()
     with contextlib.suppress(WebSocketDisconnect):
         while True:
             message = await ws.receive()
@@ -114,6 +172,8 @@ async def _read(ws: WebSocket, swarm: Swarm, conn: NodeConn) -> None:
                 raise ProtocolError("empty message")
             parsed = parse_node_message(raw)
             if isinstance(parsed, Heartbeat):
+                if guard.flooding(time.monotonic()):
+                    raise ProtocolError("heartbeat flood")
                 swarm.registry.heartbeat(conn, parsed)
                 if swarm.registry.index.get(conn.name) and conn.heartbeat and not parsed.owner_busy:
                     swarm.dispatch()  # it may have room now

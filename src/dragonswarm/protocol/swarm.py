@@ -16,6 +16,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 VERSION = 1
+NODE_HEADER = "X-Dragon-Node"  # the node's name, at the WebSocket handshake
+CREDENTIAL_PREFIX = "dnc_"  # a node credential, as opposed to an API key ("dsk_")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -83,6 +85,9 @@ class Welcome(_Message):
     v: int
     name: str
     heartbeat_s: float = Field(gt=0.0)
+    # Sent once, when a node key admits a new machine: from then on the node proves who
+    # it is with this credential, and the shared node key can no longer speak for it.
+    credential: str | None = None
 
 
 class RunFragment(_Message):

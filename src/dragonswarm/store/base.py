@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from dragonswarm.protocol.swarm import CREDENTIAL_PREFIX
+
 Role = Literal["user", "node", "admin"]
 ROLES: tuple[Role, ...] = ("user", "node", "admin")
 
@@ -56,6 +58,11 @@ class NodeRecord:
 def new_key() -> str:
     """A new random key: 'dsk_' + secrets.token_urlsafe(32) (256 bits)."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_credential() -> str:
+    """A node's own credential, issued when a node key admits it."""
+    return CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
 
 
 def hash_key(key: str) -> str:

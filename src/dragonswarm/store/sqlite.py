@@ -29,6 +29,7 @@ from dragonswarm.store.base import (
     check_new_key,
     hash_key,
     key_prefix,
+    new_credential,
     new_key,
 )
 
@@ -182,7 +183,7 @@ class SqliteStore:
         return record
 
     def create_identity(self, name: str) -> str | None:
-        credential = new_key()
+        credential = new_credential()
         with self._write() as db:
             cursor = db.execute("INSERT INTO identities (name, hash, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                                 (name, hash_key(credential), time.time()))  # fmt: skip
