@@ -334,6 +334,11 @@ def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tu
 
 # 3. Many clients
 
+# `dragon up` counts only its own processes as the swarm's; on one machine the benchmark's
+# clients are "the owner's programs" to its nodes. The second swarm turns owner detection
+# off (inherited by its nodes through the environment) to show the orchestrator alone.
+CLIENT_SWARMS = {"defaults": {}, "owner detection off": {"DRAGON_OWNER_NOISE": "1.0"}}
+
 
 async def _client(client: httpx.AsyncClient, url: str, key: str, i: int, max_tokens: int,
                   go: asyncio.Event) -> Streamed:  # fmt: skip
@@ -364,49 +369,74 @@ async def _burst(url: str, key: str, clients: int, max_tokens: int) -> tuple[lis
         return list(results), time.perf_counter() - t0
 
 
-def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, alone_runs: int = 5) -> dict[str, Any]:
+def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, bursts: int,
+                  alone_runs: int = 5) -> dict[str, Any]:  # fmt: skip
     workers = 3
+    runs: dict[str, list[Streamed]] = {label: [] for label in CLIENT_SWARMS}
+    walls: dict[str, list[float]] = {label: [] for label in CLIENT_SWARMS}
+    cpu: dict[str, list[float]] = {label: [] for label in CLIENT_SWARMS}
+    alone: dict[str, list[Streamed]] = {label: [] for label in CLIENT_SWARMS}
+    conditions: list[dict[str, Any]] = []
     with Processes(root / "clients") as procs:
-        up = start_up(procs, workers, f"{TINY}={tiny}")
-        url = up.api_url + "/completions"
-        # Warm every node's runner: four prompts go to four nodes.
-        warm = httpx.post(url, json={"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": 4, "temperature": 0},
-                          headers={"Authorization": f"Bearer {up.api_key}"}, timeout=120)  # fmt: skip
-        warm.raise_for_status()
-        alone: list[Streamed] = []
-        with httpx.Client(timeout=120) as client:
-            for _ in range(alone_runs):  # the reference: one client with the swarm to itself
+        swarms = {label: start_up(procs, f"up-{i}", workers, f"{TINY}={tiny}", env)
+                  for i, (label, env) in enumerate(CLIENT_SWARMS.items())}  # fmt: skip
+        for label, up in swarms.items():
+            auth = {"Authorization": f"Bearer {up.api_key}"}
+            # Warm every node's runner: four prompts go to four nodes.
+            warm = httpx.post(up.api_url + "/completions", headers=auth, timeout=120,
+                              json={"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": 4, "temperature": 0})  # fmt: skip
+            warm.raise_for_status()
+            with httpx.Client(timeout=120) as client:
+                for _ in range(alone_runs):  # the reference: one client with the swarm to itself
+                    quiet_machine()
+                    up.orchestrator.wait_idle(up.node_names)
+                    body = stream_body(TINY, "def f(x):\n", max_tokens)
+                    alone[label].append(stream_once(client, up.api_url + "/completions", body, auth))
+        for b in range(bursts):
+            order = list(swarms) if b % 2 == 0 else list(swarms)[::-1]  # alternate to cancel drift
+            for label in order:
+                up = swarms[label]
                 quiet_machine()
-                alone.append(stream_once(client, url, stream_body(TINY, "def f(x):\n", max_tokens),
-                                         {"Authorization": f"Bearer {up.api_key}"}))  # fmt: skip
-        quiet_machine()
-        watch = CpuWatch()
-        cpu0 = tree_cpu(list(up.pids.values()))
-        runs, wall = asyncio.run(_burst(url, up.api_key, clients, max_tokens))
-        swarm_cpu = tree_cpu(list(up.pids.values())) - cpu0
-        other = watch.other_fraction()
+                settled = up.orchestrator.wait_idle(up.node_names)
+                watch = CpuWatch()
+                cpu0 = tree_cpu(list(up.pids.values()))
+                burst, wall = asyncio.run(_burst(up.api_url + "/completions", up.api_key, clients, max_tokens))
+                cpu[label].append(tree_cpu(list(up.pids.values())) - cpu0)
+                conditions.append({"settled": settled, "other_cpu": watch.other_fraction(), "swarm": label})
+                runs[label].extend(burst)
+                walls[label].append(wall)
+                bad = sum(1 for r in burst if r.status != 200 or r.error)
+                print(f"  burst {b + 1}/{bursts} {label}: {clients} clients in {wall:.2f} s, {bad} errors, "
+                      f"TTFT p50 {percentile([r.ttft * 1000 for r in burst], 50):.0f} ms", flush=True)
         procs.check_alive()
+    out: dict[str, Any] = {"clients": clients, "bursts": bursts, "max_tokens": max_tokens, "workers": workers,
+                           "nodes_in_swarm": workers + 1, "swarms": {}}  # fmt: skip
+    for label, rs in runs.items():
+        out["swarms"][label] = summarize_burst(rs, walls[label], cpu[label], alone[label])
+        out["swarms"][label]["env"] = CLIENT_SWARMS[label]
+    out["conditions"] = summarize_conditions(conditions)
+    out["pass_errors"] = all(s["errors"] == 0 for s in out["swarms"].values())
+    return out
+
+
+def summarize_burst(runs: list[Streamed], walls: list[float], cpu: list[float],
+                    alone: list[Streamed]) -> dict[str, Any]:  # fmt: skip
     errors = [r for r in runs if r.status != 200 or r.error]
     ok = [r for r in runs if r not in errors]
     nodes: dict[str, int] = {}
     for r in ok:
         for n in (r.nodes_header or "?").split(","):
             nodes[n] = nodes.get(n, 0) + 1
-    ttft = [r.ttft * 1000 for r in ok]
-    total = [r.total * 1000 for r in ok]
+    ttft, total = [r.ttft * 1000 for r in ok], [r.total * 1000 for r in ok]
     return {
-        "clients": clients, "max_tokens": max_tokens, "workers": workers, "nodes_in_swarm": workers + 1,
-        "errors": len(errors), "error_samples": sorted({f"{r.status}: {r.error}" for r in errors})[:5],
-        "pass_errors": not errors,
-        "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "max": max(ttft, default=float("nan"))},
+        "requests": len(runs), "errors": len(errors), "pass_errors": not errors,
+        "error_samples": sorted({f"{r.status}: {r.error}" for r in errors})[:5],
+        "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "max": max(ttft, default=math.nan)},
         "total_ms": {"p50": percentile(total, 50), "p99": percentile(total, 99),
-                     "max": max(total, default=float("nan"))},
-        "wall_s": wall,
-        "tokens": sum(r.tokens for r in ok),
-        "swarm_cpu_s": swarm_cpu,
-        "requests_by_node": dict(sorted(nodes.items())),
-        "conditions": summarize_conditions([{"settled": True, "other_cpu": other}]),
-        "alone": {"runs": alone_runs, "ttft_ms": median([r.ttft * 1000 for r in alone]),
+                     "max": max(total, default=math.nan)},
+        "wall_s": median(walls), "walls_s": walls, "swarm_cpu_s": median(cpu),
+        "tokens": sum(r.tokens for r in ok), "requests_by_node": dict(sorted(nodes.items())),
+        "alone": {"runs": len(alone), "ttft_ms": median([r.ttft * 1000 for r in alone]),
                   "total_ms": median([r.total * 1000 for r in alone]),
                   "errors": sum(1 for r in alone if r.status != 200 or r.error)},
     }  # fmt: skip
@@ -530,7 +560,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and 50 clients: a smoke run")
     parser.add_argument("--hop-rounds", type=int, help="rounds per path in part 1 (default 5; --quick 2)")
     parser.add_argument("--fanout-rounds", type=int, help="rounds per swarm in part 2 (default 3; --quick 2)")
-    parser.add_argument("--fanout-tokens", type=int, default=256, help="max_tokens per prompt in part 2")
+    parser.add_argument(
+        "--fanout-tokens",
+        type=int,
+        default=2048,
+        help="max_tokens per prompt in part 2 (long enough for CPU accounting and cgroup periods)",
+    )
     parser.add_argument("--clients", type=int, help="concurrent clients in part 3 (default 200; --quick 50)")
     parser.add_argument("--out", type=Path, default=RESULTS / "swarm")
     args = parser.parse_args(argv)

@@ -289,28 +289,36 @@ def start_node(procs: Processes, orch: Orchestrator, name: str, model: str, shar
 class Up:
     """A `dragon up` swarm, as described by its swarm.json."""
 
-    api_url: str
-    api_key: str
-    pids: dict[str, int]  # child name -> pid
-    started: Started
+    api_url: str  # http://127.0.0.1:PORT/v1
+    api_key: str  # a user key
+    pids: dict[str, int]  # child name ("orchestrator", "local", "worker-1", ...) -> pid
+    orchestrator: Orchestrator  # with the user key and the admin key `dragon up` keeps
+
+    @property
+    def node_names(self) -> list[str]:
+        return [name for name in self.pids if name != "orchestrator"]
 
 
-def start_up(procs: Processes, workers: int, model: str, timeout: float = 180) -> Up:
-    home = procs.root / "up"
+def start_up(procs: Processes, name: str, workers: int, model: str, env: dict[str, str] | None = None,
+             timeout: float = 180) -> Up:  # fmt: skip
+    """`dragon up --workers K --no-bundled-model --model NAME=PATH` on free ports, home `root/name`."""
+    home = procs.root / name
     swarm_file = home / "swarm.json"
     args = ["up", "--home", str(home), "--port", str(free_port()), "--api-port", str(free_port()),
             "--workers", str(workers), "--no-bundled-model", "--model", model]  # fmt: skip
-    started = procs.start("up", args)
+    started = procs.start(name, args, env)
 
     def ready() -> dict[str, Any] | None:
         procs.check_alive()
         return json.loads(swarm_file.read_text()) if swarm_file.exists() else None
 
-    state = wait_until(ready, timeout, "dragon up to write swarm.json", interval=0.2)
+    state = wait_until(ready, timeout, f"{name} (dragon up) to write swarm.json", interval=0.2)
     pids = {n["name"]: n["pid"] for n in state["nodes"]}
     # `dragon up` starts its children in sessions of their own: hold on to them by pid, so
     # they are stopped even if `dragon up` itself dies first.
     for pid in pids.values():
         with contextlib.suppress(psutil.Error):
             started.adopted.append(psutil.Process(pid))
-    return Up(state["api_url"], state["api_key"], pids, started)
+    keys = {"user": state["api_key"], "admin": (home / "keys" / "admin.key").read_text().strip()}
+    orch = Orchestrator(state["api_url"].removesuffix("/v1"), keys, started)
+    return Up(state["api_url"], state["api_key"], pids, orch)

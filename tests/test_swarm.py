@@ -262,19 +262,23 @@ def test_one_users_flood_does_not_starve_another(swarm: Callable[..., Orchestrat
     assert order.index("b") <= order.index(served_a[min(2, len(served_a) - 1)]), order
 
 
-def test_deadline_ends_a_request_that_cannot_be_served(swarm: Callable[..., OrchestratorProcess]) -> None:
-    orch = swarm(1, "--fragment-timeout", "3", node_flags=("--share", "0.1"))
-    results: list[Any] = []
-    order: list[str] = []
-    holder = _stream_in_thread(orch, "user", {"prompt": "hold", "max_tokens": 4000}, results, order, "holder")
-    wait_until(lambda: orch.nodes()["w1"]["running"] == 1, 30, "the worker to be busy")
+def test_deadline_ends_a_request_that_cannot_be_served(start_orchestrator: Start, start_node: Start,
+                                                       tiny_model: Path) -> None:  # fmt: skip
+    orch = start_orchestrator("--fragment-timeout", "3")
+    node = start_node("--name", "w1", "--model", f"tiny={tiny_model}", "--local-share", "0.1", swarm=orch)
+    orch.wait_live("w1")
+    # The owner keeps the only worker busy with a long request of their own.
+    holder = threading.Thread(target=lambda: node.client.post("/v1/completions", json={
+        "model": "tiny", "prompt": "mine", "max_tokens": 4000}, timeout=300))  # fmt: skip
+    holder.start()
+    wait_until(lambda: orch.nodes()["w1"].get("local_busy") == 1, 30, "the owner's request to show")
     started = time.monotonic()
     waiting = complete(orch, prompt="wait", max_tokens=4)
     assert waiting.status_code == 504
     assert waiting.json()["error"]["code"] == "timeout"
     assert time.monotonic() - started < 60  # ended by its deadline, not by the test's timeout
-    holder.join(120)
-    assert results[0][1].status_code in (200, 504)
+    assert orch.queued() == 0  # and it left the queue
+    holder.join(300)
 
 
 def test_auto_picks_the_code_or_chat_model(start_orchestrator: Start, start_node: Start, tiny_model: Path,
@@ -315,7 +319,8 @@ def test_dragon_up_runs_a_swarm_and_stops_it_cleanly(tmp_path: Path, tiny_model:
         proc = subprocess.Popen([sys.executable, "-m", "dragonswarm.cli", "up", "--home", str(home), "--workers", "2",
                                  "--port", str(port), "--api-port", str(api_port), "--no-bundled-model",
                                  "--model", f"tiny={tiny_model}:code,chat"],
-                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "DRAGON_OWNER_NOISE": "1.0"})  # see conftest.start_node  # fmt: skip
     try:
         swarm_file = home / "swarm.json"
         wait_until(lambda: swarm_file.exists() or proc.poll() is not None, 120, "swarm.json")
@@ -381,3 +386,31 @@ def test_keys_create_prints_once_and_stores_only_the_hash(tmp_path: Path) -> Non
     record = store.find_key(key)
     store.close()
     assert record is not None and record.role == "user" and record.name == "ci"
+
+
+def test_owner_comes_first_work_for_others_moves(start_orchestrator: Start, start_node: Start,
+                                                 tiny_model: Path) -> None:  # fmt: skip
+    orch = start_orchestrator()
+    local = start_node("--name", "local", "--model", f"tiny={tiny_model}", "--share", "0.1", swarm=orch)
+    orch.wait_live("local")
+    events: list[dict[str, Any]] = []
+
+    def others() -> None:  # someone else's long request, placed on the only node: this machine
+        with orch.client() as c, c.stream("POST", "/v1/completions", json={
+            "model": "tiny", "prompt": "others", "max_tokens": 1500, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}, timeout=300) as r:  # fmt: skip
+            events.extend(json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]")  # fmt: skip
+
+    thread = threading.Thread(target=others)
+    thread.start()
+    wait_until(lambda: orch.nodes()["local"]["running"] == 1, 30, "the remote work to run here")
+    start_node("--name", "w1", "--model", f"tiny={tiny_model}", swarm=orch)
+    orch.wait_live("w1")
+    mine = local.client.post("/v1/completions", json={"model": "tiny", "prompt": "mine", "max_tokens": 8})
+    assert mine.status_code == 200
+    assert mine.headers["x-dragon-nodes"] == "local"  # the owner is served here, at once
+    thread.join(300)
+    assert not any("error" in e for e in events)
+    assert events[-1]["usage"]["completion_tokens"] == 1500
+    assert events[-1]["dragon"]["nodes"] == ["local", "w1"]  # the work for others moved

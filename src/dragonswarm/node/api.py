@@ -20,7 +20,7 @@ from dragonswarm.protocol.runner import RunJob
 from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text
 from dragonswarm.scheduler.local import serve_locally
 from dragonswarm.scheduler.models import pick_model
-from dragonswarm.web.replies import Reply, respond
+from dragonswarm.web.replies import Reply, respond, unless_disconnected
 
 router = APIRouter()
 
@@ -72,17 +72,20 @@ async def _serve(request: Request, kind: str, body: SamplingParams, jobs: list[R
     tags = {name: slot.spec.tags for name, slot in service.slots.items()}
     model = pick_model(body.model, prompt_text(body), tags)
     slot = service.slots.get(model) if model else None
+    if slot is not None and link is not None and not service.governor.active["local"]:
+        # Owner first: work this machine does for others gives way (it moves to another worker).
+        link.preempt(slot.spec.name)
     local = serve_locally(
         has_model=slot is not None,
-        busy=slot is not None and slot.lock.locked(),
+        busy=slot is not None and slot.lock.locked() and service.governor.active["local"] > 0,
         owner_busy=service.governor.owner_busy,
         linked=link is not None and link.connected,
     )
     if not local and handoff is not None:
-        forwarded = await handoff.forward(request)
+        forwarded: Response | None = await unless_disconnected(request, handoff.forward(request, slot is not None))
         if forwarded is not None:
             return forwarded
-        # The orchestrator is unreachable: serve what we can here.
+        # The orchestrator is unreachable or full: serve what we can here.
     slot = service.slot(model or body.model)  # raises 404 model_not_found
     name = service.settings.name
     reply = Reply(kind, slot.spec.name, len(jobs), body.stream, body.include_usage, echo,

@@ -30,8 +30,9 @@ class Handoff:
             timeout=httpx.Timeout(timeout_s, connect=5.0),
         )
 
-    async def forward(self, request: Request) -> Response | None:
-        """The orchestrator's answer, or None if it cannot be reached (serve locally then)."""
+    async def forward(self, request: Request, local_fallback: bool) -> Response | None:
+        """The orchestrator's answer, or None if it cannot be reached, or cannot take the
+        request now while this node could (serve locally then)."""
         body = await request.body()
         upstream = self.client.build_request(
             "POST", request.url.path, content=body, headers={"Content-Type": "application/json"}
@@ -40,6 +41,10 @@ class Handoff:
             response = await self.client.send(upstream, stream=True)
         except httpx.TransportError as exc:
             log.warning("orchestrator unreachable (%s): serving locally", type(exc).__name__)
+            return None
+        if local_fallback and response.status_code in (429, 503):
+            await response.aclose()
+            log.info("the swarm cannot take the request now (%d): serving locally", response.status_code)
             return None
         headers = {k: v for k, v in response.headers.items() if k.lower() in PASS_HEADERS}
         log.info("handed a request to the orchestrator: %d via %s", response.status_code,

@@ -53,7 +53,8 @@ def ws_url(base: str) -> str:
 
 
 class SwarmLink:
-    def __init__(self, service: NodeService, url: str, key: str, max_message_bytes: int = 1 << 20):
+    # From the orchestrator we trust: a fragment may carry a prompt as big as its API accepts.
+    def __init__(self, service: NodeService, url: str, key: str, max_message_bytes: int = 64 << 20):
         self.service = service
         self.url = url
         self.key = key
@@ -63,6 +64,7 @@ class SwarmLink:
         self.refused: str | None = None  # why the orchestrator refused us for good
         self.heartbeat_s = 1.0
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._models: dict[str, str] = {}  # job -> model
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -126,6 +128,8 @@ class SwarmLink:
                     task = self._jobs.get(message.job)
                     if task:
                         task.cancel()
+                    else:  # already over (or never started): say so, so it is not counted busy
+                        await ws.send(dump(JobEvent(job=message.job, ev="done", finish_reason="cancelled")))
         finally:
             beats.cancel()
 
@@ -162,7 +166,7 @@ class SwarmLink:
             cpu_total=g["cpu_total"], cpu_ours=g["cpu_ours"], owner_load=min(1.0, g["owner_load"]),
             owner_busy=g["owner_busy"], ram_available=g["ram_available"], gpus=g["gpus"],
             share_in_force=min(1.0, g["share_in_force"]), local_busy=self.service.governor.active["local"],
-            loaded=[s.spec.name for s in slots if s.loaded],
+            loaded=[s.spec.name for s in slots if s.loaded], running=list(self._jobs)[:64],
         )  # fmt: skip
 
     async def _heartbeats(self, ws: ClientConnection) -> None:
@@ -175,7 +179,13 @@ class SwarmLink:
             return  # a duplicate `run` for a job we already hold: ignore it
         task = asyncio.create_task(self._run(ws, fragment), name=f"fragment-{fragment.job}")
         self._jobs[fragment.job] = task
-        task.add_done_callback(lambda _: self._jobs.pop(fragment.job, None))
+        self._models[fragment.job] = fragment.model
+
+        def forget(_: asyncio.Task[None]) -> None:
+            self._jobs.pop(fragment.job, None)
+            self._models.pop(fragment.job, None)
+
+        task.add_done_callback(forget)
 
     async def _run(self, ws: ClientConnection, f: RunFragment) -> None:
         """Run one fragment at the work-for-others share and stream its events back."""
@@ -202,12 +212,26 @@ class SwarmLink:
             with contextlib.suppress(websockets.WebSocketException):
                 await send("done", finish_reason="cancelled", completion_tokens=0)
             raise
+        except Exception as exc:  # anything else still ends the job with an answer, never silence
+            log.exception("fragment %s failed", f.job)
+            with contextlib.suppress(websockets.WebSocketException):
+                await send("error", code="internal_error", message=f"the worker failed: {type(exc).__name__}")
         except websockets.WebSocketException:
             pass  # the connection is gone; the orchestrator moves the fragment elsewhere
 
     def _cancel_all(self) -> None:
         for task in list(self._jobs.values()):
             task.cancel()
+
+    def preempt(self, model: str) -> int:
+        """The owner wants this model's runner: stop the work done for others on it (the
+        orchestrator moves it to another worker, continuing where it stopped)."""
+        stopped = 0
+        for job_id, task in list(self._jobs.items()):
+            if self._models.get(job_id) == model:
+                task.cancel()
+                stopped += 1
+        return stopped
 
 
 def _error_message(body: bytes | bytearray | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
@@ -19,6 +20,8 @@ from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_t
 from dragonswarm.scheduler.models import pick_model
 from dragonswarm.store.base import KeyRecord
 from dragonswarm.web.replies import Reply, respond
+
+log = logging.getLogger("dragonswarm.orchestrator")
 
 router = APIRouter()
 
@@ -118,4 +121,7 @@ async def _metered(swarm: Swarm, key: KeyRecord, model: str, estimate: int,
         await events.aclose()
         swarm.limiter.refund(str(key.id), estimate - prompt - completion, time.monotonic())
         if prompt or completion:
-            swarm.store.record_usage(key.id, model, prompt, completion)
+            try:  # the answer is already out: accounting that fails must not break it
+                swarm.store.record_usage(key.id, model, prompt, completion)
+            except Exception:
+                log.exception("recording usage failed")

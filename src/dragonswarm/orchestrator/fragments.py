@@ -49,6 +49,7 @@ class Fragment:
     base_tokens: int = 0  # ... by attempts before the current one
     prompt_tokens: int | None = None
     last_event: float = field(default_factory=time.monotonic)
+    orphaned_since: float | None = None  # queued while no connected node serves its model
     finished: bool = False
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,8 +33,9 @@ class NodeConn:
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat: Heartbeat | None = None
     jobs: dict[str, Fragment] = field(default_factory=dict)  # attempt id -> fragment it runs for us
-    # Jobs we cancelled or gave up on: the node still holds its runner until it says done.
-    draining: set[str] = field(default_factory=set)
+    # Jobs we cancelled or gave up on (-> when): the node holds its runner until it says done.
+    draining: dict[str, float] = field(default_factory=dict)
+    finished: deque[str] = field(default_factory=lambda: deque(maxlen=256))  # recently ended job ids
     served: int = 0
     left: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -79,7 +81,7 @@ class NodeConn:
             "served": self.served,
         }
         if self.heartbeat:
-            info.update(self.heartbeat.model_dump(exclude={"type"}))
+            info.update(self.heartbeat.model_dump(exclude={"type", "running"}))
         last_seen = time.time() - self.age(now)
         return NodeRecord(self.name, self.joined, last_seen, self.state(now, stale_after), info)
 

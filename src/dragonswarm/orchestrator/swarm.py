@@ -21,8 +21,9 @@ from dragonswarm.errors import ModelNotFound, NoWorkers, Overloaded
 from dragonswarm.orchestrator.fragments import Fragment, Request
 from dragonswarm.orchestrator.registry import NodeConn, Registry
 from dragonswarm.protocol.runner import Event, RunJob
-from dragonswarm.protocol.swarm import Cancel, JobEvent, ProtocolError, dump
+from dragonswarm.protocol.swarm import Cancel, Heartbeat, JobEvent, ProtocolError, dump
 from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
+from dragonswarm.scheduler.placement import NodeState
 from dragonswarm.scheduler.ratelimit import RateLimiter
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.base import Store
@@ -100,22 +101,32 @@ class Swarm:
 
     def dispatch(self) -> None:
         """Place every waiting fragment that some worker can take now."""
-        while self.retries and self._place(self.retries[0]):
-            self.retries.popleft()
-        while (item := self.queue.pop(self._can_place)) is not None:
-            self._place(item[1])
+        full: set[str] = set()  # models with no free node in this pass: skip their fragments fast
+        for f in list(self.retries):  # moved fragments first, any that fit (not only the head)
+            if self._place(f, full):
+                self.retries.remove(f)
+        while (item := self.queue.pop(lambda f: self._choose(f, full) is not None)) is not None:
+            self._place(item[1], full)
 
     def _exclude(self, f: Fragment) -> set[str]:
+        if not f.exclude:
+            return f.exclude
         # Exclusion is a preference: if every node that serves the model is excluded
         # (say the only worker failed once), trying one of them again beats failing.
         serving = {c.name for c in self.registry.serving(f.request.model)}
         return f.exclude if serving - f.exclude else set()
 
-    def _can_place(self, f: Fragment) -> bool:
-        return self.registry.index.choose(f.request.model, self._exclude(f)) is not None
+    def _choose(self, f: Fragment, full: set[str]) -> str | None:
+        model = f.request.model
+        if model in full:
+            return None
+        name = self.registry.index.choose(model, self._exclude(f))
+        if name is None and not f.exclude:
+            full.add(model)  # nobody at all can take this model now
+        return name
 
-    def _place(self, f: Fragment) -> bool:
-        name = self.registry.index.choose(f.request.model, self._exclude(f))
+    def _place(self, f: Fragment, full: set[str]) -> bool:
+        name = self._choose(f, full)
         if name is None:
             return False
         conn = self.registry.conns[name]
@@ -134,7 +145,8 @@ class Swarm:
 
     def _release(self, conn: NodeConn, job_id: str) -> None:
         conn.jobs.pop(job_id, None)
-        conn.draining.discard(job_id)
+        conn.draining.pop(job_id, None)
+        conn.finished.append(job_id)
         self.registry.refresh(conn)
         self.dispatch()
 
@@ -145,7 +157,7 @@ class Swarm:
         if conn is None:
             return
         if conn.jobs.pop(job_id, None) is not None and self.registry.conns.get(conn.name) is conn:
-            conn.draining.add(job_id)
+            conn.draining[job_id] = time.monotonic()
             if cancel:
                 conn.send(dump(Cancel(job=job_id)))
 
@@ -176,6 +188,8 @@ class Swarm:
             return
         f = conn.jobs.get(ev.job)
         if f is None:
+            if ev.job in conn.finished:
+                return  # a late answer to a Cancel that crossed the job's own `done`
             raise ProtocolError(f"event for job {ev.job!r}, which this node does not hold")
         f.last_event = time.monotonic()
         match ev.ev:
@@ -223,9 +237,20 @@ class Swarm:
 
     # Nodes
 
+    def on_heartbeat(self, conn: NodeConn, hb: Heartbeat) -> None:
+        before = self.registry.index.get(conn.name)
+        self.registry.heartbeat(conn, hb)
+        now = time.monotonic()
+        for job_id in hb.running:  # loading a model or reading a long prompt sends no events
+            if (f := conn.jobs.get(job_id)) is not None:
+                f.last_event = now
+        after = self.registry.index.get(conn.name)
+        if (self.retries or len(self.queue)) and _has_room(after) and not _has_room(before):
+            self.dispatch()  # it just got room: waiting work may fit
+
     def node_left(self, conn: NodeConn) -> None:
-        """A connection closed: every fragment it ran moves on."""
-        if not self.registry.leave(conn):
+        """A connection closed (or was replaced): every fragment it ran moves on."""
+        if not self.registry.leave(conn) and not conn.jobs:
             return
         with contextlib.suppress(Exception):  # the store being down must not stop failover
             record = conn.record(time.monotonic(), self.settings.stale_after_s)
@@ -236,6 +261,14 @@ class Swarm:
         conn.jobs.clear()
         conn.draining.clear()
         self.dispatch()
+
+    def _orphaned(self, f: Fragment, now: float) -> bool:
+        """Queued for a model that no connected node serves any more, for a while."""
+        if f.node is not None or self.registry.serving(f.request.model):
+            f.orphaned_since = None
+            return False
+        f.orphaned_since = f.orphaned_since or now
+        return now - f.orphaned_since > self.settings.stall_timeout_s
 
     # Housekeeping: deadlines, stalls, stale nodes, saving the registry
 
@@ -252,8 +285,17 @@ class Swarm:
             for f in list(conn.jobs.values()):
                 if now - f.last_event > s.stall_timeout_s:
                     self._fail_over(f, f"no progress for {s.stall_timeout_s:.0f} s")
+            for job_id, since in list(conn.draining.items()):
+                if now - since > s.stall_timeout_s:  # it never said done: stop counting it busy
+                    log.warning("node %s never finished cancelled job %s", conn.name, job_id)
+                    self._release(conn, job_id)
         for f in self._unfinished():
-            if now > f.deadline:
+            if self._orphaned(f, now):
+                self._finish(f, error="no_workers", message=f"no node serves {f.request.model!r} any more")
+                self.queue.remove(f)
+                with contextlib.suppress(ValueError):
+                    self.retries.remove(f)
+            elif now > f.deadline:
                 self._finish(f, error="timeout", message=f"the request did not finish within "
                              f"{s.fragment_timeout_s:.0f} s")  # fmt: skip
                 self.queue.remove(f)
@@ -272,7 +314,7 @@ class Swarm:
                 self.sweep()
                 if time.monotonic() - last_save > 2.0:
                     last_save = time.monotonic()
-                    self.store.save_nodes(self.registry.records())
+                    await asyncio.to_thread(self.store.save_nodes, self.registry.records())
             except Exception:  # housekeeping must outlive one bad round
                 log.exception("housekeeping failed")
 
@@ -290,3 +332,7 @@ class Swarm:
 
     def status(self) -> dict[str, Any]:
         return {"queued": len(self.queue), "retrying": len(self.retries), "users_waiting": self.queue.users()}
+
+
+def _has_room(node: NodeState | None) -> bool:
+    return node is not None and node.live and not node.owner_busy and node.assigned < node.capacity

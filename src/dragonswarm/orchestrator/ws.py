@@ -119,10 +119,11 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, credential: str | No
         outbox.put_nowait(None)
 
     conn = NodeConn(hello=hello, send=outbox.put_nowait, close=close)
-    replaced = swarm.registry.join(conn)
-    if replaced is not None:
+    replaced = swarm.registry.conns.get(hello.name)
+    if replaced is not None:  # a stale connection of the same node (say, a half-open TCP link)
         replaced.close(CLOSE_CONFLICT, "replaced by a new connection")
-        swarm.node_left(replaced)
+        swarm.node_left(replaced)  # its work moves before the new connection can take any
+    swarm.registry.join(conn)
     conn.send(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=swarm.settings.heartbeat_s, credential=credential)))
     log.info("node %s joined (%s)", hello.name, ", ".join(m.name for m in hello.models))
     writer = asyncio.create_task(_write(ws, outbox), name=f"ws-writer-{hello.name}")
@@ -130,12 +131,19 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, credential: str | No
     swarm.dispatch()
     try:
         await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
-        if reader.done() and (exc := reader.exception()) is not None and isinstance(exc, ProtocolError):
-            log.warning("node %s broke the protocol: %s", hello.name, exc)
-            closing.append((CLOSE_PROTOCOL, str(exc)[:120]))
+        for task in (reader, writer):
+            if not task.done() or task.cancelled() or (exc := task.exception()) is None:
+                continue
+            if isinstance(exc, ProtocolError):
+                log.warning("node %s broke the protocol: %s", hello.name, exc)
+                closing.append((CLOSE_PROTOCOL, str(exc)[:120]))
+            elif not isinstance(exc, WebSocketDisconnect):
+                log.error("connection of node %s failed", hello.name, exc_info=exc)
+                closing.append((1011, "internal error"))
     finally:
-        reader.cancel()
-        writer.cancel()
+        for task in (reader, writer):
+            task.cancel()
+        await asyncio.gather(reader, writer, return_exceptions=True)  # no send may overlap the close
         swarm.node_left(conn)
         log.info("node %s left", hello.name)
         code, reason = closing[0] if closing else (1000, "")
@@ -174,9 +182,7 @@ async def _read(ws: WebSocket, swarm: Swarm, conn: NodeConn) -> None:
             if isinstance(parsed, Heartbeat):
                 if guard.flooding(time.monotonic()):
                     raise ProtocolError("heartbeat flood")
-                swarm.registry.heartbeat(conn, parsed)
-                if swarm.registry.index.get(conn.name) and conn.heartbeat and not parsed.owner_busy:
-                    swarm.dispatch()  # it may have room now
+                swarm.on_heartbeat(conn, parsed)
             elif isinstance(parsed, JobEvent):
                 conn.last_seen = time.monotonic()
                 swarm.on_event(conn, parsed)

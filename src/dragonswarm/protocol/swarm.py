@@ -47,7 +47,7 @@ class Hello(_Message):
     local_share: float = Field(gt=0.0, le=1.0)
     cpus: int = Field(ge=1)
     ram_total: int = Field(ge=0)
-    capacity: int = Field(1, ge=1, le=64)  # fragments it runs at once
+    capacity: int = Field(default=1, ge=1, le=64)  # fragments it runs at once
 
 
 class Heartbeat(_Message):
@@ -61,6 +61,7 @@ class Heartbeat(_Message):
     share_in_force: float = Field(ge=0.0, le=1.0)
     local_busy: int = Field(ge=0)  # runners serving the owner's own requests now
     loaded: list[str] = Field(default_factory=list, max_length=64)
+    running: list[str] = Field(default_factory=list, max_length=64)  # fragments in progress here
 
 
 class JobEvent(_Message):
@@ -69,12 +70,12 @@ class JobEvent(_Message):
     type: Literal["event"] = "event"
     job: str = Field(min_length=1, max_length=64)
     ev: Literal["start", "text", "done", "error"]
-    text: str | None = Field(None, max_length=65536)
-    finish_reason: str | None = Field(None, max_length=32)
-    prompt_tokens: int | None = Field(None, ge=0)
-    completion_tokens: int | None = Field(None, ge=0)  # so far, on `text`; in all, on `done`
-    code: str | None = Field(None, max_length=64)
-    message: str | None = Field(None, max_length=4096)
+    text: str | None = Field(default=None, max_length=65536)
+    finish_reason: str | None = Field(default=None, max_length=32)
+    prompt_tokens: int | None = Field(default=None, ge=0)
+    completion_tokens: int | None = Field(default=None, ge=0)  # so far, on `text`; in all, on `done`
+    code: str | None = Field(default=None, max_length=64)
+    message: str | None = Field(default=None, max_length=4096)
 
 
 # Orchestrator -> node
@@ -103,7 +104,7 @@ class RunFragment(_Message):
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     prefix: str = ""
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(ge=0.0, le=2.0)
     top_p: float = Field(gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
