@@ -158,7 +158,8 @@ def test_node_identity_and_revocation(start_orchestrator: Start, start_node: Sta
     # The revoked machine still serves its own owner.
     local = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "mine", "max_tokens": 3})
     assert local.status_code == 200 and local.headers["x-dragon-nodes"] == serving
-    missing = httpx.post(f"{orch.url}/v1/nodes/nobody/revoke", headers={"Authorization": f"Bearer {orch.keys['admin']}"})
+    admin = {"Authorization": f"Bearer {orch.keys['admin']}"}
+    missing = httpx.post(f"{orch.url}/v1/nodes/nobody/revoke", headers=admin)
     assert missing.status_code == 404
 
 
