@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import shutil
+import ssl
 import statistics
 import sys
 import tempfile
@@ -196,7 +197,7 @@ def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str
         runs: dict[str, list[Streamed]] = {p: [] for p in paths}
         served: dict[str, list[int]] = {p: [] for p in paths}  # fragments the orchestrator placed, per run
         conditions: list[dict[str, Any]] = []
-        with httpx.Client(timeout=600) as client:
+        with httpx.Client(timeout=600, verify=orch.verify) as client:
 
             def once(path: str) -> tuple[Streamed, int]:
                 url, headers = paths[path]
@@ -222,6 +223,7 @@ def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str
                           f"TTFT {run.ttft * 1000:.0f} ms, {run.tokens} tokens, X-Dragon-Nodes {run.nodes_header}, "
                           f"other CPU {cond['other_cpu']:.0%}, try {cond['attempts']}", flush=True)  # fmt: skip
         gov = node.status()["governor"]
+        tls = orch.tls
     systems = {p: summarize_hop(rs) for p, rs in runs.items()}
     direct, via = systems["direct"], systems["via orchestrator"]
     ratio = via["decode_tokens_per_s"] / direct["decode_tokens_per_s"]
@@ -238,7 +240,7 @@ def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str
         "same text on both paths": len(set(texts.values())) == 1,
     }  # fmt: skip
     return {
-        "rounds": rounds, "max_tokens": max_tokens, "share": 0.8, "local_share": 0.8, "node": name,
+        "rounds": rounds, "max_tokens": max_tokens, "share": 0.8, "local_share": 0.8, "node": name, "tls": tls,
         "threads": gov["threads"], "mechanism": gov["mechanism"], "systems": systems,
         "ratio_decode_tokens_per_s": ratio,
         "ratio_tokens_per_s": via["tokens_per_s"] / direct["tokens_per_s"],
@@ -272,8 +274,9 @@ def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tu
                      for i in range(1, k + 1)]  # fmt: skip
             orch.wait_live([n.name for n in nodes], procs)
             swarms[k] = (orch, nodes)
+        tls = orch.tls
         body = {"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": max_tokens, "temperature": 0}
-        with httpx.Client(timeout=600) as client:
+        with httpx.Client(timeout=600, verify=swarms[sizes[0]][0].verify) as client:
 
             def once(k: int) -> dict[str, Any]:
                 orch, nodes = swarms[k]
@@ -306,7 +309,7 @@ def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tu
                           f"{x['tokens_per_cpu_s']:.0f} tok/CPU-s on {len(set(x['nodes']))} node(s), "
                           f"other CPU {cond['other_cpu']:.0%}, try {cond['attempts']}", flush=True)  # fmt: skip
     out: dict[str, Any] = {"rounds": rounds, "max_tokens": max_tokens, "prompts": len(FANOUT_PROMPTS),
-                           "share": share, "swarms": {}}  # fmt: skip
+                           "share": share, "tls": tls, "swarms": {}}  # fmt: skip
     for k, rs in runs.items():
         distinct = [len(set(x["nodes"])) for x in rs]
         expected = min(k, len(FANOUT_PROMPTS))
@@ -357,9 +360,10 @@ async def _client(client: httpx.AsyncClient, url: str, key: str, i: int, max_tok
         return parser.result(0, None, f"{type(exc).__name__}: {exc}")
 
 
-async def _burst(url: str, key: str, clients: int, max_tokens: int) -> tuple[list[Streamed], float]:
+async def _burst(url: str, key: str, clients: int, max_tokens: int,
+                 verify: ssl.SSLContext | bool) -> tuple[list[Streamed], float]:  # fmt: skip
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=30)) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=30), verify=verify) as client:
         go = asyncio.Event()
         tasks = [asyncio.create_task(_client(client, url, key, i, max_tokens, go)) for i in range(clients)]
         await asyncio.sleep(0.1)  # every task waits at the start line
@@ -371,55 +375,57 @@ async def _burst(url: str, key: str, clients: int, max_tokens: int) -> tuple[lis
 
 def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, bursts: int,
                   alone_runs: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Each swarm in turn, alone on the machine: a second `dragon up` idling beside it would be
+    one more owner program to the first one's nodes."""
     workers = 3
-    runs: dict[str, list[Streamed]] = {label: [] for label in CLIENT_SWARMS}
-    walls: dict[str, list[float]] = {label: [] for label in CLIENT_SWARMS}
-    cpu: dict[str, list[float]] = {label: [] for label in CLIENT_SWARMS}
-    alone: dict[str, list[Streamed]] = {label: [] for label in CLIENT_SWARMS}
+    out: dict[str, Any] = {"clients": clients, "bursts": bursts, "max_tokens": max_tokens, "workers": workers,
+                           "nodes_in_swarm": workers + 1, "swarms": {}}  # fmt: skip
     conditions: list[dict[str, Any]] = []
-    with Processes(root / "clients") as procs:
-        swarms = {label: start_up(procs, f"up-{i}", workers, f"{TINY}={tiny}", env)
-                  for i, (label, env) in enumerate(CLIENT_SWARMS.items())}  # fmt: skip
-        for label, up in swarms.items():
-            auth = {"Authorization": f"Bearer {up.api_key}"}
+    me = psutil.Process()
+    for i, (label, env) in enumerate(CLIENT_SWARMS.items()):
+        runs: list[Streamed] = []
+        walls: list[float] = []
+        swarm_cpu: list[float] = []
+        client_cpu: list[float] = []
+        alone: list[Streamed] = []
+        with Processes(root / f"clients-{i}") as procs:
+            up = start_up(procs, "up", workers, f"{TINY}={tiny}", env)
+            url, auth = up.api_url + "/completions", {"Authorization": f"Bearer {up.api_key}"}
             # Warm every node's runner: four prompts go to four nodes.
-            warm = httpx.post(up.api_url + "/completions", headers=auth, timeout=120,
-                              json={"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": 4, "temperature": 0})  # fmt: skip
-            warm.raise_for_status()
-            with httpx.Client(timeout=120) as client:
+            body = {"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": 4, "temperature": 0}
+            verify = up.orchestrator.verify
+            httpx.post(url, json=body, headers=auth, timeout=120, verify=verify).raise_for_status()
+            with httpx.Client(timeout=120, verify=verify) as client:
                 for _ in range(alone_runs):  # the reference: one client with the swarm to itself
                     quiet_machine()
                     up.orchestrator.wait_idle(up.node_names)
-                    body = stream_body(TINY, "def f(x):\n", max_tokens)
-                    alone[label].append(stream_once(client, up.api_url + "/completions", body, auth))
-        for b in range(bursts):
-            order = list(swarms) if b % 2 == 0 else list(swarms)[::-1]  # alternate to cancel drift
-            for label in order:
-                up = swarms[label]
+                    alone.append(stream_once(client, url, stream_body(TINY, "def f(x):\n", max_tokens), auth))
+            for b in range(bursts):
                 quiet_machine()
                 settled = up.orchestrator.wait_idle(up.node_names)
                 watch = CpuWatch()
-                cpu0 = tree_cpu(list(up.pids.values()))
-                burst, wall = asyncio.run(_burst(up.api_url + "/completions", up.api_key, clients, max_tokens))
-                cpu[label].append(tree_cpu(list(up.pids.values())) - cpu0)
+                cpu0, me0 = tree_cpu(list(up.pids.values())), sum(me.cpu_times()[:2])
+                burst, wall = asyncio.run(_burst(url, up.api_key, clients, max_tokens, verify))
+                swarm_cpu.append(tree_cpu(list(up.pids.values())) - cpu0)
+                client_cpu.append(sum(me.cpu_times()[:2]) - me0)
                 conditions.append({"settled": settled, "other_cpu": watch.other_fraction(), "swarm": label})
-                runs[label].extend(burst)
-                walls[label].append(wall)
+                runs.extend(burst)
+                walls.append(wall)
                 bad = sum(1 for r in burst if r.status != 200 or r.error)
-                print(f"  burst {b + 1}/{bursts} {label}: {clients} clients in {wall:.2f} s, {bad} errors, "
-                      f"TTFT p50 {percentile([r.ttft * 1000 for r in burst], 50):.0f} ms", flush=True)
-        procs.check_alive()
-    out: dict[str, Any] = {"clients": clients, "bursts": bursts, "max_tokens": max_tokens, "workers": workers,
-                           "nodes_in_swarm": workers + 1, "swarms": {}}  # fmt: skip
-    for label, rs in runs.items():
-        out["swarms"][label] = summarize_burst(rs, walls[label], cpu[label], alone[label])
-        out["swarms"][label]["env"] = CLIENT_SWARMS[label]
+                print(
+                    f"  {label}, burst {b + 1}/{bursts}: {clients} clients in {wall:.2f} s, {bad} errors, "
+                    f"TTFT p50 {percentile([r.ttft * 1000 for r in burst], 50):.0f} ms",
+                    flush=True,
+                )
+            procs.check_alive()
+        out["swarms"][label] = summarize_burst(runs, walls, swarm_cpu, client_cpu, alone) | {"env": env}
+        out["tls"] = up.orchestrator.tls
     out["conditions"] = summarize_conditions(conditions)
     out["pass_errors"] = all(s["errors"] == 0 for s in out["swarms"].values())
     return out
 
 
-def summarize_burst(runs: list[Streamed], walls: list[float], cpu: list[float],
+def summarize_burst(runs: list[Streamed], walls: list[float], swarm_cpu: list[float], client_cpu: list[float],
                     alone: list[Streamed]) -> dict[str, Any]:  # fmt: skip
     errors = [r for r in runs if r.status != 200 or r.error]
     ok = [r for r in runs if r not in errors]
@@ -434,7 +440,8 @@ def summarize_burst(runs: list[Streamed], walls: list[float], cpu: list[float],
         "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "max": max(ttft, default=math.nan)},
         "total_ms": {"p50": percentile(total, 50), "p99": percentile(total, 99),
                      "max": max(total, default=math.nan)},
-        "wall_s": median(walls), "walls_s": walls, "swarm_cpu_s": median(cpu),
+        "wall_s": median(walls), "walls_s": walls, "swarm_cpu_s": median(swarm_cpu),
+        "swarm_cpu_ms_per_request": sum(swarm_cpu) / max(1, len(runs)) * 1000, "client_cpu_s": median(client_cpu),
         "tokens": sum(r.tokens for r in ok), "requests_by_node": dict(sorted(nodes.items())),
         "alone": {"runs": len(alone), "ttft_ms": median([r.ttft * 1000 for r in alone]),
                   "total_ms": median([r.total * 1000 for r in alone]),
@@ -443,6 +450,10 @@ def summarize_burst(runs: list[Streamed], walls: list[float], cpu: list[float],
 
 
 # Report
+
+
+def scheme(tls: bool) -> str:
+    return "https (TLS with the swarm's private CA, the default)" if tls else "plain http"
 
 
 def verdict(ok: bool) -> str:
@@ -475,6 +486,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Model {GEMMA} (Gemma 3 270M Q4_K_M); one node with --share {hop['share']} --local-share "
         f"{hop['local_share']} ({hop['threads']} threads, cap: {hop['mechanism']}); prompt {CODE_PROMPT!r}, "
         f"temperature 0, max_tokens {hop['max_tokens']}, streamed, usage from `stream_options.include_usage`. "
+        f"Client → orchestrator and node → orchestrator over {scheme(hop['tls'])}; the node's local API is plain "
+        "http on loopback. "
         "Medians. Decode tokens/s: (completion tokens − 1) / (last token − first token).",
         "",
         "| path | decode tokens/s | tokens/s over the request | time to first token | tokens |",
@@ -500,7 +513,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"## 2. Fan-out: one 4-prompt request, 1 worker vs 4 workers ({fan['rounds']} alternating rounds)",
         "",
         f"Tiny random-weight llama GGUF; `/v1/completions` with a list of {fan['prompts']} prompts, non-streaming, "
-        f"temperature 0, max_tokens {fan['max_tokens']} per prompt, through the orchestrator; every worker at "
+        f"temperature 0, max_tokens {fan['max_tokens']} per prompt, through the orchestrator "
+        f"({scheme(fan['tls'])}); every worker at "
         f"--share {fan['share']} (1 thread, {fan['share'] * N_CPUS:.1f} CPU of quota). Node CPU: user + system "
         "seconds of every node process and its runner, before/after. Medians.",
         "",
@@ -523,33 +537,59 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         conditions_line(fan["conditions"]),
         "",
-        f"## 3. Many clients: {cl['clients']} concurrent streaming clients on `dragon up --workers {cl['workers']}`",
+        f"## 3. Many clients: {cl['clients']} concurrent streaming clients on `dragon up --workers {cl['workers']}` "
+        f"({cl['bursts']} burst(s) per swarm)",
         "",
-        f"Tiny model on {cl['nodes_in_swarm']} nodes (`local` and {cl['workers']} workers, `dragon up`'s defaults: "
+        f"Tiny model on {cl['nodes_in_swarm']} nodes (`local` and {cl['workers']} workers at `dragon up`'s default "
         f"--share 0.10, one fragment at a time each); each client one streamed `/v1/completions` request, "
         f"max_tokens {cl['max_tokens']}, temperature 0, all released at once from one `httpx.AsyncClient` "
-        "(one connection each) against the orchestrator's api_url with the user key from swarm.json. "
-        f"The reference: one client alone, {cl['alone']['runs']} sequential requests, medians.",
+        "(a connection each) against the orchestrator's api_url with the user key from swarm.json "
+        f"({scheme(cl['tls'])}). "
+        "Percentiles over every request of every burst; times from the release to the first and last text. "
+        "`dragon up` counts only its own processes as the swarm's, so to its nodes the benchmark's clients are "
+        "the owner's programs: with the defaults a node that sees them use more than 10% of the machine takes no "
+        "work. The second swarm is the same `dragon up` with DRAGON_OWNER_NOISE=1.0 in its environment "
+        "(inherited by its nodes): owner detection off, the orchestrator and nodes alone. "
+        "The two swarms run one after the other, each alone on the machine. "
+        "The reference: one client alone on the same swarm, sequential requests, medians.",
         "",
-        "| measure | value | target | result |",
-        "|---|---|---|---|",
-        f"| errors (HTTP ≠ 200, error event, transport error) | {cl['errors']} of {cl['clients']} | 0 "
-        f"| {verdict(cl['pass_errors'])} |",
-        f"| time to first token p50 / p99 / max | {cl['ttft_ms']['p50']:.0f} / {cl['ttft_ms']['p99']:.0f} / "
-        f"{cl['ttft_ms']['max']:.0f} ms | (reported) | |",
-        f"| total time p50 / p99 / max | {cl['total_ms']['p50']:.0f} / {cl['total_ms']['p99']:.0f} / "
-        f"{cl['total_ms']['max']:.0f} ms | (reported) | |",
-        f"| wall time for all {cl['clients']} | {cl['wall_s']:.2f} s | (reported) | |",
-        f"| completion tokens, all clients | {cl['tokens']} | (reported) | |",
-        f"| swarm CPU during the burst (all nodes, runners, orchestrator) | {cl['swarm_cpu_s']:.1f} s | (reported) | |",
-        f"| one client alone: time to first token / total | {cl['alone']['ttft_ms']:.1f} / "
-        f"{cl['alone']['total_ms']:.1f} ms | (reference) | |",
-        f"| requests per node (X-Dragon-Nodes) | "
-        f"{', '.join(f'{n}: {c}' for n, c in cl['requests_by_node'].items())} | (reported) | |",
+        "| measure | " + " | ".join(cl["swarms"]) + " | target |",
+        "|---|" + "---|" * len(cl["swarms"]) + "---|",
     ]
+    sw = list(cl["swarms"].values())
+
+    def row(label: str, cell: Callable[[dict[str, Any]], str], target: str = "(reported)") -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(s) for s in sw) + f" | {target} |")
+
+    row(
+        "errors (HTTP ≠ 200, error event, transport error)",
+        lambda s: f"{s['errors']} of {s['requests']}: {verdict(s['pass_errors'])}",
+        "0",
+    )
+    row(
+        "time to first token p50 / p99 / max",
+        lambda s: f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f} / {s['ttft_ms']['max']:.0f} ms",
+    )
+    row(
+        "total time p50 / p99 / max",
+        lambda s: f"{s['total_ms']['p50']:.0f} / {s['total_ms']['p99']:.0f} / {s['total_ms']['max']:.0f} ms",
+    )
+    row(f"wall time for all {cl['clients']} (median of bursts)", lambda s: f"{s['wall_s']:.2f} s")
+    row("completion tokens, all requests", lambda s: f"{s['tokens']}")
+    row("swarm CPU per burst (orchestrator, nodes, runners)", lambda s: f"{s['swarm_cpu_s']:.1f} s")
+    row("swarm CPU per request", lambda s: f"{s['swarm_cpu_ms_per_request']:.1f} ms")
+    row("the clients' own CPU per burst (this benchmark's process)", lambda s: f"{s['client_cpu_s']:.1f} s")
+    row(
+        "one client alone: time to first token / total",
+        lambda s: f"{s['alone']['ttft_ms']:.1f} / {s['alone']['total_ms']:.1f} ms",
+        "(reference)",
+    )
+    row("requests per node (X-Dragon-Nodes)",
+        lambda s: ", ".join(f"{n}: {c}" for n, c in s["requests_by_node"].items()))  # fmt: skip
     lines += ["", conditions_line(cl["conditions"])]
-    if cl["error_samples"]:
-        lines += ["", "Errors seen: " + "; ".join(f"`{e}`" for e in cl["error_samples"])]
+    for label, s in cl["swarms"].items():
+        if s["error_samples"]:
+            lines += ["", f"Errors seen ({label}): " + "; ".join(f"`{e}`" for e in s["error_samples"])]
     if results.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
     path.write_text("\n".join(lines) + "\n")
@@ -567,11 +607,13 @@ def main(argv: list[str] | None = None) -> None:
         help="max_tokens per prompt in part 2 (long enough for CPU accounting and cgroup periods)",
     )
     parser.add_argument("--clients", type=int, help="concurrent clients in part 3 (default 200; --quick 50)")
+    parser.add_argument("--bursts", type=int, help="bursts per swarm in part 3 (default 2; --quick 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "swarm")
     args = parser.parse_args(argv)
     hop_rounds = args.hop_rounds or (2 if args.quick else 5)
     fanout_rounds = args.fanout_rounds or (2 if args.quick else 3)
     clients = args.clients or (50 if args.quick else 200)
+    bursts = args.bursts or (1 if args.quick else 2)
 
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="dragon-swarm-bench-"))
@@ -587,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("hop", lambda: bench_hop(root, gemma, hop_rounds, 128)),
             ("fanout", lambda: bench_fanout(root, tiny, fanout_rounds, args.fanout_tokens)),
-            ("clients", lambda: bench_clients(root, tiny, clients, 16)),
+            ("clients", lambda: bench_clients(root, tiny, clients, 16, bursts)),
         ]
         for name, step in steps:
             print(f"{name}...", flush=True)

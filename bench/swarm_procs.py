@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -176,9 +178,15 @@ def _descendants(s: Started) -> list[psutil.Process]:
 
 @dataclass
 class Orchestrator:
-    url: str  # http://127.0.0.1:PORT
+    url: str  # http(s)://127.0.0.1:PORT
     keys: dict[str, str]  # role -> key
     started: Started
+    ca: Path | None = None  # the swarm's CA certificate when it serves https
+    verify: ssl.SSLContext | bool = True  # for httpx: trusts that CA
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("https://")
 
     @property
     def api(self) -> str:
@@ -188,7 +196,7 @@ class Orchestrator:
         return {"Authorization": f"Bearer {self.keys[role]}"}
 
     def nodes(self) -> dict[str, dict[str, Any]]:
-        response = httpx.get(self.api + "/nodes", headers=self.auth("admin"), timeout=10)
+        response = httpx.get(self.api + "/nodes", headers=self.auth("admin"), timeout=10, verify=self.verify)
         response.raise_for_status()
         return {n["name"]: n for n in response.json()["data"]}
 
@@ -228,18 +236,37 @@ def start_orchestrator(procs: Processes, name: str) -> Orchestrator:
         keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}  # type: ignore[arg-type]
     finally:
         store.close()
-    url = f"http://127.0.0.1:{free_port()}"
-    started = procs.start(name, ["orchestrator", "--home", str(home), "--port", url.rsplit(":", 1)[1]])
+    port = free_port()
+    started = procs.start(name, ["orchestrator", "--home", str(home), "--port", str(port)])
+
+    def serving() -> tuple[str, Path | None] | None:
+        """Its scheme and CA, from the first line it prints: https with a private CA unless --insecure."""
+        procs.check_alive()
+        text = started.log_path.read_text(errors="replace")
+        scheme = re.search(r"dragon orchestrator: (https?)://", text)
+        if scheme is None:
+            return None
+        if scheme.group(1) == "http":
+            return "http", None
+        ca = re.search(r"--ca (\S+)", text)
+        return "https", Path(ca.group(1)) if ca else home / "tls" / "ca.pem"
+
+    scheme, ca = wait_until(serving, 60, f"{name} to start")
+    orch = Orchestrator(f"{scheme}://127.0.0.1:{port}", keys, started, ca, client_verify(ca))
 
     def healthy() -> bool:
         procs.check_alive()
         try:
-            return httpx.get(url + "/health", timeout=2).status_code == 200
+            return httpx.get(orch.url + "/health", timeout=2, verify=orch.verify).status_code == 200
         except httpx.TransportError:
             return False
 
     wait_until(healthy, 60, f"{name} to answer /health")
-    return Orchestrator(url, keys, started)
+    return orch
+
+
+def client_verify(ca: Path | None) -> ssl.SSLContext | bool:
+    return ssl.create_default_context(cafile=str(ca)) if ca else True
 
 
 @dataclass
@@ -280,7 +307,7 @@ def start_node(procs: Processes, orch: Orchestrator, name: str, model: str, shar
     port = free_port()
     args = ["node", "--name", name, "--home", str(procs.root / "nodes" / name), "--api-port", str(port),
             "--no-bundled-model", "--model", model, "--orchestrator", orch.url, "--share", str(share),
-            "--local-share", str(local_share)]  # fmt: skip
+            "--local-share", str(local_share), *(["--ca", str(orch.ca)] if orch.ca else [])]  # fmt: skip
     env = {"DRAGON_KEY": orch.keys["node"], "DRAGON_SWARM_PID": str(os.getpid())}
     return Node(name, f"http://127.0.0.1:{port}", procs.start(name, args, env))
 
@@ -320,5 +347,6 @@ def start_up(procs: Processes, name: str, workers: int, model: str, env: dict[st
         with contextlib.suppress(psutil.Error):
             started.adopted.append(psutil.Process(pid))
     keys = {"user": state["api_key"], "admin": (home / "keys" / "admin.key").read_text().strip()}
-    orch = Orchestrator(state["api_url"].removesuffix("/v1"), keys, started)
+    ca = Path(state["ca_cert"]) if state.get("ca_cert") else None
+    orch = Orchestrator(state["api_url"].removesuffix("/v1"), keys, started, ca, client_verify(ca))
     return Up(state["api_url"], state["api_key"], pids, orch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 from dragonswarm.devtools.tiny_model import write_tiny_model
 from dragonswarm.engines.models import bundled_model
 from dragonswarm.store.sqlite import open_store
+from dragonswarm.tls import client_context
 
 
 @pytest.fixture(scope="session")
@@ -133,10 +135,31 @@ class OrchestratorProcess:
     log_path: Path
     flags: tuple[str, ...]
     keys: dict[str, str] = field(default_factory=dict)
+    tls: bool = True
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}/v1/swarm"
+
+    @property
+    def ca(self) -> Path:
+        """The swarm's CA certificate, which the orchestrator creates on its first start."""
+        return self.home / "tls" / "ca.pem"
+
+    @property
+    def ssl(self) -> ssl.SSLContext | None:
+        return client_context(self.ca) if self.tls else None
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return self.ssl or True
+
+    def node_flags(self) -> list[str]:
+        return ["--orchestrator", self.url, *(["--ca", str(self.ca)] if self.tls else ["--insecure"])]
 
     @property
     def api(self) -> str:
@@ -144,10 +167,7 @@ class OrchestratorProcess:
 
     def client(self, role: str | None = "user") -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.keys[role]}"} if role else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
-
-    def openai(self, role: str = "user") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.api, api_key=self.keys[role], max_retries=0)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, verify=self.verify)
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         with self.client("admin") as c:
@@ -170,16 +190,19 @@ class OrchestratorProcess:
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
+            tls = [] if self.tls else ["--insecure"]
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dragonswarm.cli", "orchestrator", "--home", str(self.home),
-                 "--port", str(self.port), *self.flags], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                 "--port", str(self.port), *tls, *self.flags], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
         def healthy() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"orchestrator exited with {self.proc.returncode}:\n{self.log()}")
+            if self.tls and not self.ca.exists():
+                return False  # the orchestrator writes its CA on its first start
             try:
-                return httpx.get(self.url + "/health", timeout=2).status_code == 200
+                return httpx.get(self.url + "/health", timeout=2, verify=self.verify).status_code == 200
             except httpx.TransportError:
                 return False
 
@@ -200,13 +223,14 @@ def start_orchestrator(tmp_path: Path) -> Iterator[Callable[..., OrchestratorPro
     """Start `dragon orchestrator` as a real process with fresh keys; stopped at teardown."""
     started: list[OrchestratorProcess] = []
 
-    def start(*flags: str) -> OrchestratorProcess:
+    def start(*flags: str, tls: bool = True) -> OrchestratorProcess:
         home = tmp_path / f"orchestrator-{len(started)}"
         store = open_store(home)
         keys = {role: store.create_key(role, f"test {role}")[0] for role in ("admin", "user", "node")}  # type: ignore[arg-type]
         keys["user2"] = store.create_key("user", "second user")[0]
         store.close()
-        orch = OrchestratorProcess(None, free_port(), home, tmp_path / f"orchestrator-{len(started)}.log", flags, keys)
+        orch = OrchestratorProcess(None, free_port(), home, tmp_path / f"orchestrator-{len(started)}.log", flags, keys,
+                                   tls)  # fmt: skip
         started.append(orch)
         orch.start()
         return orch
@@ -236,7 +260,7 @@ def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., Node
             args.append("--no-bundled-model")
         env = dict(os.environ)
         if swarm is not None:
-            args += ["--orchestrator", swarm.url]
+            args += swarm.node_flags()
             env |= {"DRAGON_KEY": swarm.keys["node"], "DRAGON_SWARM_PID": str(os.getpid()),
                     # Placement, not owner detection, is under test here (test_governor and
                     # test_scheduler cover that): a shared CI machine's other load must not

@@ -23,16 +23,12 @@ from dragonswarm.protocol.swarm import VERSION
 Start = Callable[..., Any]
 
 
-def ws_url(orch: OrchestratorProcess) -> str:
-    return orch.url.replace("http", "ws") + "/v1/swarm"
-
-
 @contextlib.contextmanager
 def join(orch: OrchestratorProcess, name: str, token: str, max_size: int | None = 1 << 20
          ) -> Iterator[ClientConnection]:  # fmt: skip
     """Connect as node `name`, say hello and read the welcome: a well-behaved start."""
-    with connect(ws_url(orch), additional_headers={"Authorization": f"Bearer {token}", "X-Dragon-Node": name},
-                 open_timeout=10, max_size=max_size) as ws:  # fmt: skip
+    with connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {token}", "X-Dragon-Node": name},
+                 open_timeout=10, max_size=max_size, ssl=orch.ssl) as ws:  # fmt: skip
         ws.send(json.dumps({"type": "hello", "v": VERSION, "name": name, "models": [{"name": "tiny"}], "share": 0.1,
                             "local_share": 0.8, "cpus": 1, "ram_total": 1}))  # fmt: skip
         welcome = json.loads(ws.recv(timeout=10))
@@ -110,7 +106,7 @@ def test_hostile_node_is_cut_off_while_real_work_goes_on(start_orchestrator: Sta
 
     # A node cannot speak for another: not with the shared node key, not while it is live.
     with pytest.raises(InvalidStatus) as taken:
-        connect(ws_url(orch), additional_headers={"Authorization": f"Bearer {key}", "X-Dragon-Node": "w1"})
+        connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {key}", "X-Dragon-Node": "w1"}, ssl=orch.ssl)
     assert taken.value.response.status_code == 403
     assert stream.check_intact() == ["w1"]  # untouched by any of it
     assert "injected" not in json.dumps(stream.events)
@@ -134,7 +130,8 @@ def test_node_identity_and_revocation(start_orchestrator: Start, start_node: Sta
     assert second == 4009
     # w1's credential does not speak for w2.
     with pytest.raises(InvalidStatus) as wrong:
-        connect(ws_url(orch), additional_headers={"Authorization": f"Bearer {credential}", "X-Dragon-Node": "w2"})
+        connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {credential}", "X-Dragon-Node": "w2"},
+                ssl=orch.ssl)
     assert wrong.value.response.status_code == 401
 
     # Revoked while serving: cut off at once, its fragment moves to w2, and it cannot return.
@@ -142,7 +139,8 @@ def test_node_identity_and_revocation(start_orchestrator: Start, start_node: Sta
     wait_until(lambda: len(stream.events) > 5, 60, "the job to stream")
     serving = stream_node(orch)
     revoked = subprocess.run([sys.executable, "-m", "dragonswarm.cli", "nodes", "revoke", serving, "--url", orch.url,
-                              "--key", orch.keys["admin"]], capture_output=True, text=True, timeout=60)  # fmt: skip
+                              "--key", orch.keys["admin"], "--ca", str(orch.ca)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert revoked.returncode == 0, revoked.stderr
     assert "cut off" in revoked.stderr
     other = "w2" if serving == "w1" else "w1"
@@ -152,22 +150,22 @@ def test_node_identity_and_revocation(start_orchestrator: Start, start_node: Sta
     assert "revoked" in node.status()["swarm"]["refused"]
     assert orch.nodes()[serving]["state"] == "gone"
     with pytest.raises(InvalidStatus) as gone:
-        connect(ws_url(orch), additional_headers={"Authorization": f"Bearer {credential_of(node)}",
-                                                  "X-Dragon-Node": serving})  # fmt: skip
+        connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {credential_of(node)}",
+                                                  "X-Dragon-Node": serving}, ssl=orch.ssl)  # fmt: skip
     assert gone.value.response.status_code == 403
     # The revoked machine still serves its own owner.
     local = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "mine", "max_tokens": 3})
     assert local.status_code == 200 and local.headers["x-dragon-nodes"] == serving
     admin = {"Authorization": f"Bearer {orch.keys['admin']}"}
-    missing = httpx.post(f"{orch.url}/v1/nodes/nobody/revoke", headers=admin)
+    missing = httpx.post(f"{orch.url}/v1/nodes/nobody/revoke", headers=admin, verify=orch.verify)
     assert missing.status_code == 404
 
 
 def join_refused_code(orch: OrchestratorProcess, name: str, token: str) -> int | None:
     hello = {"type": "hello", "v": VERSION, "name": name, "models": [], "share": 0.1, "local_share": 0.8, "cpus": 1,
              "ram_total": 1}  # fmt: skip
-    with connect(ws_url(orch), additional_headers={"Authorization": f"Bearer {token}", "X-Dragon-Node": name},
-                 open_timeout=10) as ws:  # fmt: skip
+    with connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {token}", "X-Dragon-Node": name},
+                 open_timeout=10, ssl=orch.ssl) as ws:  # fmt: skip
         return closed_with(ws, lambda: ws.send(json.dumps(hello)))
 
 

@@ -17,7 +17,8 @@ Swarm = Callable[..., OrchestratorProcess]
 
 def post(orch: OrchestratorProcess, key: str, body: dict[str, object], path: str = "/v1/completions"
          ) -> httpx.Response:  # fmt: skip
-    return httpx.post(orch.url + path, headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60)
+    return httpx.post(orch.url + path, headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60,
+                      verify=orch.verify)  # fmt: skip
 
 
 def served(orch: OrchestratorProcess) -> int:

@@ -15,6 +15,8 @@ import httpx
 import pytest
 from tests.conftest import OrchestratorProcess, free_port, wait_until
 
+from dragonswarm.tls import client_context
+
 Start = Callable[..., Any]
 
 
@@ -173,36 +175,39 @@ def test_auth_matrix(swarm: Callable[..., OrchestratorProcess]) -> None:
     for method, path in ENDPOINTS:
         for label, headers in [("no key", {}), ("bad key", {"Authorization": "Bearer dsk_not-a-key"}),
                                ("bad scheme", {"Authorization": f"Basic {orch.keys['user']}"})]:  # fmt: skip
-            r = httpx.request(method, orch.url + path, headers=headers, json=bodies.get(path), timeout=30)
+            r = httpx.request(method, orch.url + path, headers=headers, json=bodies.get(path), timeout=30,
+                              verify=orch.verify)  # fmt: skip
             assert r.status_code == 401, (label, path, r.text)
             assert r.json()["error"]["code"] == "invalid_api_key"
         for role in ("user", "node", "admin"):
             headers = {"Authorization": f"Bearer {orch.keys[role]}"}
-            r = httpx.request(method, orch.url + path, headers=headers, json=bodies.get(path), timeout=30)
+            r = httpx.request(method, orch.url + path, headers=headers, json=bodies.get(path), timeout=30,
+                              verify=orch.verify)  # fmt: skip
             if role in allowed[path]:
                 assert r.status_code == 200, (role, path, r.text)
             else:
                 assert r.status_code == 403, (role, path, r.text)
                 assert r.json()["error"]["code"] == "permission_denied"
-    assert httpx.get(orch.url + "/health").status_code == 200
-    assert httpx.get(orch.url + "/docs").status_code == 404
+    assert httpx.get(orch.url + "/health", verify=orch.verify).status_code == 200
+    assert httpx.get(orch.url + "/docs", verify=orch.verify).status_code == 404
 
     # The node WebSocket: only node (and admin) keys get past the handshake.
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    url = orch.url.replace("http", "ws") + "/v1/swarm"
+    url = orch.ws_url
     for label, key, status in [("no key", None, 401), ("bad key", "dsk_nope", 401), ("user", orch.keys["user"], 403),
                                ("bad credential", "dnc_nope", 401)]:  # fmt: skip
         headers = {"X-Dragon-Node": "probe"} | ({"Authorization": f"Bearer {key}"} if key else {})
         with pytest.raises(InvalidStatus) as refused:
-            connect(url, additional_headers=headers, open_timeout=10)
+            connect(url, additional_headers=headers, open_timeout=10, ssl=orch.ssl)
         assert refused.value.response.status_code == status, label
     with pytest.raises(InvalidStatus) as unnamed:
-        connect(url, additional_headers={"Authorization": f"Bearer {orch.keys['node']}"}, open_timeout=10)
+        connect(url, additional_headers={"Authorization": f"Bearer {orch.keys['node']}"}, open_timeout=10,
+                ssl=orch.ssl)  # fmt: skip
     assert unnamed.value.response.status_code == 400
     with connect(url, additional_headers={"Authorization": f"Bearer {orch.keys['node']}",
-                                          "X-Dragon-Node": "probe"}) as ws:  # fmt: skip
+                                          "X-Dragon-Node": "probe"}, ssl=orch.ssl) as ws:  # fmt: skip
         ws.send("{}")  # not a hello: the orchestrator ends the connection
         with pytest.raises(Exception, match="1008"):
             ws.recv(timeout=10)
@@ -326,16 +331,19 @@ def test_dragon_up_runs_a_swarm_and_stops_it_cleanly(tmp_path: Path, tiny_model:
         wait_until(lambda: swarm_file.exists() or proc.poll() is not None, 120, "swarm.json")
         assert proc.poll() is None, log_path.read_text()
         info = json.loads(swarm_file.read_text())
-        assert info["api_url"] == f"http://127.0.0.1:{port}/v1"
-        assert info["ca_cert"] is None
+        assert info["api_url"] == f"https://127.0.0.1:{port}/v1"
+        assert Path(info["ca_cert"]) == home / "tls" / "ca.pem"
         assert [(n["name"], n["role"]) for n in info["nodes"]] == [
             ("orchestrator", "orchestrator"), ("local", "node"), ("worker-1", "worker"), ("worker-2", "worker")]
         assert oct(swarm_file.stat().st_mode & 0o777) == "0o600"
         printed = log_path.read_text()
         assert info["api_key"] in printed and info["api_url"] in printed and "curl" in printed
 
+        assert info["api_url"].startswith("https://")
+        verify = client_context(Path(info["ca_cert"]))  # TLS on loopback too, with the swarm's own CA
         r = httpx.post(info["api_url"] + "/completions", headers={"Authorization": f"Bearer {info['api_key']}"},
-                       json={"model": "auto", "prompt": ["a", "b", "c"], "max_tokens": 4}, timeout=60)  # fmt: skip
+                       json={"model": "auto", "prompt": ["a", "b", "c"], "max_tokens": 4}, timeout=60,
+                       verify=verify)  # fmt: skip
         assert r.status_code == 200, r.text
         assert len(set(r.json()["dragon"]["nodes"])) == 3
         owner = httpx.post(f"http://127.0.0.1:{api_port}/v1/completions", json={"model": "tiny", "prompt": "hi",

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--name", help="this node's name in the swarm (default: the host name)")
     node.add_argument("--orchestrator", metavar="URL", help="join the swarm of this orchestrator (http://host:8700)")
     node.add_argument("--key", help="a node key for --orchestrator (better: the DRAGON_KEY environment variable)")
+    node.add_argument("--ca", help="the swarm's CA certificate, to verify the orchestrator (or DRAGON_CA)")
+    node.add_argument("--insecure", action="store_true", default=None,
+                      help="allow a plain http:// orchestrator (keys and prompts unencrypted)")  # fmt: skip
+    node.add_argument("--api-key", help="key required on the local API; needed when --host is not loopback "
+                      "(better: DRAGON_API_KEY)")  # fmt: skip
 
     orch = commands.add_parser("orchestrator", help="run the swarm's orchestrator")
     orch.add_argument("--host", help="address to bind (default 127.0.0.1)")
@@ -85,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--rate-tpm", type=int, help="tokens per minute per key, 0 for no limit (default 2000000)")
     orch.add_argument("--max-tokens", type=int, help="the most max_tokens a request may ask per choice (4096)")
     orch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    orch.add_argument("--insecure", action="store_true", default=None,
+                      help="serve plain HTTP instead of TLS (only on a network you trust)")  # fmt: skip
+
+    certs = commands.add_parser("certs", help="the swarm's own certificate authority")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION", parser_class=_Parser)
+    init = certs_commands.add_parser("init", help="create a private CA and the orchestrator's certificate")
+    init.add_argument("--name", action="append", dest="names", metavar="NAME|IP",
+                      help="a host name or IP the orchestrator answers to (repeatable; default: localhost, "
+                      "127.0.0.1, ::1 and this host's name)")  # fmt: skip
+    init.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
+    init.add_argument("--force", action="store_true", help="replace an existing CA (every node needs the new one)")
 
     keys = commands.add_parser("keys", help="manage API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=_Parser)
@@ -109,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     nodes_list = nodes_commands.add_parser("list", help="the nodes, as `dragon status` shows them")
     nodes_revoke = nodes_commands.add_parser("revoke", help="cut a node off now; it can never rejoin")
     nodes_revoke.add_argument("name")
+    status.add_argument("--ca", help="the swarm's CA certificate (default: from swarm.json, or DRAGON_CA)")
     for sub in (nodes_list, nodes_revoke):
+        sub.add_argument("--ca", help="the swarm's CA certificate (default: from swarm.json, or DRAGON_CA)")
         sub.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
         sub.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
         sub.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
@@ -144,10 +162,19 @@ def cmd_node(args: argparse.Namespace) -> None:
 
     settings: NodeSettings = _settings(args, [
         "models", "bundled_model", "host", "api_port", "home", "local_share", "share", "cap_mechanism",
-        "idle_unload_s", "n_ctx", "max_queue", "log_level", "name", "orchestrator", "key"])  # fmt: skip
+        "idle_unload_s", "n_ctx", "max_queue", "log_level", "name", "orchestrator", "key", "ca", "insecure",
+        "api_key"])  # fmt: skip
     _setup_logging(settings.log_level)
     if bool(settings.orchestrator) != bool(settings.key):
         raise ConfigError("joining a swarm needs both --orchestrator URL and a node key (--key or DRAGON_KEY)")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        raise ConfigError(f"--host {settings.host} opens this node's API beyond this machine: set --api-key "
+                          "(or DRAGON_API_KEY) so only those who hold it can use it")  # fmt: skip
+    if settings.orchestrator and settings.orchestrator.startswith("http://") and not settings.insecure:
+        raise ConfigError("the orchestrator URL is plain http: use https:// with --ca, or add --insecure "
+                          "to send keys and prompts unencrypted")  # fmt: skip
+    if settings.ca is not None and not settings.ca.is_file():
+        raise ConfigError(f"--ca {settings.ca}: no such file")
     if settings.orchestrator and not settings.orchestrator.startswith(("http://", "https://")):
         raise ConfigError(f"--orchestrator expects http(s)://HOST:PORT, got {settings.orchestrator!r}")
     models = [(spec, check_gguf(spec.path)) for spec in settings.models]
@@ -178,12 +205,36 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
     from dragonswarm.orchestrator.app import run_orchestrator
 
     names = ["host", "port", "home", "max_queue", "max_queue_per_user", "fragment_timeout_s", "log_level",
-             "rate_rpm", "rate_tpm", "max_tokens"]  # fmt: skip
+             "rate_rpm", "rate_tpm", "max_tokens", "insecure"]  # fmt: skip
     settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
-    print(f"dragon orchestrator: http://{settings.host}:{settings.port}/v1 (state in {settings.db_path})",
+    if not settings.insecure:
+        from dragonswarm.tls import TlsFiles, default_names, init_ca
+
+        files = TlsFiles(settings.tls_dir)
+        if not files.ready():
+            init_ca(files, default_names())
+            print(f"dragon orchestrator: created the swarm's CA; give nodes and clients --ca {files.ca_cert}",
+                  file=sys.stderr)  # fmt: skip
+    scheme = "http" if settings.insecure else "https"
+    print(f"dragon orchestrator: {scheme}://{settings.host}:{settings.port}/v1 (state in {settings.db_path})",
           file=sys.stderr)  # fmt: skip
     run_orchestrator(settings)
+
+
+def cmd_certs(args: argparse.Namespace) -> None:
+    from dragonswarm.tls import TlsFiles, certificate_names, default_names, init_ca
+
+    home = Path(args.home).expanduser() if args.home else default_home()
+    files = TlsFiles(home / "tls")
+    if files.ready() and not args.force and not args.names:
+        names = ", ".join(certificate_names(files.server_cert))
+        print(f"the swarm's CA is already there: {files.ca_cert} (orchestrator names: {names})", file=sys.stderr)
+        return
+    init_ca(files, args.names or default_names(), force=args.force)
+    print(f"CA certificate      {files.ca_cert}   (give it to nodes and clients: --ca / DRAGON_CA)", file=sys.stderr)
+    print(f"orchestrator cert   {files.server_cert}   for {', '.join(certificate_names(files.server_cert))}",
+          file=sys.stderr)  # fmt: skip
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -220,18 +271,23 @@ def _admin_request(args: argparse.Namespace, method: str, path: str) -> Any:
     """Call the orchestrator's admin API; the URL and key default to what `dragon up` keeps."""
     import httpx
 
+    from dragonswarm import tls
+
     home = Path(args.home).expanduser() if args.home else default_home()
-    url, key = args.url, args.key or os.environ.get("DRAGON_KEY")
+    url, key, ca = args.url, args.key or os.environ.get("DRAGON_KEY"), args.ca or os.environ.get("DRAGON_CA")
     swarm_file, admin_file = home / "swarm.json", home / "keys" / "admin.key"
+    swarm = json.loads(swarm_file.read_text()) if swarm_file.exists() else {}
     if url is None:
-        url = json.loads(swarm_file.read_text())["api_url"] if swarm_file.exists() else "http://127.0.0.1:8700"
+        url = swarm.get("api_url", "https://127.0.0.1:8700")
+        ca = ca or swarm.get("ca_cert")
     if key is None and admin_file.exists():
         key = admin_file.read_text().strip()
     if not key:
         raise ConfigError("this needs an admin key: --key KEY or DRAGON_KEY")
     base = url.rstrip("/").removesuffix("/v1")
     try:
-        response = httpx.request(method, f"{base}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        response = httpx.request(method, f"{base}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=10,
+                                 verify=tls.client_context(Path(ca)) if ca else True)  # fmt: skip
     except httpx.TransportError as exc:
         raise ConfigError(f"cannot reach the orchestrator at {base}: {exc}") from None
     if response.status_code != 200:
@@ -286,7 +342,7 @@ def _setup_logging(level: str) -> None:
 
 
 COMMANDS = {"node": cmd_node, "orchestrator": cmd_orchestrator, "keys": cmd_keys, "status": cmd_status,
-            "nodes": cmd_nodes, "up": cmd_up}
+            "nodes": cmd_nodes, "up": cmd_up, "certs": cmd_certs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,10 @@ class NodeSettings(_FileSettings):
     # The swarm: joined when both are set. The key is a `node` key from `dragon keys create`.
     orchestrator: str | None = None
     key: SecretStr | None = None
+    ca: Path | None = None  # the swarm's CA certificate, to verify the orchestrator (DRAGON_CA)
+    insecure: bool = False  # allow a plain-http orchestrator: keys and prompts in the clear
+    # Required on the local API when it binds beyond loopback (DRAGON_API_KEY).
+    api_key: SecretStr | None = None
     # Set by `dragon up`: every process under this pid is the swarm's, not the owner's
     # (on one machine the other workers must not look like a busy owner).
     swarm_pid: int | None = None
@@ -161,6 +165,7 @@ class OrchestratorSettings(_FileSettings):
     home: Path = Field(default_factory=default_home)
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=0, le=65535)
+    insecure: bool = False  # serve plain http: only with an explicit --insecure
 
     max_queue: int = Field(1024, ge=1)  # fragments waiting, all users together
     max_queue_per_user: int = Field(256, ge=1)  # so one user's flood cannot fill it for everyone
@@ -186,6 +191,10 @@ class OrchestratorSettings(_FileSettings):
     @property
     def limits(self) -> Limits:
         return Limits(self.max_n, self.max_prompts, self.max_tokens, self.max_prompt_chars)
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.home / "tls"
 
     @property
     def db_path(self) -> Path:

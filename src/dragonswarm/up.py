@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ from dragonswarm.errors import ConfigError
 from dragonswarm.settings import ModelSpec
 from dragonswarm.store.base import Role, Store
 from dragonswarm.store.sqlite import open_store
+from dragonswarm.tls import TlsFiles, client_context, init_ca
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 10.0
@@ -105,7 +107,12 @@ def run_up(home: Path, port: int, api_port: int, workers: int, models: list[Mode
         admin_key = key_file(store, home / "keys" / "admin.key", "admin", "dragon up admin")
     finally:
         store.close()
-    url = f"http://127.0.0.1:{port}"
+    # TLS on loopback too: the same code path as a real swarm, and keys never in the clear.
+    tls = TlsFiles(home / "tls")
+    if not tls.ready():
+        init_ca(tls, ["localhost", "127.0.0.1", "::1"])
+    url = f"https://127.0.0.1:{port}"
+    verify = client_context(tls.ca_cert)
     logs = home / "logs"
     model_args = [a for spec in models for a in ("--model", _model_arg(spec))]
     node_env = {"DRAGON_KEY": node_key, "DRAGON_SWARM_PID": str(os.getpid())}
@@ -114,7 +121,8 @@ def run_up(home: Path, port: int, api_port: int, workers: int, models: list[Mode
     names = ["local", *(f"worker-{i}" for i in range(1, workers + 1))]
     for name in names:
         local = name == "local"
-        args = ["node", "--name", name, "--home", str(home / "nodes" / name), "--orchestrator", url,
+        args = ["node", "--name", name, "--home", str(home / "nodes" / name), "--orchestrator", url, "--ca",
+                str(tls.ca_cert),
                 "--api-port", str(api_port if local else 0), "--no-bundled-model", "--share", str(share),
                 "--local-share", str(local_share), *model_args]  # fmt: skip
         children.append(Child(name, "node" if local else "worker", args, node_env, logs / f"{name}.log"))
@@ -134,19 +142,19 @@ def run_up(home: Path, port: int, api_port: int, workers: int, models: list[Mode
     signal.signal(signal.SIGTERM, on_signal)
     try:
         children[0].start()
-        _wait_healthy(url, children[0], lambda: stopping)
+        _wait_healthy(url, verify, children[0], lambda: stopping)
         for child in children[1:]:
             child.start()
-        _wait_nodes(url, admin_key, names, children, lambda: stopping)
+        _wait_nodes(url, verify, admin_key, names, children, lambda: stopping)
 
         def write_state() -> None:
             write_private_json(home / "swarm.json", {
-                "api_url": f"{url}/v1", "api_key": user_key, "ca_cert": None,
+                "api_url": f"{url}/v1", "api_key": user_key, "ca_cert": str(tls.ca_cert),
                 "nodes": [{"name": c.name, "pid": c.pid, "role": c.role} for c in children],
             })  # fmt: skip
 
         write_state()
-        _announce(say, url, user_key, home, names, models[0].name, api_port)
+        _announce(say, url, user_key, home, tls.ca_cert, names, models[0].name, api_port)
         return _supervise(children, lambda: stopping, say, write_state)
     except _Stopped:
         return 130
@@ -168,7 +176,7 @@ def _model_arg(spec: ModelSpec) -> str:
     return f"{spec.name}={spec.path}" + (f":{','.join(spec.tags)}" if spec.tags else "")
 
 
-def _wait_healthy(url: str, child: Child, stopping: Any) -> None:
+def _wait_healthy(url: str, verify: SSLContext, child: Child, stopping: Any) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if stopping():
@@ -176,7 +184,7 @@ def _wait_healthy(url: str, child: Child, stopping: Any) -> None:
         if not child.alive():
             raise ConfigError(f"the orchestrator exited at start; see {child.log_path}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -184,7 +192,8 @@ def _wait_healthy(url: str, child: Child, stopping: Any) -> None:
     raise ConfigError(f"the orchestrator did not start within {START_TIMEOUT_S:.0f} s; see {child.log_path}")
 
 
-def _wait_nodes(url: str, admin_key: str, names: list[str], children: list[Child], stopping: Any) -> None:
+def _wait_nodes(url: str, verify: SSLContext, admin_key: str, names: list[str], children: list[Child],
+                stopping: Any) -> None:  # fmt: skip
     deadline = time.monotonic() + START_TIMEOUT_S
     headers = {"Authorization": f"Bearer {admin_key}"}
     while time.monotonic() < deadline:
@@ -194,7 +203,7 @@ def _wait_nodes(url: str, admin_key: str, names: list[str], children: list[Child
             if not child.alive():
                 raise ConfigError(f"{child.name} exited at start; see {child.log_path}")
         try:
-            data = httpx.get(f"{url}/v1/nodes", headers=headers, timeout=2).json()["data"]
+            data = httpx.get(f"{url}/v1/nodes", headers=headers, timeout=2, verify=verify).json()["data"]
             if {n["name"] for n in data if n["state"] == "live"} >= set(names):
                 return
         except (httpx.TransportError, KeyError, ValueError):
@@ -204,13 +213,15 @@ def _wait_nodes(url: str, admin_key: str, names: list[str], children: list[Child
     raise ConfigError(f"not every node joined within {START_TIMEOUT_S:.0f} s; see the logs in {logs}")
 
 
-def _announce(say: Any, url: str, key: str, home: Path, names: list[str], model: str, api_port: int) -> None:
+def _announce(say: Any, url: str, key: str, home: Path, ca: Path, names: list[str], model: str,
+              api_port: int) -> None:  # fmt: skip
     say(f"dragon up: swarm ready: orchestrator and {len(names)} nodes ({', '.join(names)})")
     say(f"  API      {url}/v1   (also this machine's node: http://127.0.0.1:{api_port}/v1, no key needed)")
     say(f"  key      {key}")
     say(f"  details  {home / 'swarm.json'}   logs in {home / 'logs'}")
     say("  try:")
-    say(f"    curl {url}/v1/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\")
+    say(f"    curl --cacert {ca} {url}/v1/completions -H 'Authorization: Bearer {key}' \\")
+    say("      -H 'Content-Type: application/json' \\")
     say(f"      -d '{{\"model\": \"{model}\", \"prompt\": \"def fib(n):\", \"max_tokens\": 48, \"n\": 2}}'")
     say("  Ctrl-C stops everything.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -10,8 +11,10 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dragonswarm import __version__
+from dragonswarm.errors import Unauthorized
 from dragonswarm.governor.caps import open_cap
 from dragonswarm.governor.governor import Governor
 from dragonswarm.governor.policy import OwnerPolicy
@@ -21,7 +24,8 @@ from dragonswarm.node.handoff import Handoff
 from dragonswarm.node.link import SwarmLink
 from dragonswarm.node.service import NodeService
 from dragonswarm.settings import ModelSpec, NodeSettings
-from dragonswarm.web.errors import BodyLimit, install_error_handlers
+from dragonswarm.tls import client_context
+from dragonswarm.web.errors import BodyLimit, dragon_error_response, install_error_handlers
 
 log = logging.getLogger("dragonswarm.node")
 
@@ -31,8 +35,9 @@ def create_app(service: NodeService) -> FastAPI:
     link = handoff = None
     if settings.orchestrator and settings.key:
         key = settings.key.get_secret_value()
-        link = SwarmLink(service, settings.orchestrator, key)
-        handoff = Handoff(settings.orchestrator, key, settings.name)
+        ssl = client_context(settings.ca) if settings.orchestrator.startswith("https://") else None
+        link = SwarmLink(service, settings.orchestrator, key, ssl)
+        handoff = Handoff(settings.orchestrator, key, settings.name, ssl)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,7 +62,28 @@ def create_app(service: NodeService) -> FastAPI:
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(RequireKey, key=settings.api_key.get_secret_value())
     return app
+
+
+class RequireKey:
+    """The local API beyond loopback: every request but /health needs the node's API key."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        if hmac.compare_digest(given, b"Bearer " + self.key):
+            await self.app(scope, receive, send)
+            return
+        message = "this node's API needs its key: send 'Authorization: Bearer KEY'"
+        await dragon_error_response(Unauthorized(message))(scope, receive, send)
 
 
 def build_service(settings: NodeSettings, models: list[tuple[ModelSpec, int]]) -> NodeService:

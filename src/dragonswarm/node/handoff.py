@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from ssl import SSLContext
 
 import httpx
 import orjson
@@ -22,10 +23,11 @@ PASS_HEADERS = ("content-type", "x-dragon-nodes", "retry-after", "cache-control"
 
 
 class Handoff:
-    def __init__(self, base_url: str, key: str, name: str, timeout_s: float = 600.0):
+    def __init__(self, base_url: str, key: str, name: str, ssl: SSLContext | None, timeout_s: float = 600.0):
         self.name = name
         self.client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
+            verify=ssl if ssl is not None else True,
             headers={"Authorization": f"Bearer {key}", "X-Dragon-Origin": name},
             timeout=httpx.Timeout(timeout_s, connect=5.0),
         )

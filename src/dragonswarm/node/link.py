@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+from ssl import SSLContext
 from typing import Any
 
 import websockets
@@ -54,9 +55,11 @@ def ws_url(base: str) -> str:
 
 class SwarmLink:
     # From the orchestrator we trust: a fragment may carry a prompt as big as its API accepts.
-    def __init__(self, service: NodeService, url: str, key: str, max_message_bytes: int = 64 << 20):
+    def __init__(self, service: NodeService, url: str, key: str, ssl: SSLContext | None,
+                 max_message_bytes: int = 64 << 20):  # fmt: skip
         self.service = service
         self.url = url
+        self.ssl = ssl  # None for plain ws:// (only with --insecure)
         self.key = key
         self.credential_path = service.settings.home / "swarm-credential.json"
         self.max_message_bytes = max_message_bytes
@@ -87,7 +90,7 @@ class SwarmLink:
             headers = {"Authorization": f"Bearer {self.credential() or self.key}", NODE_HEADER: self.name}
             try:
                 async with connect(ws_url(self.url), additional_headers=headers, max_size=self.max_message_bytes,
-                                   open_timeout=10) as ws:  # fmt: skip
+                                   open_timeout=10, ssl=self.ssl) as ws:  # fmt: skip
                     await self._session(ws)
                     failures = 0
             except asyncio.CancelledError:

@@ -18,6 +18,7 @@ from dragonswarm.orchestrator.ws import router as ws_router
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.base import Store
 from dragonswarm.store.sqlite import open_store
+from dragonswarm.tls import TlsFiles
 from dragonswarm.web.errors import BodyLimit, install_error_handlers
 
 log = logging.getLogger("dragonswarm.orchestrator")
@@ -51,8 +52,15 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
 def run_orchestrator(settings: OrchestratorSettings) -> None:
     """Serve the orchestrator until interrupted. Also the Python API behind `dragon orchestrator`."""
     app = create_app(settings, open_store(settings.home))
+    tls: dict[str, str] = {}
+    if settings.insecure:
+        log.warning("serving plain HTTP (--insecure): keys, prompts and answers cross the network unencrypted")
+    else:
+        files = TlsFiles(settings.tls_dir)
+        tls = {"ssl_certfile": str(files.server_cert), "ssl_keyfile": str(files.server_key)}
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             ws="websockets-sansio", ws_max_size=settings.max_message_bytes,
-                            timeout_graceful_shutdown=5)  # fmt: skip
-    log.info("orchestrator on http://%s:%d/v1", settings.host, settings.port)
+                            timeout_graceful_shutdown=5, **tls)  # type: ignore[arg-type]  # fmt: skip
+    scheme = "http" if settings.insecure else "https"
+    log.info("orchestrator on %s://%s:%d/v1", scheme, settings.host, settings.port)
     asyncio.run(uvicorn.Server(config).serve())
