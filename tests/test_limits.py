@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 from tests.conftest import OrchestratorProcess
 
 from dragonswarm.store.sqlite import open_store
@@ -92,3 +93,32 @@ def test_request_limits_are_enforced_before_any_work(swarm: Swarm) -> None:
                 "/v1/chat/completions")  # fmt: skip
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
     assert served(orch) == 0 and orch.queued() == 0  # nothing was half-processed
+
+
+def test_expired_and_revoked_keys_on_every_endpoint_and_the_websocket(swarm: Swarm) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    orch = swarm(1)
+    store = open_store(orch.home)
+    expired, _ = store.create_key("admin", "expired admin", expires=time.time() - 1)
+    revoked, record = store.create_key("admin", "revoked admin")
+    store.revoke_key(str(record.id))
+    revoked_node, node_record = store.create_key("node", "revoked node key")
+    store.revoke_key(str(node_record.id))
+    store.close()
+    endpoints = [("GET", "/v1/models", None), ("POST", "/v1/completions", {"model": "tiny", "prompt": "x"}),
+                 ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}),
+                 ("GET", "/v1/nodes", None), ("POST", "/v1/nodes/w1/revoke", None)]  # fmt: skip
+    for method, path, body in endpoints:
+        for label, key in (("expired", expired), ("revoked", revoked)):
+            r = httpx.request(method, orch.url + path, json=body, headers={"Authorization": f"Bearer {key}"},
+                              verify=orch.verify, timeout=30)  # fmt: skip
+            assert r.status_code == 401, (label, path, r.text)
+            assert label in r.json()["error"]["message"]
+    for key in (expired, revoked, revoked_node):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {key}", "X-Dragon-Node": "newcomer"},
+                    ssl=orch.ssl, open_timeout=10)  # fmt: skip
+        assert refused.value.response.status_code == 401
+    assert orch.nodes()["w1"]["state"] == "live"  # the revoke endpoint was never reached
