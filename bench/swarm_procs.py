@@ -51,7 +51,7 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, int
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def quiet_machine(threshold: float = 10.0, timeout: float = 120.0) -> float:
+def quiet_machine(threshold: float = 10.0, timeout: float = 60.0) -> float:
     """Wait until the whole machine's CPU is under `threshold` percent; returns the last reading.
 
     Gives up at the deadline rather than fail: a machine shared with other work may never
@@ -211,7 +211,7 @@ class Orchestrator:
 
         wait_until(live, timeout, f"nodes {names} to be live")
 
-    def wait_idle(self, names: list[str], timeout: float = 60) -> bool:
+    def wait_idle(self, names: list[str], timeout: float = 30) -> bool:
         """Every node live, holding no work and not seeing its owner busy; False at the deadline."""
 
         def idle() -> bool:
@@ -283,7 +283,7 @@ class Node:
         data: dict[str, Any] = httpx.get(self.base + "/v1/node", timeout=10).json()
         return data
 
-    def settle(self, timeout: float = 60) -> bool:
+    def settle(self, timeout: float = 30) -> bool:
         """Wait until the governor sees no busy owner and runs at its full share; False at the deadline."""
 
         def settled() -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dragonswarm.secrets_file import write_private
 
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest server validity common clients accept
@@ -60,12 +61,6 @@ def default_names() -> list[str]:
     return names
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())  # fmt: skip
@@ -98,7 +93,7 @@ def init_ca(files: TlsFiles, names: list[str], *, force: bool = False) -> None:
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .sign(ca_key, hashes.SHA256())
         )  # fmt: skip
-        _write_private(files.ca_key, _key_pem(ca_key))
+        write_private(files.ca_key, _key_pem(ca_key))
         files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
     loaded = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
@@ -116,7 +111,7 @@ def init_ca(files: TlsFiles, names: list[str], *, force: bool = False) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(loaded, hashes.SHA256())
     )  # fmt: skip
-    _write_private(files.server_key, _key_pem(key))
+    write_private(files.server_key, _key_pem(key))
     files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 

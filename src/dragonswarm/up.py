@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from dragonswarm.errors import ConfigError
+from dragonswarm.secrets_file import write_private
 from dragonswarm.settings import ModelSpec
 from dragonswarm.store.base import Role, Store
 from dragonswarm.store.sqlite import open_store
@@ -80,20 +81,8 @@ def key_file(store: Store, path: Path, role: Role, name: str) -> str:
         if record is not None and record.role == role:
             return key
     key, _ = store.create_key(role, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    write_private(path, (key + "\n").encode())
     return key
-
-
-def write_private_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    tmp.replace(path)
 
 
 def run_up(home: Path, port: int, api_port: int, workers: int, models: list[ModelSpec], share: float,
@@ -148,10 +137,10 @@ def run_up(home: Path, port: int, api_port: int, workers: int, models: list[Mode
         _wait_nodes(url, verify, admin_key, names, children, lambda: stopping)
 
         def write_state() -> None:
-            write_private_json(home / "swarm.json", {
+            write_private(home / "swarm.json", json.dumps({
                 "api_url": f"{url}/v1", "api_key": user_key, "ca_cert": str(tls.ca_cert),
                 "nodes": [{"name": c.name, "pid": c.pid, "role": c.role} for c in children],
-            })  # fmt: skip
+            }, indent=2).encode())  # fmt: skip
 
         write_state()
         _announce(say, url, user_key, home, tls.ca_cert, names, models[0].name, api_port)

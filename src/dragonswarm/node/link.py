@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 from ssl import SSLContext
 from typing import Any
@@ -36,6 +35,7 @@ from dragonswarm.protocol.swarm import (
     dump,
     parse_orchestrator_message,
 )
+from dragonswarm.secrets_file import write_private
 
 log = logging.getLogger("dragonswarm.link")
 
@@ -147,12 +147,8 @@ class SwarmLink:
         return None
 
     def _save_credential(self, credential: str) -> None:
-        self.credential_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.credential_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"orchestrator": self.url, "name": self.name, "credential": credential}, f)
-        tmp.replace(self.credential_path)
+        data = {"orchestrator": self.url, "name": self.name, "credential": credential}
+        write_private(self.credential_path, json.dumps(data).encode())
         log.info("admitted to the swarm as %s; credential kept in %s", self.name, self.credential_path)
 
     def _hello(self) -> Hello:
