@@ -53,6 +53,7 @@ from bench.swarm_procs import (
     tree_cpu,
     wait_until,
 )
+from bench.swarm_report import write_markdown
 from dragonswarm.devtools.tiny_model import write_tiny_model
 from dragonswarm.engines.models import bundled_model
 
@@ -182,17 +183,18 @@ def summarize_conditions(conditions: list[dict[str, Any]]) -> dict[str, Any]:
     """How quiet the machine was: other programs' CPU during the kept runs, repeats, unsettled starts."""
     other = [c["other_cpu"] for c in conditions]
     return {"other_cpu_median": median(other), "other_cpu_max": max(other, default=float("nan")),
-            "repeated": sum(c.get("attempts", 1) - 1 for c in conditions),
+            "other_max": OTHER_MAX, "repeated": sum(c.get("attempts", 1) - 1 for c in conditions),
             "unsettled_runs": sum(1 for c in conditions if not c["settled"]), "runs": conditions}  # fmt: skip
 
 
 # 1. Hop overhead
 
 
-def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str, Any]:
+def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int, insecure: bool = False) -> dict[str, Any]:
+    """Direct to the node vs through the orchestrator; `insecure`: the orchestrator on plain http."""
     name = "hop-node"
-    with Processes(root / "hop") as procs:
-        orch = start_orchestrator(procs, "orchestrator")
+    with Processes(root / ("hop-plain" if insecure else "hop")) as procs:
+        orch = start_orchestrator(procs, "orchestrator", *(["--insecure"] if insecure else []))
         node = start_node(procs, orch, name, f"{GEMMA}={gemma}", share=0.8, local_share=0.8)
         orch.wait_live([name], procs)
         wait_until(lambda: node.status()["swarm"]["connected"], 30, "the node's swarm link")
@@ -247,6 +249,7 @@ def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str
     }  # fmt: skip
     return {
         "rounds": rounds, "max_tokens": max_tokens, "share": 0.8, "local_share": 0.8, "node": name, "tls": tls,
+        "model": GEMMA, "prompt": CODE_PROMPT, "targets": HOP_TARGETS,
         "threads": gov["threads"], "mechanism": gov["mechanism"], "systems": systems,
         "ratio_decode_tokens_per_s": ratio,
         "ratio_tokens_per_s": via["tokens_per_s"] / direct["tokens_per_s"],
@@ -258,12 +261,13 @@ def bench_hop(root: Path, gemma: Path, rounds: int, max_tokens: int) -> dict[str
 
 
 def summarize_hop(runs: list[Streamed]) -> dict[str, float]:
+    decode, ttft = [r.decode_tokens_per_s for r in runs], [r.ttft * 1000 for r in runs]
     return {
-        "decode_tokens_per_s": median([r.decode_tokens_per_s for r in runs]),
+        "decode_tokens_per_s": median(decode), "decode_min": min(decode), "decode_max": max(decode),
         "tokens_per_s": median([r.tokens_per_s for r in runs]),
-        "ttft_ms": median([r.ttft * 1000 for r in runs]),
+        "ttft_ms": median(ttft), "ttft_min": min(ttft), "ttft_max": max(ttft),
         "tokens": median([r.tokens for r in runs]),
-    }
+    }  # fmt: skip
 
 
 # 2. Fan-out
@@ -457,157 +461,22 @@ def summarize_burst(runs: list[Streamed], walls: list[float], swarm_cpu: list[fl
     }  # fmt: skip
 
 
-# Report
-
-
-def scheme(tls: bool) -> str:
-    return "https (TLS with the swarm's private CA, the default)" if tls else "plain http"
-
-
-def verdict(ok: bool) -> str:
-    return "pass" if ok else "**fail**"
-
-
-def conditions_line(c: dict[str, Any]) -> str:
-    return (
-        "Other programs' CPU during the kept timed runs (machine busy time not from this benchmark's processes): "
-        f"median {c['other_cpu_median']:.1%}, max {c['other_cpu_max']:.1%} of the machine; runs thrown away and "
-        f"repeated because others took more than {OTHER_MAX:.0%}: {c['repeated']}; runs started before the nodes "
-        f"had settled (owner seen busy or work still held after 30 s): {c['unsettled_runs']}."
-    )
-
-
-def write_markdown(results: dict[str, Any], path: Path) -> None:
-    hop, fan, cl = results["hop"], results["fanout"], results["clients"]
-    d, v = hop["systems"]["direct"], hop["systems"]["via orchestrator"]
-    lines = [
-        "# Swarm benchmark results",
-        "",
-        f"Machine: {results['machine']}. **{N_CPUS} CPU cores in all, shared by every process of the run**: "
-        "the benchmark's own clients, the orchestrator(s), every node and its llama.cpp runner. "
-        "A swarm on one machine shows the swarm's overheads and behaviour, not extra speed.",
-        "",
-        f"Command: `{results['command']}` ({results['date']}, {results['elapsed_s'] / 60:.1f} min).",
-        "",
-        f"## 1. Hop overhead: direct to the node vs through the orchestrator ({hop['rounds']} alternating rounds)",
-        "",
-        f"Model {GEMMA} (Gemma 3 270M Q4_K_M); one node with --share {hop['share']} --local-share "
-        f"{hop['local_share']} ({hop['threads']} threads, cap: {hop['mechanism']}); prompt {CODE_PROMPT!r}, "
-        f"temperature 0, max_tokens {hop['max_tokens']}, streamed, usage from `stream_options.include_usage`. "
-        f"Client → orchestrator and node → orchestrator over {scheme(hop['tls'])}; the node's local API is plain "
-        "http on loopback. "
-        "Medians. Decode tokens/s: (completion tokens − 1) / (last token − first token).",
-        "",
-        "| path | decode tokens/s | tokens/s over the request | time to first token | tokens |",
-        "|---|---|---|---|---|",
-        f"| direct (node's local API) | {d['decode_tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} "
-        f"| {d['ttft_ms']:.1f} ms | {d['tokens']:.0f} |",
-        f"| via orchestrator (user key) | {v['decode_tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} "
-        f"| {v['ttft_ms']:.1f} ms | {v['tokens']:.0f} |",
-        "",
-        "| measure | value | target | result |",
-        "|---|---|---|---|",
-        f"| decode tokens/s, via / direct | {hop['ratio_decode_tokens_per_s']:.3f} | ≥ {HOP_TARGETS['ratio']} "
-        f"| {verdict(hop['pass_ratio'])} |",
-        f"| tokens/s over the request, via / direct | {hop['ratio_tokens_per_s']:.3f} | (reported) | |",
-        f"| added time to first token (difference of medians) | {hop['added_ttft_ms']:+.1f} ms "
-        f"| ≤ {HOP_TARGETS['added_ttft_ms']:.0f} ms | {verdict(hop['pass_added_ttft'])} |",
-        f"| added time to first token (median of per-round differences) | "
-        f"{hop['added_ttft_ms_paired_median']:+.1f} ms | (reported) | |",
-        *[f"| {name} | {ok} | True | {verdict(ok)} |" for name, ok in hop["checks"].items()],
-        "",
-        conditions_line(hop["conditions"]),
-        "",
-        f"## 2. Fan-out: one 4-prompt request, 1 worker vs 4 workers ({fan['rounds']} alternating rounds)",
-        "",
-        f"Tiny random-weight llama GGUF; `/v1/completions` with a list of {fan['prompts']} prompts, non-streaming, "
-        f"temperature 0, max_tokens {fan['max_tokens']} per prompt, through the orchestrator "
-        f"({scheme(fan['tls'])}); every worker at "
-        f"--share {fan['share']} (1 thread, {fan['share'] * N_CPUS:.1f} CPU of quota). Node CPU: user + system "
-        "seconds of every node process and its runner, before/after. Medians.",
-        "",
-        "| swarm | wall time | completion tokens | tokens/s | node CPU | tokens per CPU-second "
-        "| node CPU / machine | orchestrator CPU | distinct nodes used (per round) | target | result |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in fan["swarms"].values():
-        lines.append(
-            f"| {s['workers']} worker(s) | {s['wall_s']:.2f} s | {s['tokens']:.0f} | {s['tokens_per_s']:.0f} "
-            f"| {s['node_cpu_s']:.2f} s | {s['tokens_per_cpu_s']:.0f} | {s['cpu_fraction']:.2f} "
-            f"| {s['orchestrator_cpu_s']:.2f} s | {', '.join(map(str, s['distinct_nodes']))} "
-            f"| {s['expected_nodes']} node(s), 4 fragments | {verdict(s['pass_nodes'])} |"
-        )
-    lines += [
-        "",
-        f"Speedup in wall time, 4 workers over 1: {fan['speedup']:.2f}× (ideal {fan['ideal_speedup']:.0f}×: "
-        f"4 × {fan['share']} of the machine against {fan['share']}). Tokens per CPU-second, 4 workers / 1 worker: "
-        f"{fan['efficiency_ratio']:.2f}.",
-        "",
-        conditions_line(fan["conditions"]),
-        "",
-        f"## 3. Many clients: {cl['clients']} concurrent streaming clients on `dragon up --workers {cl['workers']}` "
-        f"({cl['bursts']} burst(s) per swarm)",
-        "",
-        f"Tiny model on {cl['nodes_in_swarm']} nodes (`local` and {cl['workers']} workers at `dragon up`'s default "
-        f"--share 0.10, one fragment at a time each); each client one streamed `/v1/completions` request, "
-        f"max_tokens {cl['max_tokens']}, temperature 0, all released at once from one `httpx.AsyncClient` "
-        "(a connection each) against the orchestrator's api_url with the user key from swarm.json "
-        f"({scheme(cl['tls'])}). "
-        "Percentiles over every request of every burst; times from the release to the first and last text. "
-        "`dragon up` counts only its own processes as the swarm's, so to its nodes the benchmark's clients are "
-        "the owner's programs: with the defaults a node that sees them use more than 10% of the machine takes no "
-        "work. The second swarm is the same `dragon up` with DRAGON_OWNER_NOISE=1.0 in its environment "
-        "(inherited by its nodes): owner detection off, the orchestrator and nodes alone. "
-        "The two swarms run one after the other, each alone on the machine. "
-        "The reference: one client alone on the same swarm, sequential requests, medians.",
-        "",
-        "| measure | " + " | ".join(cl["swarms"]) + " | target |",
-        "|---|" + "---|" * len(cl["swarms"]) + "---|",
-    ]
-    sw = list(cl["swarms"].values())
-
-    def row(label: str, cell: Callable[[dict[str, Any]], str], target: str = "(reported)") -> None:
-        lines.append(f"| {label} | " + " | ".join(cell(s) for s in sw) + f" | {target} |")
-
-    row(
-        "errors (HTTP ≠ 200, error event, transport error)",
-        lambda s: f"{s['errors']} of {s['requests']}: {verdict(s['pass_errors'])}",
-        "0",
-    )
-    row(
-        "time to first token p50 / p99 / max",
-        lambda s: f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f} / {s['ttft_ms']['max']:.0f} ms",
-    )
-    row(
-        "total time p50 / p99 / max",
-        lambda s: f"{s['total_ms']['p50']:.0f} / {s['total_ms']['p99']:.0f} / {s['total_ms']['max']:.0f} ms",
-    )
-    row(f"wall time for all {cl['clients']} (median of bursts)", lambda s: f"{s['wall_s']:.2f} s")
-    row("completion tokens, all requests", lambda s: f"{s['tokens']}")
-    row("swarm CPU per burst (orchestrator, nodes, runners)", lambda s: f"{s['swarm_cpu_s']:.1f} s")
-    row("swarm CPU per request", lambda s: f"{s['swarm_cpu_ms_per_request']:.1f} ms")
-    row("the clients' own CPU per burst (this benchmark's process)", lambda s: f"{s['client_cpu_s']:.1f} s")
-    row(
-        "one client alone: time to first token / total",
-        lambda s: f"{s['alone']['ttft_ms']:.1f} / {s['alone']['total_ms']:.1f} ms",
-        "(reference)",
-    )
-    row("requests per node (X-Dragon-Nodes)",
-        lambda s: ", ".join(f"{n}: {c}" for n, c in s["requests_by_node"].items()))  # fmt: skip
-    lines += ["", conditions_line(cl["conditions"])]
-    for label, s in cl["swarms"].items():
-        if s["error_samples"]:
-            lines += ["", f"Errors seen ({label}): " + "; ".join(f"`{e}`" for e in s["error_samples"])]
-    if results.get("notes"):
-        lines += ["", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
-    path.write_text("\n".join(lines) + "\n")
+def strict_json(value: Any) -> Any:
+    """NaN (a percentile of no successful request) as null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and 50 clients: a smoke run")
-    parser.add_argument("--hop-rounds", type=int, help="rounds per path in part 1 (default 5; --quick 2)")
-    parser.add_argument("--fanout-rounds", type=int, help="rounds per swarm in part 2 (default 3; --quick 2)")
+    parser.add_argument("--hop-rounds", type=int, help="rounds per path in part 1 (default 7; --quick 2)")
+    parser.add_argument("--fanout-rounds", type=int, help="rounds per swarm in part 2 (default 5; --quick 2)")
     parser.add_argument(
         "--fanout-tokens",
         type=int,
@@ -618,8 +487,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bursts", type=int, help="bursts per swarm in part 3 (default 2; --quick 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "swarm")
     args = parser.parse_args(argv)
-    hop_rounds = args.hop_rounds or (2 if args.quick else 5)
-    fanout_rounds = args.fanout_rounds or (2 if args.quick else 3)
+    hop_rounds = args.hop_rounds or (2 if args.quick else 7)  # TTFT jitters by ±10 ms: more than 5
+    fanout_rounds = args.fanout_rounds or (2 if args.quick else 5)
     clients = args.clients or (50 if args.quick else 200)
     bursts = args.bursts or (1 if args.quick else 2)
 
@@ -631,11 +500,14 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[str, Any] = {
             "machine": f"{N_CPUS} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}, "
                        f"Python {platform.python_version()}",
-            "command": "python -m bench.swarm_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "cpus": N_CPUS,
+            "other_max": OTHER_MAX,
+            "command": " ".join(["python -m bench.swarm_bench", *(argv if argv is not None else sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }  # fmt: skip
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("hop", lambda: bench_hop(root, gemma, hop_rounds, 128)),
+            ("hop_plain", lambda: bench_hop(root, gemma, hop_rounds, 128, insecure=True)),
             ("fanout", lambda: bench_fanout(root, tiny, fanout_rounds, args.fanout_tokens)),
             ("clients", lambda: bench_clients(root, tiny, clients, 16, bursts)),
         ]
@@ -649,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     shutil.rmtree(root, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(strict_json(results), indent=2) + "\n")
     write_markdown(results, args.out.with_suffix(".md"))
     print(args.out.with_suffix(".md").read_text())
 

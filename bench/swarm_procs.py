@@ -228,16 +228,16 @@ class Orchestrator:
         return True
 
 
-def start_orchestrator(procs: Processes, name: str) -> Orchestrator:
+def start_orchestrator(procs: Processes, name: str, *flags: str) -> Orchestrator:
     """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store."""
     home = procs.root / name
     store = open_store(home)
     try:
-        keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}  # type: ignore[arg-type]
+        keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}
     finally:
         store.close()
     port = free_port()
-    started = procs.start(name, ["orchestrator", "--home", str(home), "--port", str(port)])
+    started = procs.start(name, ["orchestrator", "--home", str(home), "--port", str(port), *flags])
 
     def serving() -> tuple[str, Path | None] | None:
         """Its scheme and CA, from the first line it prints: https with a private CA unless --insecure."""
@@ -307,7 +307,7 @@ def start_node(procs: Processes, orch: Orchestrator, name: str, model: str, shar
     port = free_port()
     args = ["node", "--name", name, "--home", str(procs.root / "nodes" / name), "--api-port", str(port),
             "--no-bundled-model", "--model", model, "--orchestrator", orch.url, "--share", str(share),
-            "--local-share", str(local_share), *(["--ca", str(orch.ca)] if orch.ca else [])]  # fmt: skip
+            "--local-share", str(local_share), *(["--ca", str(orch.ca)] if orch.tls else ["--insecure"])]  # fmt: skip
     env = {"DRAGON_KEY": orch.keys["node"], "DRAGON_SWARM_PID": str(os.getpid())}
     return Node(name, f"http://127.0.0.1:{port}", procs.start(name, args, env))
 

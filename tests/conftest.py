@@ -250,24 +250,24 @@ def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., Node
     """
     nodes: list[NodeProcess] = []
 
-    def start(*flags: str, bundled: bool = False, home: Path | None = None,
-              swarm: OrchestratorProcess | None = None, wait: bool = True) -> NodeProcess:  # fmt: skip
+    def start(*flags: str, bundled: bool = False, home: Path | None = None, swarm: OrchestratorProcess | None = None,
+              wait: bool = True, env: dict[str, str] | None = None) -> NodeProcess:  # fmt: skip
         port = free_port()
         home = home or (models_home if bundled else tmp_path / f"home-{len(nodes)}")
         log_path = tmp_path / f"node-{len(nodes)}.log"
         args = [sys.executable, "-m", "dragonswarm.cli", "node", "--home", str(home), "--api-port", str(port)]
         if not bundled:
             args.append("--no-bundled-model")
-        env = dict(os.environ)
+        base_env = dict(os.environ)
         if swarm is not None:
             args += swarm.node_flags()
-            env |= {"DRAGON_KEY": swarm.keys["node"], "DRAGON_SWARM_PID": str(os.getpid()),
+            base_env |= {"DRAGON_KEY": swarm.keys["node"], "DRAGON_SWARM_PID": str(os.getpid()),
                     # Placement, not owner detection, is under test here (test_governor and
                     # test_scheduler cover that): a shared CI machine's other load must not
                     # make every worker look like a busy owner.
                     "DRAGON_OWNER_NOISE": "1.0"}
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([*args, *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen([*args, *flags], stdout=log, stderr=subprocess.STDOUT, env=base_env | (env or {}))
         node = NodeProcess(proc, port, home, log_path)
         nodes.append(node)
         if wait:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -422,3 +423,22 @@ def test_owner_comes_first_work_for_others_moves(start_orchestrator: Start, star
     assert not any("error" in e for e in events)
     assert events[-1]["usage"]["completion_tokens"] == 1500
     assert events[-1]["dragon"]["nodes"] == ["local", "w1"]  # the work for others moved
+
+
+def test_owner_busy_and_no_idle_worker_the_owner_is_served_here(start_orchestrator: Start, start_node: Start,
+                                                                 tiny_model: Path) -> None:  # fmt: skip
+    orch = start_orchestrator()
+    # Owner detection on (the fixture turns it off for placement tests).
+    node = start_node("--name", "n1", "--model", f"tiny={tiny_model}", swarm=orch, env={"DRAGON_OWNER_NOISE": "0.10"})
+    orch.wait_live("n1")
+    # An owner's program outside the swarm's process tree keeps a core busy (bash exits at once,
+    # so the hog is nobody's child here): the node hands requests over, and nobody can take them.
+    subprocess.run(["bash", "-c", "timeout 300 python3 -c 'while True: pass' >/dev/null 2>&1 &"], check=True)
+    try:
+        wait_until(lambda: node.status()["governor"]["owner_busy"], 30, "the node to see its owner busy")
+        r = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "mine", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-dragon-nodes"] == "n1"  # served here, not parked in the swarm's queue
+        assert orch.queued() == 0
+    finally:
+        subprocess.run(["pkill", "-f", "while True: pass"], check=False)

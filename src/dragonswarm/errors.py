@@ -102,6 +102,19 @@ class NoWorkers(DragonError):
     code = "no_workers"
 
 
+class NoCapacity(DragonError):
+    """A node handed over its owner's request, but no worker can take it right now: the
+    node serves it itself instead of leaving its owner waiting in the swarm's queue."""
+
+    status = 503
+    type = "server_error"
+    code = "no_capacity"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class InsufficientMemory(DragonError):
     """Loading the model would push the machine into swap."""
 

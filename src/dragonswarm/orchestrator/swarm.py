@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from dragonswarm.errors import ModelNotFound, NoWorkers, Overloaded
+from dragonswarm.errors import ModelNotFound, NoCapacity, NoWorkers, Overloaded
 from dragonswarm.orchestrator.fragments import Fragment, Request
 from dragonswarm.orchestrator.registry import NodeConn, Registry
 from dragonswarm.protocol.runner import Event, RunJob
@@ -64,6 +64,10 @@ class Swarm:
         if origin and any(c.name != origin for c in serving):
             for f in req.fragments:
                 f.exclude.add(origin)  # it handed the request over because it could not run it
+        if origin and self._choose(req.fragments[0], set()) is None:
+            # An owner's request is only worth moving to a worker that is free now; queued
+            # here, it would wait while its own machine could already be serving it.
+            raise NoCapacity("no worker can take this request now; serve it locally")
         try:
             self.queue.push_all(req.user, req.fragments)
         except QueueFull as exc:
