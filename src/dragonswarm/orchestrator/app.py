@@ -23,6 +23,11 @@ from dragonswarm.web.errors import BodyLimit, install_error_handlers
 
 log = logging.getLogger("dragonswarm.orchestrator")
 
+# uvicorn closes an idle connection after 5 s; a client then pays a new TLS handshake
+# (about 15 ms here) on its next request. Clients that pool connections (the OpenAI SDK,
+# an IDE) should keep theirs for longer.
+KEEP_ALIVE_S = 75
+
 
 def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     swarm = Swarm(settings, store)
@@ -60,7 +65,8 @@ def run_orchestrator(settings: OrchestratorSettings) -> None:
         tls = {"ssl_certfile": str(files.server_cert), "ssl_keyfile": str(files.server_key)}
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             ws="websockets-sansio", ws_max_size=settings.max_message_bytes,
-                            timeout_graceful_shutdown=5, **tls)  # type: ignore[arg-type]  # fmt: skip
+                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
+                            **tls)  # type: ignore[arg-type]  # fmt: skip
     scheme = "http" if settings.insecure else "https"
     log.info("orchestrator on %s://%s:%d/v1", scheme, settings.host, settings.port)
     asyncio.run(uvicorn.Server(config).serve())
