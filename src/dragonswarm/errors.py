@@ -52,16 +52,20 @@ class NotFound(DragonError):
     code = "not_found"
 
 
-class Overloaded(DragonError):
-    """The bounded queue is full: the client should retry after `retry_after` seconds."""
-
-    status = 429
-    type = "rate_limit_error"
-    code = "queue_full"
+class RetryLater(DragonError):
+    """An error the client should retry after `retry_after` seconds (sent as Retry-After)."""
 
     def __init__(self, message: str, *, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Overloaded(RetryLater):
+    """The bounded queue is full."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
 
 
 class RateLimited(Overloaded):
@@ -102,17 +106,13 @@ class NoWorkers(DragonError):
     code = "no_workers"
 
 
-class NoCapacity(DragonError):
+class NoCapacity(RetryLater):
     """A node handed over its owner's request, but no worker can take it right now: the
     node serves it itself instead of leaving its owner waiting in the swarm's queue."""
 
     status = 503
     type = "server_error"
     code = "no_capacity"
-
-    def __init__(self, message: str, *, retry_after: int = 1):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class InsufficientMemory(DragonError):

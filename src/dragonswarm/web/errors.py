@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dragonswarm.errors import DragonError, error_body
+from dragonswarm.errors import DragonError, RetryLater, error_body
 
 log = logging.getLogger("dragonswarm.web")
 
@@ -42,9 +42,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def dragon_error_response(exc: DragonError) -> JSONResponse:
     headers: dict[str, str] = {}
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
+    if isinstance(exc, RetryLater):
+        headers["Retry-After"] = str(exc.retry_after)
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return error_response(exc.status, exc.message, exc.type, exc.code, exc.param, headers or None)
