@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import httpx
 import psutil
 
+from dragonswarm.governor.sampler import tree_cpu_seconds
 from dragonswarm.store.sqlite import open_store
 
 T = TypeVar("T")
@@ -90,16 +91,9 @@ def tree_cpu(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
         try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
+            total += tree_cpu_seconds(psutil.Process(pid))
         except psutil.Error:
-            continue
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass  # exited between listing and reading
+            continue  # already gone
     return total
 
 

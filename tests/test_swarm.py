@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -278,11 +277,9 @@ def test_deadline_ends_a_request_that_cannot_be_served(start_orchestrator: Start
         "model": "tiny", "prompt": "mine", "max_tokens": 4000}, timeout=300))  # fmt: skip
     holder.start()
     wait_until(lambda: orch.nodes()["w1"].get("local_busy") == 1, 30, "the owner's request to show")
-    started = time.monotonic()
-    waiting = complete(orch, prompt="wait", max_tokens=4)
+    waiting = complete(orch, prompt="wait", max_tokens=4)  # the client gives up after 60 s: no hang
     assert waiting.status_code == 504
     assert waiting.json()["error"]["code"] == "timeout"
-    assert time.monotonic() - started < 60  # ended by its deadline, not by the test's timeout
     assert orch.queued() == 0  # and it left the queue
     holder.join(300)
 

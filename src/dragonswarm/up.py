@@ -13,9 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from ssl import SSLContext
 from typing import Any
 
 import httpx
@@ -131,10 +131,17 @@ def run_up(home: Path, port: int, api_port: int, workers: int, models: list[Mode
     signal.signal(signal.SIGTERM, on_signal)
     try:
         children[0].start()
-        _wait_healthy(url, verify, children[0], lambda: stopping)
+        _wait_for(lambda: httpx.get(f"{url}/health", timeout=1, verify=verify).status_code == 200,
+                  children[:1], lambda: stopping, "the orchestrator did not start")  # fmt: skip
         for child in children[1:]:
             child.start()
-        _wait_nodes(url, verify, admin_key, names, children, lambda: stopping)
+        admin = {"Authorization": f"Bearer {admin_key}"}
+
+        def all_live() -> bool:
+            data = httpx.get(f"{url}/v1/nodes", headers=admin, timeout=2, verify=verify).json()["data"]
+            return {n["name"] for n in data if n["state"] == "live"} >= set(names)
+
+        _wait_for(all_live, children, lambda: stopping, "not every node joined")
 
         def write_state() -> None:
             write_private(home / "swarm.json", json.dumps({
@@ -165,26 +172,9 @@ def _model_arg(spec: ModelSpec) -> str:
     return f"{spec.name}={spec.path}" + (f":{','.join(spec.tags)}" if spec.tags else "")
 
 
-def _wait_healthy(url: str, verify: SSLContext, child: Child, stopping: Any) -> None:
+def _wait_for(ready: Callable[[], bool], children: list[Child], stopping: Any, what: str) -> None:
+    """Poll `ready` until it holds; stop early on Ctrl-C or a child that exits."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if stopping():
-            raise _Stopped()
-        if not child.alive():
-            raise ConfigError(f"the orchestrator exited at start; see {child.log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1, verify=verify).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise ConfigError(f"the orchestrator did not start within {START_TIMEOUT_S:.0f} s; see {child.log_path}")
-
-
-def _wait_nodes(url: str, verify: SSLContext, admin_key: str, names: list[str], children: list[Child],
-                stopping: Any) -> None:  # fmt: skip
-    deadline = time.monotonic() + START_TIMEOUT_S
-    headers = {"Authorization": f"Bearer {admin_key}"}
     while time.monotonic() < deadline:
         if stopping():
             raise _Stopped()
@@ -192,14 +182,12 @@ def _wait_nodes(url: str, verify: SSLContext, admin_key: str, names: list[str], 
             if not child.alive():
                 raise ConfigError(f"{child.name} exited at start; see {child.log_path}")
         try:
-            data = httpx.get(f"{url}/v1/nodes", headers=headers, timeout=2, verify=verify).json()["data"]
-            if {n["name"] for n in data if n["state"] == "live"} >= set(names):
+            if ready():
                 return
         except (httpx.TransportError, KeyError, ValueError):
-            pass
+            pass  # not up yet
         time.sleep(0.2)
-    logs = children[0].log_path.parent
-    raise ConfigError(f"not every node joined within {START_TIMEOUT_S:.0f} s; see the logs in {logs}")
+    raise ConfigError(f"{what} within {START_TIMEOUT_S:.0f} s; see the logs in {children[0].log_path.parent}")
 
 
 def _announce(say: Any, url: str, key: str, home: Path, ca: Path, names: list[str], model: str,

@@ -35,6 +35,22 @@ class Sample:
     gpus: list[GpuSample] = field(default_factory=list)
 
 
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """User + system CPU seconds of a process and all its live descendants."""
+    total = 0.0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        procs = [root]
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue  # exited between listing and reading
+    return total
+
+
 class Sampler:
     """CPU of the whole machine and of our process tree, from the OS's own accounting."""
 
@@ -54,18 +70,7 @@ class Sampler:
         return float(t.user + t.nice + t.system + extra)
 
     def _tree_cpu(self) -> float:
-        total = 0.0
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            procs = [self.root]
-        for proc in procs:
-            try:
-                t = proc.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                continue  # exited between listing and reading
-        return total
+        return tree_cpu_seconds(self.root)
 
     def sample(self) -> Sample:
         now = time.monotonic()

@@ -24,7 +24,6 @@ PASS_HEADERS = ("content-type", "x-dragon-nodes", "retry-after", "cache-control"
 
 class Handoff:
     def __init__(self, base_url: str, key: str, name: str, ssl: SSLContext | None, timeout_s: float = 600.0):
-        self.name = name
         self.client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             verify=ssl if ssl is not None else True,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from dragonswarm.protocol.swarm import Heartbeat, Hello
@@ -43,7 +44,7 @@ class NodeConn:
     def name(self) -> str:
         return self.hello.name
 
-    @property
+    @cached_property  # `hello` never changes for a connection
     def models(self) -> frozenset[str]:
         return frozenset(m.name for m in self.hello.models)
 
@@ -91,13 +92,14 @@ class Registry:
         self.stale_after = stale_after
         self.conns: dict[str, NodeConn] = {}
         self.index = PlacementIndex()
+        self._serving: dict[str, list[NodeConn]] = {}  # model -> connected nodes that serve it
+        self._tags: dict[str, list[str]] = {}  # model -> the union of its tags
 
-    def join(self, conn: NodeConn) -> NodeConn | None:
-        """Add a node; returns a stale connection it replaces (the caller closes it)."""
-        old = self.conns.get(conn.name)
+    def join(self, conn: NodeConn) -> None:
+        """Add a node (a connection it replaces has already left: see `ws._serve`)."""
         self.conns[conn.name] = conn
+        self._index_models()
         self.refresh(conn)
-        return old
 
     def claimed(self, name: str, now: float) -> bool:
         """A live connection already speaks for this name."""
@@ -109,7 +111,18 @@ class Registry:
             return False  # already replaced by a newer connection of the same node
         del self.conns[conn.name]
         self.index.remove(conn.name)
+        self._index_models()
         return True
+
+    def _index_models(self) -> None:
+        # Rebuilt on join and leave (rare), so that the per-request lookups below are O(1).
+        self._serving = {}
+        self._tags = {}
+        for conn in self.conns.values():
+            for m in conn.hello.models:
+                self._serving.setdefault(m.name, []).append(conn)
+                known = self._tags.setdefault(m.name, [])
+                known.extend(t for t in m.tags if t not in known)
 
     def heartbeat(self, conn: NodeConn, hb: Heartbeat) -> None:
         conn.heartbeat = hb
@@ -122,16 +135,11 @@ class Registry:
 
     def serving(self, model: str) -> list[NodeConn]:
         """Connected nodes that can serve `model`, live or not."""
-        return [c for c in self.conns.values() if model in c.models]
+        return self._serving.get(model, [])
 
-    def model_tags(self) -> dict[str, list[str]]:
+    def model_tags(self) -> Mapping[str, list[str]]:
         """Every model some node serves, with the union of its tags, in join order."""
-        tags: dict[str, list[str]] = {}
-        for conn in self.conns.values():
-            for m in conn.hello.models:
-                known = tags.setdefault(m.name, [])
-                known.extend(t for t in m.tags if t not in known)
-        return tags
+        return self._tags
 
     def records(self) -> list[NodeRecord]:
         now = time.monotonic()

@@ -99,7 +99,7 @@ class Swarm:
                 with contextlib.suppress(ValueError):
                     self.retries.remove(f)
             else:
-                self._abandon(f, cancel=True)
+                self._abandon(f)
 
     # Placement
 
@@ -154,21 +154,21 @@ class Swarm:
         self.registry.refresh(conn)
         self.dispatch()
 
-    def _abandon(self, f: Fragment, *, cancel: bool) -> None:
-        """Detach a fragment from its worker; the worker stays counted busy until it says done."""
+    def _abandon(self, f: Fragment) -> None:
+        """Detach a fragment from its worker and cancel it there; the worker stays counted
+        busy until it says done."""
         conn, job_id = f.node, f.job_id
         f.node = None
         if conn is None:
             return
         if conn.jobs.pop(job_id, None) is not None and self.registry.conns.get(conn.name) is conn:
             conn.draining[job_id] = time.monotonic()
-            if cancel:
-                conn.send(dump(Cancel(job=job_id)))
+            conn.send(dump(Cancel(job=job_id)))
 
     def _fail_over(self, f: Fragment, reason: str) -> None:
         """Move a fragment to another worker, continuing after the text already streamed."""
         failed = f.node.name if f.node else "?"
-        self._abandon(f, cancel=True)
+        self._abandon(f)
         f.exclude.add(failed)
         f.attempt += 1
         f.base_tokens = f.tokens
@@ -236,7 +236,7 @@ class Swarm:
 
     def _finish(self, f: Fragment, *, error: str, message: str) -> None:
         f.finished = True
-        self._abandon(f, cancel=True)
+        self._abandon(f)
         self._emit(f, {"ev": "error", "code": error, "message": message})
 
     # Nodes
