@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import psutil
 
-from dragonswarm.engines.models import bundled_model
+from dragonswarm.engines.models import bundled_gemma
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     home = Path(tempfile.mkdtemp(prefix="dragon-bench-"))
-    model = bundled_model(home / "models").path
+    model = bundled_gemma(home / "models").path
     results: dict[str, Any] = {
         "machine": f"{N_CPUS} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
         "model": "gemma3-270m (Gemma 3 270M Q4_K_M)",

@@ -55,7 +55,7 @@ from bench.swarm_procs import (
 )
 from bench.swarm_report import write_markdown
 from dragonswarm.devtools.tiny_model import write_tiny_model
-from dragonswarm.engines.models import bundled_model
+from dragonswarm.engines.models import bundled_gemma
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="dragon-swarm-bench-"))
     try:
-        gemma = bundled_model(root / "models").path
+        gemma = bundled_gemma(root / "models").path
         tiny = write_tiny_model(root / "models" / "tiny.gguf")
         results: dict[str, Any] = {
             "machine": f"{N_CPUS} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}, "

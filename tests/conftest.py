@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,8 +19,8 @@ import httpx
 import openai
 import pytest
 
-from dragonswarm.devtools.tiny_model import write_tiny_model
-from dragonswarm.engines.models import bundled_model
+from dragonswarm.devtools.tiny_model import TOOLS_TEMPLATE, write_tiny_model
+from dragonswarm.engines.models import bundled_coder, bundled_gemma
 from dragonswarm.store.sqlite import open_store
 from dragonswarm.tls import client_context
 
@@ -46,7 +47,12 @@ def models_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_model(models_home: Path) -> Path:
-    return bundled_model(models_home / "models").path
+    return bundled_gemma(models_home / "models").path
+
+
+@pytest.fixture(scope="session")
+def coder_model(models_home: Path) -> Path:
+    return bundled_coder(models_home / "models").path
 
 
 def free_port() -> int:
@@ -298,3 +304,59 @@ def swarm(start_orchestrator: Callable[..., OrchestratorProcess], start_node: Ca
         return orch
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tools_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tt.gguf", chat_template=TOOLS_TEMPLATE, fim=True,
+                            seed=1)  # fmt: skip
+
+
+@dataclass
+class Api:
+    """One OpenAI-compatible endpoint under test: a node's own, or the orchestrator's."""
+
+    where: str
+    base: str
+    key: str
+    verify: Any
+    ca: Path | None
+    clients: list[Any]
+
+    def openai(self) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=self.base, api_key=self.key, max_retries=0,
+                               http_client=httpx.Client(verify=self.verify, timeout=120))  # fmt: skip
+        self.clients.append(client)
+        return client
+
+    def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        with httpx.Client(verify=self.verify, timeout=120) as c:
+            return c.post(self.base + path, json=body, headers={"Authorization": f"Bearer {self.key}"})
+
+    def stream(self, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The SSE events of a streamed answer, [DONE] left out."""
+        with httpx.Client(verify=self.verify, timeout=120) as c, c.stream(
+                "POST", self.base + path, json={**body, "stream": True},
+                headers={"Authorization": f"Bearer {self.key}"}) as r:  # fmt: skip
+            assert r.status_code == 200, r.read()
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.fixture(params=["node", "swarm"])
+def api(request: pytest.FixtureRequest, start_node: Callable[..., NodeProcess],
+        start_orchestrator: Callable[..., OrchestratorProcess], tiny_model: Path,
+        tools_model: Path) -> Iterator[Api]:  # fmt: skip
+    models = ("--model", f"tiny={tiny_model}", "--model", f"tt={tools_model}")
+    if request.param == "node":
+        node = start_node(*models)
+        api = Api("node", node.api, "unused", True, None, [])
+    else:
+        orch = start_orchestrator()
+        start_node("--name", "w1", *models, swarm=orch)
+        orch.wait_live("w1")
+        api = Api("swarm", orch.api, orch.keys["user"], orch.verify, orch.ca, [])
+    yield api
+    for client in api.clients:
+        client.close()

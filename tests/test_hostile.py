@@ -29,7 +29,8 @@ def join(orch: OrchestratorProcess, name: str, token: str, max_size: int | None 
     """Connect as node `name`, say hello and read the welcome: a well-behaved start."""
     with connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {token}", "X-Dragon-Node": name},
                  open_timeout=10, max_size=max_size, ssl=orch.ssl) as ws:  # fmt: skip
-        ws.send(json.dumps({"type": "hello", "v": VERSION, "name": name, "models": [{"name": "tiny"}], "share": 0.1,
+        models = [{"name": "tiny", "sha256": "0" * 64}]
+        ws.send(json.dumps({"type": "hello", "v": VERSION, "name": name, "models": models, "share": 0.1,
                             "local_share": 0.8, "cpus": 1, "ram_total": 1}))  # fmt: skip
         welcome = json.loads(ws.recv(timeout=10))
         assert welcome["type"] == "welcome"

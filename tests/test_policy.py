@@ -110,15 +110,17 @@ def test_text_stream_reassembles_utf8_split_across_tokens() -> None:
 
 def test_completion_jobs_order_seeds_and_limits() -> None:
     req = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"], "n": 2, "seed": 5, "stop": "x"})
-    jobs = completion_jobs(req, Limits(max_n=4, max_prompts=4, max_tokens=100, max_prompt_chars=1000))
-    assert [j["prompt"] for j in jobs] == ["a", "a", "b", "b"]
-    assert [j["seed"] for j in jobs] == [5, 6, 5, 6]
-    assert all(j["stop"] == ["x"] for j in jobs)
-    assert len({j["id"] for j in jobs}) == 4
+    jobs = completion_jobs(req, Limits(max_n=4, max_prompts=4, max_tokens=100, max_prompt_chars=1000,
+                                       default_max_tokens=50))  # fmt: skip
+    assert [j.prompt for j in jobs] == ["a", "a", "b", "b"]
+    assert [j.seed for j in jobs] == [5, 6, 5, 6]
+    assert all(j.stop == ["x"] for j in jobs)
     with pytest.raises(InvalidRequest):
-        completion_jobs(req, Limits(max_n=1, max_prompts=4, max_tokens=100, max_prompt_chars=1000))
+        completion_jobs(req, Limits(max_n=1, max_prompts=4, max_tokens=100, max_prompt_chars=1000,
+                                    default_max_tokens=50))  # fmt: skip
     with pytest.raises(InvalidRequest):
-        completion_jobs(req, Limits(max_n=4, max_prompts=1, max_tokens=100, max_prompt_chars=1000))
+        completion_jobs(req, Limits(max_n=4, max_prompts=1, max_tokens=100, max_prompt_chars=1000,
+                                    default_max_tokens=50))  # fmt: skip
 
 
 def test_chat_jobs_map_developer_role_and_text_parts() -> None:
@@ -126,9 +128,11 @@ def test_chat_jobs_map_developer_role_and_text_parts() -> None:
         {"role": "developer", "content": "rules"},
         {"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]},
     ]})  # fmt: skip
-    (job,) = chat_jobs(req, Limits(max_n=2, max_prompts=1, max_tokens=100, max_prompt_chars=1000))
-    assert job["messages"] == [{"role": "system", "content": "rules"}, {"role": "user", "content": "hello"}]
-    assert job["seed"] is None and job["max_tokens"] is None
+    (job,) = chat_jobs(req, Limits(max_n=2, max_prompts=1, max_tokens=100, max_prompt_chars=1000,
+                                   default_max_tokens=50))  # fmt: skip
+    assert job.messages == [{"role": "system", "content": "rules"}, {"role": "user", "content": "hello"}]
+    # No limit asked: the default cap, shortened to the context if need be.
+    assert job.seed is None and job.max_tokens == 50 and job.fit_context
 
 
 def test_model_spec_parse(tmp_path: Path) -> None:

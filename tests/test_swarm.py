@@ -38,7 +38,7 @@ def texts_by_index(events: list[dict[str, Any]]) -> dict[int, str]:
 
 def complete(orch: OrchestratorProcess, role: str = "user", **body: Any) -> httpx.Response:
     with orch.client(role) as c:
-        return c.post("/v1/completions", json={"model": "tiny", "temperature": 0, **body})
+        return c.post("/v1/completions", json={"model": "tiny", "temperature": 0, "cache_prompt": False, **body})
 
 
 def test_fragments_run_on_different_workers_and_combine_in_order(swarm: Callable[..., OrchestratorProcess]) -> None:
@@ -58,7 +58,7 @@ def test_fragments_run_on_different_workers_and_combine_in_order(swarm: Callable
 
     # Streamed: chunks carry the right index, and reassemble to the same texts.
     with orch.client() as c, c.stream("POST", "/v1/completions", json={
-        "model": "tiny", "prompt": prompts, "max_tokens": 12, "temperature": 0, "stream": True,
+        "model": "tiny", "prompt": prompts, "max_tokens": 12, "temperature": 0, "cache_prompt": False, "stream": True,
         "stream_options": {"include_usage": True},
     }) as response:  # fmt: skip
         assert response.status_code == 200
@@ -83,7 +83,8 @@ def test_worker_killed_mid_stream_the_stream_continues(start_orchestrator: Start
     max_tokens = 1500
     seen: list[str] = []
     with orch.client() as c, c.stream("POST", "/v1/completions", json={
-        "model": "tiny", "prompt": "failover", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        "model": "tiny", "prompt": "failover", "max_tokens": max_tokens, "temperature": 0, "cache_prompt": False,
+            "stream": True,
         "stream_options": {"include_usage": True},
     }) as response:  # fmt: skip
         assert response.status_code == 200
@@ -217,7 +218,8 @@ def _stream_in_thread(orch: OrchestratorProcess, role: str, body: dict[str, Any]
                       order: list[str], label: str) -> threading.Thread:  # fmt: skip
     def go() -> None:
         with orch.client(role) as c:
-            r = c.post("/v1/completions", json={"model": "tiny", "temperature": 0, **body}, timeout=300)
+            r = c.post("/v1/completions", json={"model": "tiny", "temperature": 0, "cache_prompt": False, **body},
+                       timeout=300)
         results.append((label, r))
         order.append(label)
 
@@ -403,7 +405,8 @@ def test_owner_comes_first_work_for_others_moves(start_orchestrator: Start, star
 
     def others() -> None:  # someone else's long request, placed on the only node: this machine
         with orch.client() as c, c.stream("POST", "/v1/completions", json={
-            "model": "tiny", "prompt": "others", "max_tokens": 1500, "temperature": 0, "stream": True,
+            "model": "tiny", "prompt": "others", "max_tokens": 1500, "temperature": 0, "cache_prompt": False,
+                "stream": True,
             "stream_options": {"include_usage": True}}, timeout=300) as r:  # fmt: skip
             events.extend(json.loads(line[6:]) for line in r.iter_lines()
                           if line.startswith("data: ") and line != "data: [DONE]")  # fmt: skip

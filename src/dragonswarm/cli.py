@@ -14,7 +14,14 @@ from pydantic import ValidationError
 
 from dragonswarm import __version__
 from dragonswarm.errors import ConfigError
-from dragonswarm.settings import DEFAULT_MODEL_NAME, ModelSpec, NodeSettings, OrchestratorSettings, default_home
+from dragonswarm.settings import (
+    CODER_MODEL_NAME,
+    SMALL_MODEL_NAME,
+    ModelSpec,
+    NodeSettings,
+    OrchestratorSettings,
+    default_home,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--model", action="append", type=_model, metavar="NAME=PATH[:tags]", dest="models",
                       help="serve a local GGUF file under NAME (repeatable)")  # fmt: skip
     node.add_argument("--no-bundled-model", dest="bundled_model", action="store_false", default=None,
-                      help="do not serve the packaged gemma3-270m")  # fmt: skip
+                      help="do not serve the packaged qwen2.5-coder-0.5b and gemma3-270m")  # fmt: skip
     node.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     node.add_argument("--api-port", type=int, help="port of the local API (default 8701)")
     node.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
@@ -68,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="unload a model unused this long (default 600)")  # fmt: skip
     node.add_argument("--n-ctx", type=int, help="context length in tokens (default 4096)")
     node.add_argument("--max-queue", type=int, help="requests that may wait per model before 429 (default 32)")
+    node.add_argument("--default-max-tokens", type=int, metavar="N",
+                      help="tokens a choice may generate when the request sets no limit (default 2048)")  # fmt: skip
     node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     node.add_argument("--name", help="this node's name in the swarm (default: the host name)")
     node.add_argument("--orchestrator", metavar="URL", help="join the swarm of this orchestrator (http://host:8700)")
@@ -89,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--rate-rpm", type=int, help="requests per minute per key, 0 for no limit (default 600)")
     orch.add_argument("--rate-tpm", type=int, help="tokens per minute per key, 0 for no limit (default 2000000)")
     orch.add_argument("--max-tokens", type=int, help="the most max_tokens a request may ask per choice (4096)")
+    orch.add_argument("--default-max-tokens", type=int, metavar="N",
+                      help="tokens a choice may generate when the request sets no limit (default 2048)")  # fmt: skip
     orch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     orch.add_argument("--insecure", action="store_true", default=None,
                       help="serve plain HTTP instead of TLS (only on a network you trust)")  # fmt: skip
@@ -140,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", action="append", type=_model, metavar="NAME=PATH[:tags]", dest="models",
                     help="serve a local GGUF file under NAME on every node (repeatable)")  # fmt: skip
     up.add_argument("--no-bundled-model", dest="bundled_model", action="store_false", default=True,
-                    help="do not serve the packaged gemma3-270m")  # fmt: skip
+                    help="do not serve the packaged qwen2.5-coder-0.5b and gemma3-270m")  # fmt: skip
     up.add_argument("--share", type=_share, default=0.10, help="each worker's share for others' work (0.10)")
     up.add_argument("--local-share", type=_share, default=0.80, help="the owner's share on every node (0.80)")
     return parser
@@ -159,10 +170,12 @@ def _settings(args: argparse.Namespace, names: list[str], cls: type[Any] = NodeS
 def cmd_node(args: argparse.Namespace) -> None:
     from dragonswarm.engines.models import check_gguf
     from dragonswarm.node.app import run_node
+    from dragonswarm.node.service import LocalModel
 
     settings: NodeSettings = _settings(args, [
         "models", "bundled_model", "host", "api_port", "home", "local_share", "share", "cap_mechanism",
-        "idle_unload_s", "n_ctx", "max_queue", "log_level", "name", "orchestrator", "key", "ca", "insecure",
+        "idle_unload_s", "n_ctx", "max_queue", "default_max_tokens", "log_level", "name", "orchestrator", "key", "ca",
+        "insecure",
         "api_key"])  # fmt: skip
     _setup_logging(settings.log_level)
     if bool(settings.orchestrator) != bool(settings.key):
@@ -181,9 +194,8 @@ def cmd_node(args: argparse.Namespace) -> None:
     names = [spec.name for spec, _ in models]
     if len(set(names)) != len(names):
         raise ConfigError("two models share one name")
-    if settings.bundled_model and DEFAULT_MODEL_NAME not in names:
-        spec = _bundled(settings.models_dir)
-        models.insert(0, (spec, check_gguf(spec.path)))
+    if settings.bundled_model:
+        models[:0] = [(spec, check_gguf(spec.path)) for spec in _bundled(settings.models_dir, names)]
     if not models:
         raise ConfigError("no model to serve: give --model NAME=PATH or drop --no-bundled-model")
     base = f"http://{settings.host}:{settings.api_port}/v1"
@@ -191,21 +203,26 @@ def cmd_node(args: argparse.Namespace) -> None:
     print(f"  try: curl {base}/chat/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{models[0][0].name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'",
           file=sys.stderr)  # fmt: skip
-    run_node(settings, models)
+    run_node(settings, [LocalModel(spec, size) for spec, size in models])
 
 
-def _bundled(models_dir: Any) -> ModelSpec:
-    from dragonswarm.engines.models import ProgressPrinter, bundled_model
+def _bundled(models_dir: Path, taken: list[str]) -> list[ModelSpec]:
+    """The bundled models, the coder first, less those a --model of the same name replaces."""
+    from dragonswarm.engines.models import ProgressPrinter, bundled_coder, bundled_gemma
 
-    label = f"writing the bundled model {DEFAULT_MODEL_NAME}"
-    return bundled_model(models_dir, ProgressPrinter(label, lambda line: print(line, file=sys.stderr)))
+    specs = []
+    for name, write in ((CODER_MODEL_NAME, bundled_coder), (SMALL_MODEL_NAME, bundled_gemma)):
+        if name not in taken:
+            printer = ProgressPrinter(f"writing the bundled model {name}", lambda line: print(line, file=sys.stderr))
+            specs.append(write(models_dir, printer))
+    return specs
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> None:
     from dragonswarm.orchestrator.app import run_orchestrator
 
     names = ["host", "port", "home", "max_queue", "max_queue_per_user", "fragment_timeout_s", "log_level",
-             "rate_rpm", "rate_tpm", "max_tokens", "insecure"]  # fmt: skip
+             "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure"]  # fmt: skip
     settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
     if not settings.insecure:
@@ -326,9 +343,8 @@ def cmd_up(args: argparse.Namespace) -> None:
     models = list(args.models or [])
     for spec in models:
         check_gguf(spec.path)
-    if args.bundled_model and DEFAULT_MODEL_NAME not in [m.name for m in models]:
-        spec = _bundled(home / "models")
-        models.insert(0, spec.model_copy(update={"tags": ("code", "chat")}))
+    if args.bundled_model:
+        models[:0] = _bundled(home / "models", [m.name for m in models])
     if not models:
         raise ConfigError("no model to serve: give --model NAME=PATH or drop --no-bundled-model")
     code = run_up(home, args.port, args.api_port, args.workers, models, args.share, args.local_share,

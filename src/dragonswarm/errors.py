@@ -40,6 +40,12 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A field this server (or this model) cannot honour: refused, never silently ignored."""
+
+    code = "unsupported_parameter"
+
+
 class ModelNotFound(DragonError):
     status = 404
     type = "invalid_request_error"

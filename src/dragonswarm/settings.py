@@ -23,7 +23,8 @@ from pydantic_settings import (
 
 from dragonswarm.errors import ConfigError
 
-DEFAULT_MODEL_NAME = "gemma3-270m"
+SMALL_MODEL_NAME = "gemma3-270m"
+CODER_MODEL_NAME = "qwen2.5-coder-0.5b"
 CapMechanism = Literal["auto", "cgroup", "duty", "none"]
 
 _TAGS = re.compile(r"^[a-z][a-z0-9_-]*(,[a-z][a-z0-9_-]*)*$")
@@ -59,6 +60,7 @@ class Limits:
     max_prompts: int
     max_tokens: int  # per choice
     max_prompt_chars: int  # all prompts or messages together
+    default_max_tokens: int  # per choice, when the request sets no limit
 
 
 def default_home() -> Path:
@@ -130,6 +132,9 @@ class NodeSettings(_FileSettings):
     # The model's context is the real bound on the owner's own machine (a clear 400
     # context_length_exceeded); this cap only stops absurd values early.
     max_tokens: int = Field(131_072, ge=1)
+    # A request without max_tokens stops here (or where the context ends): no runaway
+    # generation that holds the machine for minutes.
+    default_max_tokens: int = Field(2048, ge=1)
     max_prompt_chars: int = Field(1_000_000, ge=1)
     max_queue: int = Field(32, ge=0)  # requests waiting per model beyond the running one
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
@@ -146,7 +151,8 @@ class NodeSettings(_FileSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_n, self.max_prompts, self.max_tokens, self.max_prompt_chars)
+        return Limits(self.max_n, self.max_prompts, self.max_tokens, self.max_prompt_chars,
+                      min(self.default_max_tokens, self.max_tokens))
 
     @property
     def models_dir(self) -> Path:
@@ -179,6 +185,7 @@ class OrchestratorSettings(_FileSettings):
     max_n: int = Field(8, ge=1)
     max_prompts: int = Field(16, ge=1)
     max_tokens: int = Field(4096, ge=1)  # the most one choice may ask for
+    default_max_tokens: int = Field(2048, ge=1)  # ... and what it gets when it asks nothing (capped by max_tokens)
     max_prompt_chars: int = Field(200_000, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # Per key, per minute (0: no limit). Tokens are charged as prompt characters plus
@@ -190,7 +197,8 @@ class OrchestratorSettings(_FileSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_n, self.max_prompts, self.max_tokens, self.max_prompt_chars)
+        return Limits(self.max_n, self.max_prompts, self.max_tokens, self.max_prompt_chars,
+                      min(self.default_max_tokens, self.max_tokens))
 
     @property
     def tls_dir(self) -> Path:

@@ -150,7 +150,7 @@ def run_up(home: Path, port: int, api_port: int, workers: int, models: list[Mode
             }, indent=2).encode())  # fmt: skip
 
         write_state()
-        _announce(say, url, user_key, home, tls.ca_cert, names, models[0].name, api_port)
+        _announce(say, url, user_key, home, tls.ca_cert, names, models, api_port)
         return _supervise(children, lambda: stopping, say, write_state)
     except _Stopped:
         return 130
@@ -190,16 +190,18 @@ def _wait_for(ready: Callable[[], bool], children: list[Child], stopping: Any, w
     raise ConfigError(f"{what} within {START_TIMEOUT_S:.0f} s; see the logs in {children[0].log_path.parent}")
 
 
-def _announce(say: Any, url: str, key: str, home: Path, ca: Path, names: list[str], model: str,
+def _announce(say: Any, url: str, key: str, home: Path, ca: Path, names: list[str], models: list[ModelSpec],
               api_port: int) -> None:  # fmt: skip
     say(f"dragon up: swarm ready: orchestrator and {len(names)} nodes ({', '.join(names)})")
+    served = ", ".join(f"{m.name} ({', '.join(m.tags)})" if m.tags else m.name for m in models)
+    say(f"  models   {served}")
     say(f"  API      {url}/v1   (also this machine's node: http://127.0.0.1:{api_port}/v1, no key needed)")
     say(f"  key      {key}")
     say(f"  details  {home / 'swarm.json'}   logs in {home / 'logs'}")
     say("  try:")
     say(f"    curl --cacert {ca} {url}/v1/completions -H 'Authorization: Bearer {key}' \\")
     say("      -H 'Content-Type: application/json' \\")
-    say(f"      -d '{{\"model\": \"{model}\", \"prompt\": \"def fib(n):\", \"max_tokens\": 48, \"n\": 2}}'")
+    say(f"      -d '{{\"model\": \"{models[0].name}\", \"prompt\": \"def fib(n):\", \"max_tokens\": 48, \"n\": 2}}'")
     say("  Ctrl-C stops everything.")
 
 

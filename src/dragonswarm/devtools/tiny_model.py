@@ -16,6 +16,15 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# The same, teaching tool calls the way Qwen's and Hermes' templates do.
+TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>You may call these tools: {{ tools | tojson }}. Answer a call as "
+    "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+FIM_TOKENS = (b"<|fim_prefix|>", b"<|fim_suffix|>", b"<|fim_middle|>")
 
 
 def write_tiny_model(
@@ -27,16 +36,22 @@ def write_tiny_model(
     n_ff: int = 128,
     context_length: int = 4096,
     seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
+    fim: bool = False,
 ) -> Path:
-    """Write a random-weight llama GGUF to `path` and return it."""
+    """Write a random-weight llama GGUF to `path` and return it; with `fim`, it has
+    fill-in-the-middle tokens (appended after the byte tokens)."""
     import gguf  # test-only dependency, imported where it is used
 
     rng = np.random.default_rng(seed)
     tokens: list[bytes] = [b"<unk>", b"<s>", b"</s>"]
     tokens += [f"<0x{i:02X}>".encode() for i in range(256)]
-    n_vocab = len(tokens)
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     types += [gguf.TokenType.BYTE] * 256
+    if fim:
+        tokens += FIM_TOKENS
+        types += [gguf.TokenType.CONTROL] * len(FIM_TOKENS)
+    n_vocab = len(tokens)
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-random-llama")
@@ -57,7 +72,11 @@ def write_tiny_model(
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
+    if fim:
+        for key, token_id in zip((gguf.Keys.Tokenizer.FIM_PRE_ID, gguf.Keys.Tokenizer.FIM_SUF_ID,
+                                  gguf.Keys.Tokenizer.FIM_MID_ID), range(259, 262), strict=True):  # fmt: skip
+            writer.add_uint32(key, token_id)
 
     def tensor(name: str, *shape: int) -> None:
         data = rng.standard_normal(shape).astype(np.float32) * 0.5

@@ -3,7 +3,11 @@
 This is the only module that imports `llama_cpp`. It speaks `protocol.runner` over a
 private copy of stdout (fd 1 itself is pointed at stderr, so anything llama.cpp prints
 cannot corrupt the protocol) and reads jobs from stdin. A reader thread receives
-`cancel` while a job runs; the generation loop checks it between tokens.
+`cancel` while a job runs; the job checks it between prompt batches and between tokens.
+
+Each job builds its own llama.cpp sampler chain (logit bias, penalties, grammar,
+top-k/top-p/min-p, temperature) and keeps the KV cache of what it evaluated, so the
+next prompt that starts the same way only evaluates what is new.
 """
 
 from __future__ import annotations
@@ -17,11 +21,24 @@ import sys
 import threading
 from typing import Any, BinaryIO
 
+import numpy as np
 import orjson
+from pydantic import ValidationError
 
 from dragonswarm.engines.chat_templates import chat_template
+from dragonswarm.engines.grammars import TOOL_CALL_OPEN, json_grammar, tool_call_grammar
 from dragonswarm.engines.textstream import TextStream
-from dragonswarm.protocol.runner import RunJob, decode, encode
+from dragonswarm.protocol.runner import Generation, RunJob, TokenLogprob, decode, encode
+
+PENALTY_LAST_N = 64  # tokens the repeat/presence/frequency penalties look back over, as llama.cpp's default
+
+
+class JobError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
 
 
 class Runner:
@@ -40,13 +57,19 @@ class Runner:
         )
         self.threads = threads
         self.vocab = self.llm._model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
         self.cancelled: set[str] = set()
+        self.template = chat_template(self.llm.metadata)
         self.formatter = self._chat_formatter()
+        fim = (llama_cpp.llama_vocab_fim_pre(self.vocab), llama_cpp.llama_vocab_fim_suf(self.vocab),
+               llama_cpp.llama_vocab_fim_mid(self.vocab))  # fmt: skip
+        self.fim = fim if min(fim) >= 0 else None
+        # Tools are only offered where the model's own template teaches it a call format we parse.
+        self.tools = bool(self.template and "tools" in self.template and TOOL_CALL_OPEN in self.template)
 
     def _chat_formatter(self) -> Any:
-        template = chat_template(self.llm.metadata)
-        if not template:
+        if not self.template:
             return None
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -54,7 +77,7 @@ class Runner:
             return self.llm._model.token_get_text(token_id) if token_id != -1 else ""
 
         return Jinja2ChatFormatter(
-            template=template,
+            template=self.template,
             eos_token=text(self.llm.token_eos()),
             bos_token=text(self.llm.token_bos()),
         )
@@ -66,94 +89,238 @@ class Runner:
         n = self._lib.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
         return self._piece_buf.raw[: max(n, 0)]
 
-    def prompt_tokens(self, job: RunJob) -> tuple[list[int], list[str]]:
-        """The job's prompt as tokens, and stop strings implied by the chat template.
+    def tokenize(self, text: str, bos: bool = False, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=bos, special=special) if text else []
 
-        A `prefix` (text a failed worker already streamed) is appended after the
-        template, so generation continues the same assistant turn.
+    def prompt_tokens(self, gen: Generation) -> tuple[list[int], list[int], list[str]]:
+        """The prompt as tokens, the failover prefix as tokens, and stop strings implied by the template.
+
+        The prefix (text a failed worker already streamed) comes after the prompt, so
+        generation continues the same answer.
         """
-        if "messages" in job:
-            if self.formatter is None:
-                raise JobError("invalid_request", "this model has no chat template; use /v1/completions")
-            result = self.formatter(messages=job["messages"])
-            stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
-            text = result.prompt + job.get("prefix", "")
-            tokens = self.llm.tokenize(text.encode(), add_bos=not result.added_special, special=True)
-            return tokens, stops
-        text = job.get("prompt", "") + job.get("prefix", "")
-        return self.llm.tokenize(text.encode(), add_bos=True, special=True), []
+        text, bos, stops = self._prompt_text(gen)
+        if text is None:  # fill-in-the-middle: built from the model's FIM tokens
+            return self._fim_tokens(gen), self.tokenize(gen.prefix, special=False), stops
+        prompt = self.tokenize(text, bos=bos) or [self.llm.token_bos()]
+        if not gen.prefix:
+            return prompt, [], stops
+        # Tokenized with the prompt, not alone: a SentencePiece tokenizer puts a space before
+        # a text that starts on its own. Where the two merge at the seam, alone it must be.
+        whole = self.tokenize(text + gen.prefix, bos=bos)
+        if whole[: len(prompt)] == prompt:
+            return prompt, whole[len(prompt) :], stops
+        return prompt, self.tokenize(gen.prefix, special=False), stops
 
-    def run(self, job: RunJob) -> None:
-        job_id = job["id"]
-        tokens, template_stops = self.prompt_tokens(job)
-        n_ctx = self.llm.n_ctx()
+    def _prompt_text(self, gen: Generation) -> tuple[str | None, bool, list[str]]:
+        """The prompt's text (None for fill-in-the-middle), whether a BOS goes first, and stops."""
+        if gen.messages is not None:
+            if self.formatter is None:
+                raise JobError("invalid_request", "this model has no chat template; use /v1/completions", "messages")
+            if gen.tools and not self.tools:
+                raise JobError("unsupported_parameter", "this model's chat template has no tool calling", "tools")
+            try:
+                result = self.formatter(messages=gen.messages, tools=gen.tools or None)
+            except Exception as exc:  # the template's own checks (raise_exception) and Jinja errors
+                raise JobError("invalid_request", f"the model's chat template refused the messages: {exc}",
+                               "messages") from None  # fmt: skip
+            stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
+            return result.prompt, not result.added_special, stops
+        if gen.suffix is not None:
+            return None, False, []
+        return gen.prompt or "", bool(self._lib.llama_vocab_get_add_bos(self.vocab)), []
+
+    def _fim_tokens(self, gen: Generation) -> list[int]:
+        if self.fim is None:
+            raise JobError("unsupported_parameter", "this model has no fill-in-the-middle tokens; "
+                           "suffix needs a model trained for it", "suffix")  # fmt: skip
+        pre, suf, mid = self.fim
+        bos = [self.llm.token_bos()] if self._lib.llama_vocab_get_add_bos(self.vocab) else []
+        return [*bos, pre, *self.tokenize(gen.prompt or ""), suf, *self.tokenize(gen.suffix or ""), mid]
+
+    def sampler(self, gen: Generation) -> tuple[Any, Any]:
+        """A llama.cpp sampler chain for this job (the caller frees it), and its grammar stage if any."""
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        try:
+            if gen.logit_bias:
+                biases = [(int(t), b) for t, b in gen.logit_bias.items()]
+                if any(t >= self.n_vocab for t, _ in biases):
+                    raise JobError("invalid_request", f"logit_bias names a token id beyond this model's "
+                                   f"vocabulary ({self.n_vocab} tokens)", "logit_bias")  # fmt: skip
+                array = (lib.llama_logit_bias * len(biases))(*[lib.llama_logit_bias(t, b) for t, b in biases])
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(biases), array))
+            if gen.repeat_penalty != 1.0 or gen.frequency_penalty or gen.presence_penalty:
+                penalties = lib.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, gen.repeat_penalty,
+                                                             gen.frequency_penalty, gen.presence_penalty)  # fmt: skip
+                lib.llama_sampler_chain_add(chain, penalties)
+            grammar, param = self.grammar(gen)
+            rule = None
+            if grammar is not None:
+                rule = lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+                if not rule:
+                    raise JobError("invalid_request", "the schema could not be turned into a grammar", param)
+                lib.llama_sampler_chain_add(chain, rule)
+            if gen.temperature == 0.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+                return chain, rule
+            if gen.top_k > 0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(gen.top_k))
+            if gen.top_p < 1.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(gen.top_p, 1))
+            if gen.min_p > 0.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(gen.min_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(gen.temperature))
+            seed = gen.seed if gen.seed is not None else random.getrandbits(32)
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed % 2**32))
+            return chain, rule
+        except BaseException:
+            lib.llama_sampler_free(chain)
+            raise
+
+    def _allows(self, grammar: Any, token: int) -> bool:
+        """The grammar stage would let `token` through now."""
+        lib = self._lib
+        data = (lib.llama_token_data * 1)(lib.llama_token_data(token, 0.0, 0.0))
+        candidates = lib.llama_token_data_array(data, 1, -1, False)
+        lib.llama_sampler_apply(grammar, ctypes.byref(candidates))
+        return bool(data[0].logit != float("-inf"))
+
+    def grammar(self, gen: Generation) -> tuple[str | None, str | None]:
+        """The GBNF the output must follow, if any, and the request field it comes from."""
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            if gen.tools and gen.tool_choice == "required":
+                return tool_call_grammar(gen.tools, gen.tool_name, json_schema_to_gbnf), "tool_choice"
+            if gen.json_schema is not None:
+                return json_grammar(gen.json_schema, json_schema_to_gbnf), "response_format"
+        except Exception as exc:  # llama.cpp's converter raises plain Exceptions for schemas it cannot follow
+            param = "tool_choice" if gen.tools else "response_format"
+            raise JobError("invalid_request", f"unusable JSON schema: {exc}", param) from None
+        return None, None
+
+    def reuse_cache(self, tokens: list[int], enabled: bool) -> int:
+        """Keep the KV cache of the longest prefix this prompt shares with what was evaluated
+        last; return its length. At least one token is always evaluated again, for fresh logits."""
+        llm = self.llm
+        n = min(llm.n_tokens, len(tokens) - 1)
+        keep = 0
+        if enabled and n > 0:
+            differ = np.flatnonzero(llm.input_ids[:n] != np.asarray(tokens[:n], dtype=llm.input_ids.dtype))
+            keep = int(differ[0]) if differ.size else n
+        # The model may refuse a partial removal (some recurrent or sliding-window caches): start over.
+        if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llm.n_tokens = keep
+            return keep
+        llm.reset()  # type: ignore[no-untyped-call]
+        return 0
+
+    def evaluate(self, job_id: str, tokens: list[int]) -> bool:
+        """Evaluate tokens a batch at a time; False if the job was cancelled meanwhile."""
+        step = self.llm.n_batch
+        for i in range(0, len(tokens), step):
+            if self.is_cancelled(job_id):
+                return False
+            self.llm.eval(tokens[i : i + step])
+        return True
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return job_id in self.cancelled or "*" in self.cancelled
+
+    def logprob(self, token: int, top: int) -> TokenLogprob:
+        """The token's log-probability under the model (before any sampling), and the `top` most likely."""
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+        best = np.argpartition(-logits, top)[:top] if 0 < top < self.n_vocab else np.arange(0)
+        best = best[np.argsort(-logits[best])]
+        text, logprob, raw = _entry(self.piece(token), float(logits[token]) - log_total)
+        top_entries = [_entry(self.piece(int(t)), float(logits[t]) - log_total) for t in best]
+        return TokenLogprob(token=text, logprob=logprob, bytes=raw, top=top_entries)
+
+    def run(self, job_id: str, gen: Generation) -> None:
+        lib, llm = self._lib, self.llm
+        tokens, prefix, template_stops = self.prompt_tokens(gen)
+        tokens += prefix
+        n_ctx = llm.n_ctx()
         n_prompt = len(tokens)
         if n_prompt >= n_ctx:
-            raise JobError(
-                "context_length_exceeded",
-                f"the prompt has {n_prompt} tokens but the model's context is {n_ctx} tokens",
-            )
-        max_tokens = job["max_tokens"]
-        if max_tokens is None:
-            max_tokens = n_ctx - n_prompt
+            raise JobError("context_length_exceeded",
+                           f"the prompt has {n_prompt} tokens but the model's context is {n_ctx} tokens")  # fmt: skip
+        max_tokens = gen.max_tokens
+        if gen.fit_context:
+            max_tokens = min(max_tokens, n_ctx - n_prompt)
         elif n_prompt + max_tokens > n_ctx:
             raise JobError(
                 "context_length_exceeded",
                 f"the model's context is {n_ctx} tokens, but {n_prompt + max_tokens} were requested "
                 f"({n_prompt} in the prompt, {max_tokens} for the completion)",
             )
-        if job["threads"] != self.threads:
-            self.threads = job["threads"]
-            self._lib.llama_set_n_threads(self.llm._ctx.ctx, self.threads, self.threads)
+        chain, grammar = self.sampler(gen)
+        try:
+            for token in prefix:  # the grammar and the penalties have seen the prefix too
+                if grammar is not None and not self._allows(grammar, token):
+                    # llama.cpp aborts the process on a token its grammar rejects: never accept one.
+                    raise JobError("runner_failed", "the text so far cannot be continued under the response "
+                                   "format's grammar")  # fmt: skip
+                lib.llama_sampler_accept(chain, token)
+            cached = self.reuse_cache(tokens, gen.cache_prompt)
+            self.send({"ev": "start", "id": job_id, "prompt_tokens": n_prompt, "cached_tokens": cached})
+            finish, count = self.generate(job_id, gen, chain, tokens[cached:], max_tokens, template_stops)
+        finally:
+            lib.llama_sampler_free(chain)
+        self.cancelled.discard(job_id)
+        self.send({"ev": "done", "id": job_id, "finish_reason": finish, "prompt_tokens": n_prompt,
+                   "cached_tokens": cached, "completion_tokens": count})  # fmt: skip
 
-        self.send({"ev": "start", "id": job_id, "prompt_tokens": n_prompt})
-        seed = job["seed"]
-        self.llm.set_seed(seed if seed is not None else random.getrandbits(32))
-        # No KV-prefix reuse between jobs: evaluating only the tail of a cached prompt
-        # changes batch shapes, hence logits, hence greedy output, and then the answer to
-        # a request would depend on the request before it. Determinism at temperature 0
-        # is promised, so every job evaluates its whole prompt (see bench/results/node.md).
-        self.llm.reset()  # type: ignore[no-untyped-call]
-        stream = TextStream(job["stop"] + template_stops)
+    def generate(self, job_id: str, gen: Generation, chain: Any, todo: list[int], max_tokens: int,
+                 template_stops: list[str]) -> tuple[str, int]:  # fmt: skip
+        """Evaluate the rest of the prompt, then sample until a stop; returns (finish reason, tokens)."""
+        lib, ctx = self._lib, self.llm._ctx.ctx
+        stream = TextStream(gen.stop + template_stops)
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is still held back
         finish, count = "length", 0
-        for token in self.llm.generate(
-            tokens, top_k=0, top_p=job["top_p"], min_p=0.0, temp=job["temperature"], repeat_penalty=1.0
-        ):
-            if job_id in self.cancelled or "*" in self.cancelled:
+        if not self.evaluate(job_id, todo):
+            return "cancelled", 0
+        while True:
+            if self.is_cancelled(job_id):
                 finish = "cancelled"
                 break
-            if self._lib.llama_vocab_is_eog(self.vocab, token):
+            token = lib.llama_sampler_sample(chain, ctx, -1)  # also accepts it into the chain
+            if lib.llama_vocab_is_eog(self.vocab, token):
                 finish = "stop"
                 break
             count += 1
+            if gen.logprobs is not None:
+                pending.append(self.logprob(token, gen.logprobs))
             text = stream.feed(self.piece(token))
             if text:
-                self.send({"ev": "text", "id": job_id, "text": text, "completion_tokens": count})
+                self._send_text(job_id, text, count, pending)
             if stream.stopped:
                 finish = "stop"
                 break
             if count >= max_tokens:
                 break
+            self.llm.eval([token])
         tail = stream.flush()
-        if tail and finish != "cancelled":
-            self.send({"ev": "text", "id": job_id, "text": tail, "completion_tokens": count})
-        self.cancelled.discard(job_id)
-        self.send(
-            {
-                "ev": "done",
-                "id": job_id,
-                "finish_reason": finish,
-                "prompt_tokens": n_prompt,
-                "completion_tokens": count,
-            }
-        )
+        if (tail or pending) and finish != "cancelled":
+            self._send_text(job_id, tail, count, pending)
+        return finish, count
+
+    def _send_text(self, job_id: str, text: str, count: int, pending: list[TokenLogprob]) -> None:
+        message: dict[str, Any] = {"ev": "text", "id": job_id, "text": text, "completion_tokens": count}
+        if pending:
+            message["logprobs"] = list(pending)
+            pending.clear()
+        self.send(message)
 
 
-class JobError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+def _entry(piece: bytes, logprob: float) -> tuple[str, float, list[int]]:
+    try:
+        text = piece.decode("utf-8")
+    except UnicodeDecodeError:  # part of a character: named by its bytes, as OpenAI does
+        text = "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+    return text, logprob, list(piece)
 
 
 def _read_commands(runner_ref: list[Runner], jobs: queue.Queue[RunJob | None]) -> None:
@@ -178,6 +345,23 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _run_one(runner: Runner, job: RunJob) -> None:
+    job_id = job["id"]
+    try:
+        if job["threads"] != runner.threads:
+            runner.threads = job["threads"]
+            runner._lib.llama_set_n_threads(runner.llm._ctx.ctx, runner.threads, runner.threads)
+        runner.run(job_id, Generation.model_validate(job["gen"]))
+    except JobError as exc:
+        runner.send({"ev": "error", "id": job_id, "code": exc.code, "message": exc.message, "param": exc.param})
+    except ValidationError as exc:
+        runner.send({"ev": "error", "id": job_id, "code": "invalid_request", "message": str(exc.errors()[0]["msg"])})
+    except Exception as exc:  # a bad job must not take the model down with it
+        runner.send({"ev": "error", "id": job_id, "code": "internal_error", "message": str(exc)})
+    finally:
+        runner.cancelled.discard(job_id)
+
+
 def main() -> None:
     _die_with_parent()
     config = orjson.loads(sys.argv[1])
@@ -192,16 +376,12 @@ def main() -> None:
         sys.exit(3)
     runner_ref.append(runner)
     threading.Thread(target=_read_commands, args=(runner_ref, jobs), daemon=True).start()
-    runner.send({"ev": "ready", "n_ctx": runner.llm.n_ctx(), "chat_template": runner.formatter is not None})
+    runner.send({"ev": "ready", "n_ctx": runner.llm.n_ctx(), "chat_template": runner.formatter is not None,
+                 "fim": runner.fim is not None, "tools": runner.tools})  # fmt: skip
     while (job := jobs.get()) is not None:
         if "*" in runner.cancelled:
             break
-        try:
-            runner.run(job)
-        except JobError as exc:
-            runner.send({"ev": "error", "id": job["id"], "code": exc.code, "message": exc.message})
-        except Exception as exc:  # a bad job must not take the model down with it
-            runner.send({"ev": "error", "id": job["id"], "code": "internal_error", "message": str(exc)})
+        _run_one(runner, job)
 
 
 if __name__ == "__main__":

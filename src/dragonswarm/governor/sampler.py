@@ -96,6 +96,9 @@ class Sampler:
     def ram_available(self) -> int:
         return int(psutil.virtual_memory().available)
 
+    def ram_total(self) -> int:
+        return int(psutil.virtual_memory().total)
+
     def close(self) -> None:
         if self._nvml:
             self._nvml.close()

@@ -12,11 +12,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from dragonswarm.errors import NotFound
 from dragonswarm.node.handoff import Handoff
 from dragonswarm.node.link import SwarmLink
 from dragonswarm.node.service import NodeService
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
-from dragonswarm.protocol.runner import RunJob
+from dragonswarm.protocol.runner import Generation
 from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text
 from dragonswarm.scheduler.local import serve_locally
 from dragonswarm.scheduler.models import pick_model
@@ -38,7 +39,8 @@ async def health() -> dict[str, str]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     slots = service_of(request).slots.values()
-    data = [model_card(s.spec.name, s.created, tags=list(s.spec.tags), loaded=s.loaded) for s in slots]
+    data = [model_card(s.spec.name, s.created, tags=list(s.spec.tags), loaded=s.loaded, sha256=s.sha256)
+            for s in slots]  # fmt: skip
     return {"object": "list", "data": data}
 
 
@@ -53,19 +55,23 @@ async def node_status(request: Request) -> dict[str, Any]:
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, body: CompletionRequest) -> Response:
     service = service_of(request)
-    jobs = completion_jobs(body, service.settings.limits)
-    echo = [p for p in body.prompts() for _ in range(body.n)] if body.echo else None
-    return await _serve(request, "text", body, jobs, echo)
+    gens = completion_jobs(body, service.settings.limits)
+    return await _serve(request, body, gens, Reply.for_request(body, "", len(gens)))
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     service = service_of(request)
-    return await _serve(request, "chat", body, chat_jobs(body, service.settings.limits), None)
+    gens = chat_jobs(body, service.settings.limits)
+    return await _serve(request, body, gens, Reply.for_request(body, "", len(gens)))
 
 
-async def _serve(request: Request, kind: str, body: SamplingParams, jobs: list[RunJob],
-                 echo: list[str] | None) -> Response:  # fmt: skip
+@router.post("/v1/embeddings", response_model=None)
+async def embeddings(request: Request) -> Response:
+    raise NotFound("this server does not serve embeddings: it runs generative models only", code="not_supported")
+
+
+async def _serve(request: Request, body: SamplingParams, gens: list[Generation], reply: Reply) -> Response:
     service = service_of(request)
     link: SwarmLink | None = request.app.state.link
     handoff: Handoff | None = request.app.state.handoff
@@ -88,7 +94,7 @@ async def _serve(request: Request, kind: str, body: SamplingParams, jobs: list[R
         # The orchestrator is unreachable or full: serve what we can here.
     slot = service.slot(model or body.model)  # raises 404 model_not_found
     name = service.settings.name
-    reply = Reply(kind, slot.spec.name, len(jobs), body.stream, body.include_usage, echo,
-                  headers=lambda: {"X-Dragon-Nodes": name},
-                  route=lambda: {"nodes": [name], "fragments": 1})  # fmt: skip
-    return await respond(request, reply, service.run_jobs(slot, jobs))
+    reply.model = slot.spec.name
+    reply.headers = lambda: {"X-Dragon-Nodes": name}
+    reply.route = lambda: {"nodes": [name], "fragments": 1}
+    return await respond(request, reply, service.run_jobs(slot, gens))

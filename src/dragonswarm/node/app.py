@@ -22,8 +22,8 @@ from dragonswarm.governor.sampler import Sampler
 from dragonswarm.node.api import router
 from dragonswarm.node.handoff import Handoff
 from dragonswarm.node.link import SwarmLink
-from dragonswarm.node.service import NodeService
-from dragonswarm.settings import ModelSpec, NodeSettings
+from dragonswarm.node.service import LocalModel, NodeService
+from dragonswarm.settings import NodeSettings
 from dragonswarm.tls import client_context
 from dragonswarm.web.errors import BodyLimit, dragon_error_response, install_error_handlers
 
@@ -86,7 +86,7 @@ class RequireKey:
         await dragon_error_response(Unauthorized(message))(scope, receive, send)
 
 
-def build_service(settings: NodeSettings, models: list[tuple[ModelSpec, int]]) -> NodeService:
+def build_service(settings: NodeSettings, models: list[LocalModel]) -> NodeService:
     sampler = Sampler(settings.swarm_pid or os.getpid())
     cap = open_cap(settings.cap_mechanism, sampler.n_cpus)
     policy = OwnerPolicy(noise=settings.owner_noise, headroom=settings.owner_headroom, min_share=settings.min_share)
@@ -96,7 +96,7 @@ def build_service(settings: NodeSettings, models: list[tuple[ModelSpec, int]]) -
     return NodeService(settings, governor, models)
 
 
-def run_node(settings: NodeSettings, models: list[tuple[ModelSpec, int]]) -> None:
+def run_node(settings: NodeSettings, models: list[LocalModel]) -> None:
     """Serve the node's API until interrupted. Also the Python API behind `dragon node`."""
     service = build_service(settings, models)
     app = create_app(service)

@@ -18,9 +18,8 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from dragonswarm.errors import DragonError
+from dragonswarm.errors import DragonError, RunnerFailed
 from dragonswarm.node.service import NodeService
-from dragonswarm.protocol.runner import RunJob
 from dragonswarm.protocol.swarm import (
     NODE_HEADER,
     VERSION,
@@ -85,6 +84,7 @@ class SwarmLink:
 
     async def run(self) -> None:
         """Stay connected: reconnect with backoff for as long as the node runs."""
+        await self.service.identified.wait()  # the swarm knows a model by its file's sha256
         failures = 0
         while True:
             headers = {"Authorization": f"Bearer {self.credential() or self.key}", NODE_HEADER: self.name}
@@ -154,7 +154,8 @@ class SwarmLink:
     def _hello(self) -> Hello:
         s = self.service
         status = s.governor.status()
-        models = [ModelInfo(name=n, tags=list(slot.spec.tags), loaded=slot.loaded) for n, slot in s.slots.items()]
+        models = [ModelInfo(name=n, sha256=slot.sha256, tags=list(slot.spec.tags), loaded=slot.loaded)
+                  for n, slot in s.slots.items() if slot.sha256]  # fmt: skip
         return Hello(v=VERSION, name=self.name, models=models, share=s.settings.share, capacity=1,
                      local_share=s.settings.local_share, cpus=status["cpus"], ram_total=status["ram_total"])
 
@@ -192,20 +193,17 @@ class SwarmLink:
         async def send(ev: str, **fields: Any) -> None:
             await ws.send(dump(JobEvent(job=f.job, ev=ev, **fields)))  # type: ignore[arg-type]
 
-        job = RunJob(op="run", id=f.job, max_tokens=f.max_tokens, temperature=f.temperature, top_p=f.top_p,
-                     stop=f.stop, seed=f.seed, threads=1, prefix=f.prefix)  # fmt: skip
-        if f.messages is not None:
-            job["messages"] = f.messages
-        else:
-            job["prompt"] = f.prompt or ""
         try:
             slot = self.service.slot(f.model)
-            async for _, event in self.service.run_jobs(slot, [job], kind="remote"):
+            if slot.sha256 != f.sha256:  # another file under the same name: its answer would differ
+                raise RunnerFailed(f"this node's {f.model!r} is another file than the one asked for",
+                                   code="model_mismatch")  # fmt: skip
+            async for _, event in self.service.run_jobs(slot, [f.gen], kind="remote", ids=[f.job]):
                 fields = {k: v for k, v in event.items() if k not in ("ev", "id")}
                 await send(event["ev"], **fields)
         except DragonError as exc:
             with contextlib.suppress(websockets.WebSocketException):
-                await send("error", code=exc.code, message=exc.message)
+                await send("error", code=exc.code, message=exc.message, param=exc.param)
         except asyncio.CancelledError:
             # Tell the orchestrator the runner is free again; it counts us busy until then.
             with contextlib.suppress(websockets.WebSocketException):

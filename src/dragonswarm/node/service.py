@@ -1,20 +1,23 @@
-"""Loaded models and the jobs that run on them. Driven by the local API today and by
-jobs from the orchestrator later: both come in as `RunJob`s with a work kind."""
+"""Loaded models and the jobs that run on them, for the local API and for the swarm
+link alike: both come in as `Generation`s with a work kind."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
+from dragonswarm.engines.models import model_sha256
 from dragonswarm.engines.runner import RunnerProcess
 from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded
 from dragonswarm.governor.governor import Governor, WorkKind
 from dragonswarm.governor.policy import ram_needed
-from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.protocol.runner import Event, Generation, run_job
 from dragonswarm.settings import ModelSpec, NodeSettings
 
 log = logging.getLogger("dragonswarm.node")
@@ -22,12 +25,21 @@ log = logging.getLogger("dragonswarm.node")
 RESTART_BACKOFF_S = (0.5, 2.0, 8.0, 30.0)
 
 
+@dataclass(frozen=True)
+class LocalModel:
+    """A model file this node serves: its name and tags, and its size."""
+
+    spec: ModelSpec
+    size: int
+
+
 class ModelSlot:
     """One model the node can serve; at most one runner, one job at a time."""
 
-    def __init__(self, spec: ModelSpec, size: int, settings: NodeSettings, governor: Governor):
-        self.spec = spec
-        self.size = size
+    def __init__(self, model: LocalModel, settings: NodeSettings, governor: Governor):
+        self.spec = model.spec
+        self.size = model.size
+        self.sha256: str | None = None  # the file's identity, once hashed (`NodeService.identify`)
         self.settings = settings
         self.governor = governor
         self.runner: RunnerProcess | None = None
@@ -95,6 +107,7 @@ class ModelSlot:
         return {
             "name": self.spec.name,
             "path": str(self.spec.path),
+            "sha256": self.sha256,
             "tags": list(self.spec.tags),
             "size": self.size,
             "loaded": runner is not None,
@@ -110,11 +123,30 @@ class ModelSlot:
 
 
 class NodeService:
-    def __init__(self, settings: NodeSettings, governor: Governor, models: list[tuple[ModelSpec, int]]):
+    def __init__(self, settings: NodeSettings, governor: Governor, models: list[LocalModel]):
         self.settings = settings
         self.governor = governor
-        self.slots = {spec.name: ModelSlot(spec, size, settings, governor) for spec, size in models}
+        self.slots = {m.spec.name: ModelSlot(m, settings, governor) for m in models}
         self._idle_task: asyncio.Task[None] | None = None
+        self._identify_task: asyncio.Task[None] | None = None
+        self.identified = asyncio.Event()  # every model that can be served has its sha256
+
+    async def identify(self) -> None:
+        """Hash every model file once (cached by size and mtime), off the event loop: the
+        owner is served at once, and the swarm hears of the models when they are known."""
+        cache = self.settings.models_dir / "sha256-cache.json"
+        ram = self.governor.sampler.ram_total()
+        try:
+            for slot in self.slots.values():
+                if slot.size > ram:  # it can never load here: reading it all would be wasted
+                    log.warning("model %s is larger than this machine's memory; not offered to the swarm",
+                                slot.spec.name)  # fmt: skip
+                    continue
+                slot.sha256 = await asyncio.to_thread(model_sha256, slot.spec.path, cache)
+        except OSError as exc:
+            log.error("cannot hash the model files: %s", exc)
+        finally:
+            self.identified.set()
 
     def slot(self, name: str) -> ModelSlot:
         try:
@@ -124,11 +156,11 @@ class NodeService:
             raise ModelNotFound(f"the model {name!r} does not exist on this node (models: {known})",
                                 param="model") from None  # fmt: skip
 
-    async def run_jobs(self, slot: ModelSlot, jobs: list[RunJob], kind: WorkKind = "local"
-                       ) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
-        """Run the jobs of one request in order on the model's runner.
+    async def run_jobs(self, slot: ModelSlot, gens: list[Generation], kind: WorkKind = "local",
+                       ids: list[str] | None = None) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
+        """Run the generations of one request in order on the model's runner.
 
-        Yields (job index, event). A request waits its turn behind a bounded queue;
+        Yields (index, event). A request waits its turn behind a bounded queue;
         when the queue is full it is refused at once with Overloaded (429).
         """
         if slot.lock.locked() and slot.waiting >= self.settings.max_queue:
@@ -141,8 +173,8 @@ class NodeService:
         self.governor.job_started(kind)
         try:
             runner = await slot.ensure_runner()
-            for index, job in enumerate(jobs):
-                job["threads"] = self.governor.threads()
+            for index, gen in enumerate(gens):
+                job = run_job(ids[index] if ids else uuid.uuid4().hex, gen, self.governor.threads())
                 async for event in runner.run(job):
                     yield index, event
                     if event.get("ev") == "error":
@@ -164,10 +196,12 @@ class NodeService:
 
     def start(self) -> None:
         self._idle_task = asyncio.create_task(self._unload_idle(), name="idle-unload")
+        self._identify_task = asyncio.create_task(self.identify(), name="identify-models")
 
     async def close(self) -> None:
-        if self._idle_task:
-            self._idle_task.cancel()
+        for task in (self._idle_task, self._identify_task):
+            if task:
+                task.cancel()
         await asyncio.gather(*(slot.unload() for slot in self.slots.values()), return_exceptions=True)
 
     def status(self) -> dict[str, Any]:

@@ -13,9 +13,10 @@ from fastapi.responses import Response
 from dragonswarm.errors import NotFound, RateLimited
 from dragonswarm.orchestrator.auth import require
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
+from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_REVOKED, Swarm
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
-from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.protocol.runner import Event, Generation
 from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text, token_estimate
 from dragonswarm.scheduler.models import pick_model
 from dragonswarm.store.base import KeyRecord
@@ -43,7 +44,9 @@ async def health() -> dict[str, str]:
 async def list_models(request: Request, key: Inference) -> dict[str, Any]:
     registry = swarm_of(request).registry
     created = int(request.app.state.started)
-    data = [model_card(name, created, tags=tags, nodes=len(registry.serving(name)))
+    data = [model_card(name, created, tags=tags, nodes=len(registry.serving(name)),
+                       files=[{"sha256": sha, "nodes": len(registry.serving_file(model_key(name, sha)))}
+                              for sha in registry.files(name)])
             for name, tags in registry.model_tags().items()]  # fmt: skip
     return {"object": "list", "data": data}
 
@@ -76,34 +79,35 @@ async def revoke_node(request: Request, name: str, key: Admin) -> dict[str, Any]
 
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, body: CompletionRequest, key: Inference) -> Response:
-    s = swarm_of(request).settings
-    jobs = completion_jobs(body, s.limits)
-    echo = [p for p in body.prompts() for _ in range(body.n)] if body.echo else None
-    return await _serve(request, key, "text", body, jobs, echo)
+    return await _serve(request, key, body, completion_jobs(body, swarm_of(request).settings.limits))
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, body: ChatCompletionRequest, key: Inference) -> Response:
-    s = swarm_of(request).settings
-    return await _serve(request, key, "chat", body, chat_jobs(body, s.limits), None)
+    return await _serve(request, key, body, chat_jobs(body, swarm_of(request).settings.limits))
 
 
-async def _serve(request: Request, key: KeyRecord, kind: str, body: SamplingParams, jobs: list[RunJob],
-                 echo: list[str] | None) -> Response:  # fmt: skip
+@router.post("/v1/embeddings", response_model=None)
+async def embeddings(request: Request, key: Inference) -> Response:
+    raise NotFound("this server does not serve embeddings: it runs generative models only", code="not_supported")
+
+
+async def _serve(request: Request, key: KeyRecord, body: SamplingParams, gens: list[Generation]) -> Response:
     swarm = swarm_of(request)
     model = pick_model(body.model, prompt_text(body), swarm.registry.model_tags()) or body.model
     # Only a node may say which node handed the request over (it is kept off that node).
     origin = request.headers.get("x-dragon-origin") if key.role == "node" else None
-    estimate = token_estimate(jobs, swarm.settings.max_tokens)
+    estimate = token_estimate(gens)
     wait = swarm.limiter.admit(str(key.id), estimate, time.monotonic())
     if wait:
         s = swarm.settings
         raise RateLimited(f"rate limit reached for this key ({s.rate_rpm} requests and {s.rate_tpm} tokens "
                           f"per minute); retry in {wait} s", retry_after=wait)  # fmt: skip
     req = SwarmRequest(user=f"key-{key.id}", model=model, origin=origin)
-    reply = Reply(kind, model, len(jobs), body.stream, body.include_usage, echo,
-                  headers=lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}, route=req.route)  # fmt: skip
-    return await respond(request, reply, _metered(swarm, key, model, estimate, swarm.run(req, jobs)))
+    reply = Reply.for_request(body, model, len(gens))
+    reply.headers = lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}
+    reply.route = req.route
+    return await respond(request, reply, _metered(swarm, key, model, estimate, swarm.run(req, gens)))
 
 
 async def _metered(swarm: Swarm, key: KeyRecord, model: str, estimate: int,

@@ -8,8 +8,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.protocol.runner import Event, Generation
 from dragonswarm.protocol.swarm import RunFragment
+from dragonswarm.scheduler.affinity import prefix_keys
 
 if TYPE_CHECKING:
     from dragonswarm.orchestrator.registry import NodeConn
@@ -22,6 +23,9 @@ class Request:
     user: str
     model: str
     origin: str | None  # the node that handed the request over, if any
+    # The model file every fragment runs on, fixed at the first placement: nodes with
+    # another file under the same name would give another answer.
+    sha256: str | None = None
     out: asyncio.Queue[tuple[int, Event]] = field(default_factory=asyncio.Queue)
     fragments: list[Fragment] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)  # every node that worked on it, in order
@@ -38,7 +42,7 @@ class Fragment:
 
     request: Request
     index: int  # the choice index in the response
-    job: RunJob
+    gen: Generation
     deadline: float
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     attempt: int = 0
@@ -48,9 +52,14 @@ class Fragment:
     tokens: int = 0  # completion tokens streamed so far, over every attempt
     base_tokens: int = 0  # ... by attempts before the current one
     prompt_tokens: int | None = None
+    cached_tokens: int = 0  # ... of which the current worker took from its KV cache
     last_event: float = field(default_factory=time.monotonic)
     orphaned_since: float | None = None  # queued while no connected node serves its model
     finished: bool = False
+    keys: list[bytes] = field(init=False)  # its prompt's prefixes, for cache affinity
+
+    def __post_init__(self) -> None:
+        self.keys = prefix_keys(self.gen)
 
     @property
     def job_id(self) -> str:
@@ -58,16 +67,13 @@ class Fragment:
         late events can never be mistaken for the new worker's."""
         return f"{self.id}-{self.attempt}"
 
-    def remaining_tokens(self) -> int | None:
-        limit = self.job["max_tokens"]
-        return None if limit is None else limit - self.tokens
+    def remaining_tokens(self) -> int:
+        return self.gen.max_tokens - self.tokens
 
     def message(self) -> RunFragment:
         """What the worker receives: its own fragment, continued after what was streamed."""
-        job = self.job
-        remaining = self.remaining_tokens()
-        return RunFragment(
-            job=self.job_id, model=self.request.model, prompt=job.get("prompt"), messages=job.get("messages"),
-            prefix="".join(self.text), max_tokens=remaining, temperature=job["temperature"], top_p=job["top_p"],
-            stop=job["stop"], seed=job["seed"],
-        )  # fmt: skip
+        assert self.request.sha256 is not None, "placed before its model file was chosen"
+        gen = self.gen
+        if self.attempt:
+            gen = gen.model_copy(update={"prefix": "".join(self.text), "max_tokens": self.remaining_tokens()})
+        return RunFragment(job=self.job_id, model=self.request.model, sha256=self.request.sha256, gen=gen)

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from dragonswarm.orchestrator.fragments import Fragment
 
 
+def model_key(name: str, sha256: str) -> str:
+    """A model as placement knows it: its name and its file, so that two different files
+    served under one name never share a request."""
+    return f"{name}@{sha256}"
+
+
 @dataclass(eq=False)
 class NodeConn:
     """One connected node, as the orchestrator sees it."""
@@ -45,8 +51,13 @@ class NodeConn:
         return self.hello.name
 
     @cached_property  # `hello` never changes for a connection
+    def keys(self) -> dict[str, str]:
+        """Model name -> its placement key."""
+        return {m.name: model_key(m.name, m.sha256) for m in self.hello.models}
+
+    @cached_property
     def models(self) -> frozenset[str]:
-        return frozenset(m.name for m in self.hello.models)
+        return frozenset(self.keys.values())
 
     def age(self, now: float) -> float:
         return now - self.last_seen
@@ -60,10 +71,11 @@ class NodeConn:
         # What we placed there we know exactly; what the owner runs comes with heartbeats.
         # A machine serving its owner is not given work for others.
         busy = held + (hb.local_busy if hb else 0)
+        loaded = hb.loaded if hb else [m.name for m in self.hello.models if m.loaded]
         return NodeState(
             name=self.name,
             models=self.models,
-            loaded=frozenset(hb.loaded) if hb else frozenset(m.name for m in self.hello.models if m.loaded),
+            loaded=frozenset(self.keys[n] for n in loaded if n in self.keys),
             capacity=self.hello.capacity,
             assigned=busy,
             owner_busy=hb.owner_busy if hb else False,
@@ -93,6 +105,8 @@ class Registry:
         self.conns: dict[str, NodeConn] = {}
         self.index = PlacementIndex()
         self._serving: dict[str, list[NodeConn]] = {}  # model -> connected nodes that serve it
+        self._by_file: dict[str, list[NodeConn]] = {}  # model key -> connected nodes that hold that file
+        self._files: dict[str, list[str]] = {}  # model -> its files' sha256, the most widely held first
         self._tags: dict[str, list[str]] = {}  # model -> the union of its tags
 
     def join(self, conn: NodeConn) -> None:
@@ -117,12 +131,19 @@ class Registry:
     def _index_models(self) -> None:
         # Rebuilt on join and leave (rare), so that the per-request lookups below are O(1).
         self._serving = {}
+        self._by_file = {}
         self._tags = {}
         for conn in self.conns.values():
             for m in conn.hello.models:
                 self._serving.setdefault(m.name, []).append(conn)
+                self._by_file.setdefault(model_key(m.name, m.sha256), []).append(conn)
                 known = self._tags.setdefault(m.name, [])
                 known.extend(t for t in m.tags if t not in known)
+        files: dict[str, dict[str, int]] = {}
+        for key, conns in self._by_file.items():
+            name, _, sha = key.rpartition("@")
+            files.setdefault(name, {})[sha] = len(conns)
+        self._files = {name: sorted(counts, key=lambda sha: -counts[sha]) for name, counts in files.items()}
 
     def heartbeat(self, conn: NodeConn, hb: Heartbeat) -> None:
         conn.heartbeat = hb
@@ -136,6 +157,14 @@ class Registry:
     def serving(self, model: str) -> list[NodeConn]:
         """Connected nodes that can serve `model`, live or not."""
         return self._serving.get(model, [])
+
+    def serving_file(self, key: str) -> list[NodeConn]:
+        """Connected nodes that hold this model file (a `model_key`), live or not."""
+        return self._by_file.get(key, [])
+
+    def files(self, model: str) -> list[str]:
+        """The sha256 of every file served under this name, the most widely held first."""
+        return self._files.get(model, [])
 
     def model_tags(self) -> Mapping[str, list[str]]:
         """Every model some node serves, with the union of its tags, in join order."""

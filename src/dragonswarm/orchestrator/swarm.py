@@ -19,9 +19,10 @@ from typing import Any
 
 from dragonswarm.errors import ModelNotFound, NoCapacity, NoWorkers, Overloaded
 from dragonswarm.orchestrator.fragments import Fragment, Request
-from dragonswarm.orchestrator.registry import NodeConn, Registry
-from dragonswarm.protocol.runner import Event, RunJob
+from dragonswarm.orchestrator.registry import NodeConn, Registry, model_key
+from dragonswarm.protocol.runner import Event, Generation
 from dragonswarm.protocol.swarm import Cancel, Heartbeat, JobEvent, ProtocolError, dump
+from dragonswarm.scheduler.affinity import CacheAffinity
 from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
 from dragonswarm.scheduler.placement import NodeState
 from dragonswarm.scheduler.ratelimit import RateLimiter
@@ -31,7 +32,7 @@ from dragonswarm.store.base import Store
 log = logging.getLogger("dragonswarm.orchestrator")
 
 # Errors that are the request's fault: moving the fragment to another worker would not help.
-CLIENT_ERRORS = {"context_length_exceeded", "invalid_request"}
+CLIENT_ERRORS = {"context_length_exceeded", "invalid_request", "unsupported_parameter"}
 CLOSE_STALE = 4000  # WebSocket close code for a node whose heartbeats stopped
 CLOSE_REVOKED = 4003  # ... for a node an admin revoked
 
@@ -46,11 +47,12 @@ class Swarm:
         # Per process for now: with several replicas (the Redis store) the buckets move there.
         self.limiter = RateLimiter(settings.rate_rpm, settings.rate_tpm)
         self.requests: set[Request] = set()
+        self.affinity = CacheAffinity()
         self._tasks: list[asyncio.Task[None]] = []
 
     # Requests
 
-    async def run(self, req: Request, jobs: list[RunJob]) -> AsyncGenerator[tuple[int, Event]]:
+    async def run(self, req: Request, gens: list[Generation]) -> AsyncGenerator[tuple[int, Event]]:
         """Queue a request's fragments; yield (choice index, event) as workers produce them."""
         model, origin = req.model, req.origin
         serving = self.registry.serving(model)
@@ -60,7 +62,7 @@ class Swarm:
                 raise ModelNotFound(f"no node in the swarm serves {model!r} (models: {known})", param="model")
             raise NoWorkers("no node has joined the swarm yet; start one with 'dragon node --orchestrator ...'")
         deadline = time.monotonic() + self.settings.fragment_timeout_s
-        req.fragments = [Fragment(req, i, job, deadline) for i, job in enumerate(jobs)]
+        req.fragments = [Fragment(req, i, gen, deadline) for i, gen in enumerate(gens)]
         if origin and any(c.name != origin for c in serving):
             for f in req.fragments:
                 f.exclude.add(origin)  # it handed the request over because it could not run it
@@ -112,28 +114,43 @@ class Swarm:
         while (item := self.queue.pop(lambda f: self._choose(f, full) is not None)) is not None:
             self._place(item[1], full)
 
-    def _exclude(self, f: Fragment) -> set[str]:
+    def _exclude(self, f: Fragment, key: str) -> set[str]:
         if not f.exclude:
             return f.exclude
         # Exclusion is a preference: if every node that serves the model is excluded
         # (say the only worker failed once), trying one of them again beats failing.
-        serving = {c.name for c in self.registry.serving(f.request.model)}
+        serving = {c.name for c in self.registry.serving_file(key)}
         return f.exclude if serving - f.exclude else set()
 
-    def _choose(self, f: Fragment, full: set[str]) -> str | None:
-        model = f.request.model
-        if model in full:
-            return None
-        name = self.registry.index.choose(model, self._exclude(f))
-        if name is None and not f.exclude:
-            full.add(model)  # nobody at all can take this model now
-        return name
+    def _choose(self, f: Fragment, full: set[str]) -> tuple[str, str] | None:
+        """(node, model file) for the fragment: the node whose cache holds the longest prefix
+        of its prompt if that node is free, else the placement index's best. Once a request
+        has a model file, every fragment of it stays on that file."""
+        req = f.request
+        index = self.registry.index
+        for sha in [req.sha256] if req.sha256 else self.registry.files(req.model):
+            key = model_key(req.model, sha)
+            if key in full:
+                continue
+            exclude = self._exclude(f, key)
+            for holder in self.affinity.holders(key, f.keys):
+                if holder not in exclude and index.eligible(key, holder):
+                    return holder, sha
+            name = index.choose(key, exclude)
+            if name is not None:
+                return name, sha
+            if not f.exclude:
+                full.add(key)  # nobody at all can take this model file now
+        return None
 
     def _place(self, f: Fragment, full: set[str]) -> bool:
-        name = self._choose(f, full)
-        if name is None:
+        chosen = self._choose(f, full)
+        if chosen is None:
             return False
+        name, sha = chosen
+        f.request.sha256 = sha
         conn = self.registry.conns[name]
+        self.affinity.record(name, model_key(f.request.model, sha), f.keys)
         f.node = conn
         f.last_event = time.monotonic()
         conn.jobs[f.job_id] = f
@@ -175,8 +192,7 @@ class Swarm:
         if f.attempt >= self.settings.max_attempts:
             self._finish(f, error="runner_failed", message=f"{f.attempt} workers failed this request; last: {reason}")
             return
-        remaining = f.remaining_tokens()
-        if remaining is not None and remaining <= 0:
+        if f.remaining_tokens() <= 0:
             self._emit_done(f, "length")
             return
         log.warning("fragment %s moves off %s (%s) after %d tokens", f.id, failed, reason, f.tokens)
@@ -198,14 +214,18 @@ class Swarm:
         f.last_event = time.monotonic()
         match ev.ev:
             case "start":
+                f.cached_tokens = ev.cached_tokens or 0
                 if f.prompt_tokens is None:
                     f.prompt_tokens = ev.prompt_tokens or 0
                     self._emit(f, {"ev": "start", "prompt_tokens": f.prompt_tokens})
             case "text":
-                if ev.text:
-                    f.text.append(ev.text)
+                if ev.text or ev.logprobs:
+                    f.text.append(ev.text or "")
                     f.tokens = f.base_tokens + (ev.completion_tokens or 0)
-                    self._emit(f, {"ev": "text", "text": ev.text})
+                    event: Event = {"ev": "text", "text": ev.text or ""}
+                    if ev.logprobs:
+                        event["logprobs"] = [lp.model_dump() for lp in ev.logprobs]  # type: ignore[misc]
+                    self._emit(f, event)
             case "done":
                 conn.served += 1
                 self._release(conn, ev.job)
@@ -217,7 +237,8 @@ class Swarm:
             case "error":
                 self._release(conn, ev.job)
                 if ev.code in CLIENT_ERRORS:
-                    self._finish(f, error=ev.code or "invalid_request", message=ev.message or "invalid request")
+                    self._finish(f, error=ev.code or "invalid_request", message=ev.message or "invalid request",
+                                 param=ev.param)  # fmt: skip
                 else:
                     self._fail_over(f, f"{ev.code}: {ev.message}")
 
@@ -232,12 +253,15 @@ class Swarm:
             f.prompt_tokens = 0
             self._emit(f, {"ev": "start", "prompt_tokens": 0})
         self._emit(f, {"ev": "done", "finish_reason": finish_reason, "prompt_tokens": f.prompt_tokens,
-                       "completion_tokens": f.tokens})  # fmt: skip
+                       "cached_tokens": f.cached_tokens, "completion_tokens": f.tokens})  # fmt: skip
 
-    def _finish(self, f: Fragment, *, error: str, message: str) -> None:
+    def _finish(self, f: Fragment, *, error: str, message: str, param: str | None = None) -> None:
         f.finished = True
         self._abandon(f)
-        self._emit(f, {"ev": "error", "code": error, "message": message})
+        event: Event = {"ev": "error", "code": error, "message": message}
+        if param:
+            event["param"] = param
+        self._emit(f, event)
 
     # Nodes
 
@@ -259,6 +283,7 @@ class Swarm:
         with contextlib.suppress(Exception):  # the store being down must not stop failover
             record = conn.record(time.monotonic(), self.settings.stale_after_s)
             self.store.save_nodes([dataclasses.replace(record, state="gone")])
+        self.affinity.forget(conn.name)
         for f in list(conn.jobs.values()):
             if not f.finished:
                 self._fail_over(f, "connection lost")
@@ -267,8 +292,10 @@ class Swarm:
         self.dispatch()
 
     def _orphaned(self, f: Fragment, now: float) -> bool:
-        """Queued for a model that no connected node serves any more, for a while."""
-        if f.node is not None or self.registry.serving(f.request.model):
+        """Queued for a model (file) that no connected node serves any more, for a while."""
+        req = f.request
+        if f.node is not None or (self.registry.serving_file(model_key(req.model, req.sha256)) if req.sha256
+                                  else self.registry.serving(req.model)):  # fmt: skip
             f.orphaned_since = None
             return False
         f.orphaned_since = f.orphaned_since or now

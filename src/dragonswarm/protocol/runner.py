@@ -1,42 +1,86 @@
-"""Messages between the node and a runner child process: one JSON object per line.
+"""What to generate, and the messages between the node and a runner child process.
 
-Node -> runner: `run` (a job), `cancel` (stop a job between two tokens), `exit`.
+`Generation` is one choice's work, from the API down to llama.cpp: the node builds it
+from an OpenAI request, the orchestrator sends it to a worker inside a `run` message,
+and the runner carries it out. Defined once here, so no layer can drop a field.
+
+Runner wire format, one JSON object per line. Node -> runner: `run` (a job: an id, a
+thread count and a `Generation`), `cancel` (stop a job at its next check), `exit`.
 Runner -> node: `ready` once loaded, then per job `start`, `text`..., then `done` or
 `error`; `fatal` if the model cannot be loaded at all.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, TypedDict
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Generation(BaseModel):
+    """One choice: the prompt (text, chat messages, or a fill-in-the-middle pair) and how to sample."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    suffix: str | None = None  # fill-in-the-middle: `prompt` is the text before, this the text after
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions, for the chat template
+    tool_choice: Literal["auto", "required"] = "auto"  # required: the output is forced into a call
+    tool_name: str | None = None  # ... of this function
+    json_schema: dict[str, Any] | None = None  # output must be JSON matching this schema ({}: any object)
+    prefix: str = ""  # continue after this text (failover): it is part of the answer already
+    max_tokens: int = Field(ge=1)
+    fit_context: bool = False  # max_tokens is a default: shorten it to what the context leaves
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> bias added to its logit
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    logprobs: int | None = Field(None, ge=0, le=20)  # None: none; k: the sampled token's and k alternatives
+    cache_prompt: bool = True  # reuse the KV cache of the longest prefix shared with the last prompt
 
 
 class RunJob(TypedDict):
     op: Literal["run"]
     id: str
-    prompt: NotRequired[str]
-    messages: NotRequired[list[dict[str, str]]]
-    prefix: NotRequired[str]  # continue after this text (failover)
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
     threads: int
+    gen: dict[str, Any]  # a Generation, dumped
+
+
+class TokenLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]  # the most likely tokens at this step
 
 
 class Event(TypedDict, total=False):
     ev: Literal["ready", "start", "text", "done", "error", "fatal"]
     id: str
     text: str
+    logprobs: list[TokenLogprob]  # on `text`: one per token in it, when asked for
     finish_reason: str
     prompt_tokens: int
+    cached_tokens: int  # on `start` and `done`: prompt tokens taken from the KV cache
     completion_tokens: int
     code: str
     message: str
+    param: str
     n_ctx: int
     chat_template: bool
+    fim: bool
+    tools: bool
+
+
+def run_job(job_id: str, gen: Generation, threads: int = 1) -> RunJob:
+    return RunJob(op="run", id=job_id, threads=threads, gen=gen.model_dump(exclude_defaults=True))
 
 
 def encode(message: dict[str, Any] | RunJob) -> bytes:

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+
+from dragonswarm.protocol.runner import Generation
 
 VERSION = 1
 NODE_HEADER = "X-Dragon-Node"  # the node's name, at the WebSocket handshake
@@ -29,8 +31,14 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
 class ModelInfo(_Message):
     name: str = Field(min_length=1, max_length=128)
+    # The GGUF file's sha256: a model's identity. One request's fragments, and a failover's
+    # continuation, only go to nodes holding the same file.
+    sha256: str = Field(pattern=SHA256_PATTERN)
     tags: list[str] = Field(default_factory=list, max_length=16)
     loaded: bool = False
 
@@ -64,6 +72,16 @@ class Heartbeat(_Message):
     running: list[str] = Field(default_factory=list, max_length=64)  # fragments in progress here
 
 
+class Logprob(_Message):
+    """One generated token's log-probability, and the most likely tokens at that step."""
+
+    token: str = Field(max_length=256)
+    logprob: float
+    bytes: list[int] = Field(max_length=256)
+    # Not strict: JSON has no tuples, and strict mode takes only a tuple for one.
+    top: list[Annotated[tuple[str, float, list[int]], Strict(False)]] = Field(default_factory=list, max_length=20)
+
+
 class JobEvent(_Message):
     """Progress of one fragment: `start`, `text`..., then `done` or `error`."""
 
@@ -71,11 +89,14 @@ class JobEvent(_Message):
     job: str = Field(min_length=1, max_length=64)
     ev: Literal["start", "text", "done", "error"]
     text: str | None = Field(default=None, max_length=65536)
+    logprobs: list[Logprob] | None = Field(default=None, max_length=4096)  # one per token in `text`
     finish_reason: str | None = Field(default=None, max_length=32)
     prompt_tokens: int | None = Field(default=None, ge=0)
+    cached_tokens: int | None = Field(default=None, ge=0)  # prompt tokens reused from the KV cache
     completion_tokens: int | None = Field(default=None, ge=0)  # so far, on `text`; in all, on `done`
     code: str | None = Field(default=None, max_length=64)
     message: str | None = Field(default=None, max_length=4096)
+    param: str | None = Field(default=None, max_length=64)  # the request field an error is about
 
 
 # Orchestrator -> node
@@ -92,23 +113,17 @@ class Welcome(_Message):
 
 
 class RunFragment(_Message):
-    """One fragment: a prompt (or chat messages) and its sampling parameters, nothing else.
+    """One fragment: what to generate for one choice, nothing else.
 
-    `prefix` is text already streamed to the client by a worker that died: the new
-    worker continues after it, so the client sees no gap and no repeat.
+    Its `gen.prefix` is text already streamed to the client by a worker that failed: the
+    new worker continues after it, so the client sees no gap and no repeat.
     """
 
     type: Literal["run"] = "run"
     job: str = Field(min_length=1, max_length=64)
     model: str
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    prefix: str = ""
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(ge=0.0, le=2.0)
-    top_p: float = Field(gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    sha256: str = Field(pattern=SHA256_PATTERN)  # the model file it must run on
+    gen: Generation
 
 
 class Cancel(_Message):

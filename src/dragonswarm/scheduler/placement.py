@@ -131,6 +131,10 @@ class PlacementIndex:
         buckets = self._models.get(model)
         return None if buckets is None else buckets.first(exclude)
 
+    def eligible(self, model: str, name: str) -> bool:
+        """The node can take a fragment of `model` now (whatever its rank)."""
+        return model in self._filed.get(name, {})
+
     def _unfile(self, model: str, key: Rank, name: str) -> None:
         buckets = self._models[model]
         buckets.discard(key, name)

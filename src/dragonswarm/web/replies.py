@@ -21,16 +21,34 @@ from dragonswarm.errors import (
     NoWorkers,
     RunnerFailed,
     Timeout,
+    UnsupportedParameter,
 )
-from dragonswarm.protocol.openai import Usage, full_response, new_id, now, stream_chunk, usage_chunk
-from dragonswarm.protocol.runner import Event
+from dragonswarm.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    PromptTokensDetails,
+    SamplingParams,
+    Usage,
+    chat_choice,
+    chat_logprobs,
+    full_response,
+    new_id,
+    now,
+    stream_chunk,
+    text_choice,
+    text_logprobs,
+    usage_chunk,
+)
+from dragonswarm.protocol.runner import Event, TokenLogprob
 from dragonswarm.web.errors import ClientGone
+from dragonswarm.web.tool_calls import ToolCallStream, parse_tool_calls
 
 Events = AsyncGenerator[tuple[int, Event]]
 
 EVENT_ERRORS: dict[str, type[DragonError]] = {
     "context_length_exceeded": ContextLengthExceeded,
     "invalid_request": InvalidRequest,
+    "unsupported_parameter": UnsupportedParameter,
     "model_not_found": ModelNotFound,
     "runner_failed": RunnerFailed,
     "timeout": Timeout,
@@ -40,7 +58,7 @@ EVENT_ERRORS: dict[str, type[DragonError]] = {
 
 def error_from_event(event: Event) -> DragonError:
     cls = EVENT_ERRORS.get(event.get("code", ""), DragonError)
-    return cls(event.get("message", "generation failed"))
+    return cls(event.get("message", "generation failed"), param=event.get("param"))
 
 
 @dataclass
@@ -53,9 +71,25 @@ class Reply:
     stream: bool
     include_usage: bool = False
     echo: list[str] | None = None  # per choice, for `echo` on completions
+    logprobs: bool = False  # the events carry logprobs: put them in the answer
+    tools: frozenset[str] = frozenset()  # the tools offered: parse calls to them out of the text
+    parallel_tool_calls: bool = True  # False: only the first call counts
     # Read once the first event is in: the route (`X-Dragon-Nodes`, `dragon` object) is known by then.
     headers: Callable[[], dict[str, str]] | None = None
     route: Callable[[], dict[str, Any]] | None = None
+
+    @classmethod
+    def for_request(cls, body: SamplingParams, model: str, n: int) -> Reply:
+        """What the request asked of the answer's shape; `n` is the number of choices in all."""
+        if isinstance(body, CompletionRequest):
+            echo = [p for p in body.prompts() for _ in range(body.n)] if body.echo else None
+            return cls("text", model, n, body.stream, body.include_usage, echo, logprobs=body.logprobs is not None)
+        if isinstance(body, ChatCompletionRequest):
+            offered = body.tools if body.tool_choice != "none" else None
+            tools = frozenset(t.function.name for t in offered or [])
+            return cls("chat", model, n, body.stream, body.include_usage, logprobs=body.logprobs, tools=tools,
+                       parallel_tool_calls=body.parallel_tool_calls)  # fmt: skip
+        return cls("chat", model, n, body.stream, body.include_usage)
 
 
 async def respond(request: Request, reply: Reply, events: Events) -> Response:
@@ -81,6 +115,7 @@ async def respond(request: Request, reply: Reply, events: Events) -> Response:
 async def _collect(reply: Reply, rid: str, created: int, events: Events) -> dict[str, Any]:
     echo = reply.echo
     texts = [[e] for e in echo] if echo else [[] for _ in range(reply.n)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(reply.n)]
     finish = ["length"] * reply.n
     usage = Usage()
     async with contextlib.aclosing(events) as stream:
@@ -88,38 +123,76 @@ async def _collect(reply: Reply, rid: str, created: int, events: Events) -> dict
             match event.get("ev"):
                 case "text":
                     texts[index].append(event["text"])
+                    logprobs[index].extend(event.get("logprobs", ()))
                 case "done":
                     finish[index] = event["finish_reason"]
                     usage.add(_usage(event))
                 case "error":
                     raise error_from_event(event)
-    body = full_response(reply.kind, rid, created, reply.model, ["".join(t) for t in texts], finish, usage)
+    choices = []
+    for i in range(reply.n):
+        text = "".join(texts[i])
+        if reply.kind == "text":
+            start = len(echo[i]) if echo else 0
+            lp = text_logprobs(logprobs[i], start) if reply.logprobs else None
+            choices.append(text_choice(i, text, finish[i], lp))
+            continue
+        content, calls = parse_tool_calls(text, reply.tools) if reply.tools else (text, [])
+        calls = calls if reply.parallel_tool_calls else calls[:1]
+        lp = chat_logprobs(logprobs[i]) if reply.logprobs else None
+        choices.append(chat_choice(i, content, _tool_finish(finish[i], calls), lp, calls))
+    body = full_response(reply.kind, rid, created, reply.model, choices, usage)
     if reply.route:
         body["dragon"] = reply.route()
     return body
+
+
+def _tool_finish(finish: str, calls: list[dict[str, Any]]) -> str:
+    return "tool_calls" if calls and finish == "stop" else finish
 
 
 async def _sse(reply: Reply, rid: str, created: int, events: Events) -> AsyncIterator[bytes]:
     kind, model = reply.kind, reply.model
     usage = Usage()
     done = 0
+    offsets = [len(e) for e in reply.echo] if reply.echo else [0] * reply.n  # completions' text_offset
+    calls = [ToolCallStream(reply.tools) for _ in range(reply.n)] if reply.tools else None
+
+    def chunk(index: int, text: str | None, finish: str | None = None, first: bool = False,
+              entries: list[TokenLogprob] | None = None, tool_calls: list[dict[str, Any]] | None = None) -> bytes:
+        logprobs = None
+        if reply.logprobs and entries is not None:
+            logprobs = chat_logprobs(entries) if kind == "chat" else text_logprobs(entries, offsets[index])
+        if text:
+            offsets[index] += len(text)
+        return _data(stream_chunk(kind, rid, created, model, index, text, finish, first, logprobs, tool_calls))
+
     async with contextlib.aclosing(events) as stream:
         try:
             async for index, event in stream:
                 match event.get("ev"):
                     case "start":
                         if kind == "chat" or reply.echo:
-                            text = reply.echo[index] if reply.echo else ""
-                            yield _data(stream_chunk(kind, rid, created, model, index, text, None, first=True))
+                            yield chunk(index, reply.echo[index] if reply.echo else "", first=True)
                     case "text":
-                        yield _data(stream_chunk(kind, rid, created, model, index, event["text"], None))
+                        text = calls[index].feed(event["text"]) if calls else event["text"]
+                        entries = event.get("logprobs")
+                        if text or entries:
+                            yield chunk(index, text, entries=entries or [])
                     case "done":
                         usage.add(_usage(event))
                         done += 1
-                        chunk = stream_chunk(kind, rid, created, model, index, None, event["finish_reason"])
+                        finish = event["finish_reason"]
+                        if calls:
+                            rest, found = calls[index].finish()
+                            found = found if reply.parallel_tool_calls else found[:1]
+                            if rest or found:
+                                yield chunk(index, rest or None, tool_calls=found)
+                            finish = _tool_finish(finish, found)
+                        last = stream_chunk(kind, rid, created, model, index, None, finish)
                         if done == reply.n and reply.route and not reply.include_usage:
-                            chunk["dragon"] = reply.route()  # the final chunk names the route
-                        yield _data(chunk)
+                            last["dragon"] = reply.route()  # the final chunk names the route
+                        yield _data(last)
                     case "error":
                         raise error_from_event(event)
         except DragonError as exc:  # the stream has started: the error is its last event
@@ -127,10 +200,10 @@ async def _sse(reply: Reply, rid: str, created: int, events: Events) -> AsyncIte
             yield b"data: [DONE]\n\n"
             return
     if reply.include_usage:
-        chunk = usage_chunk(kind, rid, created, model, usage)
+        final = usage_chunk(kind, rid, created, model, usage)
         if reply.route:
-            chunk["dragon"] = reply.route()
-        yield _data(chunk)
+            final["dragon"] = reply.route()
+        yield _data(final)
     yield b"data: [DONE]\n\n"
 
 
@@ -145,7 +218,8 @@ async def _chain(first: tuple[int, Event], rest: Events) -> Events:
 
 def _usage(event: Event) -> Usage:
     p, c = event.get("prompt_tokens", 0), event.get("completion_tokens", 0)
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    cached = PromptTokensDetails(cached_tokens=event.get("cached_tokens", 0))
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=cached)
 
 
 def _data(obj: dict[str, Any]) -> bytes:

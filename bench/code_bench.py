@@ -1,0 +1,369 @@
+"""Coding benchmarks for the bundled code model, each beside its reference, in one run.
+
+    .venv/bin/python -m bench.code_bench            # writes bench/results/code.{json,md}
+
+1. Seconds per line of code over chat: coding tasks streamed at temperature 0 to our node
+   at the default share (0.80), to plain llama-cpp-python in this process and to
+   `python -m llama_cpp.server`, both with the node's thread count; systems alternate
+   task by task and their order flips every round.
+2. Second-turn latency: time to first token of the next turn of a ~1,500-token chat, on
+   the node with and without its prompt cache; plain llama-cpp-python as a reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import llama_cpp
+import psutil
+from llama_cpp.llama_cache import LlamaRAMCache
+
+from bench.node_bench import N_CPUS, RESULTS, LlamaServer, Node, Timing, settle, stream_completion
+from dragonswarm.engines.models import bundled_coder
+from dragonswarm.governor.policy import threads_for
+from dragonswarm.settings import CODER_MODEL_NAME
+
+N_CTX = 4096  # the node's default context, given to every system
+TASKS = [
+    "Write a Python function that parses an ISO 8601 date string into a datetime and raises ValueError on bad input.",
+    "Write a JavaScript function debounce(fn, ms) that also returns a cancel() method.",
+    "Write a SQL query for the top 5 customers by total order value in 2023, from customers(id, name) and "
+    "orders(id, customer_id, total, created_at).",
+    "Write a bash script that lists files over 100 MB under the directory given as its argument, largest first.",
+    "Write a Python class for an LRU cache with O(1) get and put.",
+    "Write a TypeScript function that validates a User object with a name, an email and an optional age.",
+    "Write a Go function that reverses the order of the words in a string.",
+    "Write a Rust function that returns the n-th Fibonacci number as a u128, iteratively.",
+    "Write a Python function that merges overlapping intervals given as (start, end) tuples.",
+    "Write a C function that tells whether a string is a palindrome, ignoring case and anything but letters.",
+]
+# The long chat's earlier turns, answered with these functions' source: a deterministic history
+# (for a given Python version) without pasting a page of code here.
+EARLIER_TURNS = [
+    ("Write a Python function that removes the common leading whitespace from every line.", textwrap.dedent),
+    ("Write a function that decodes a JSON string literal, handling escapes.", json.decoder.py_scanstring),  # type: ignore[attr-defined]
+    ("Write the method that splits text into words and whitespace for wrapping.", textwrap.TextWrapper._split),
+    ("Write a function that cleans up the indentation of a docstring.", inspect.cleandoc),
+]
+SYSTEM_PROMPT = "You are a senior software engineer. Answer with short, correct code and few words."
+NEXT_TURN = "Now write a function that quotes a string for a POSIX shell, like shlex.quote, with tests."
+FIRST_TURN_TOKENS = 64  # the answer that goes into the history; its length barely matters
+SECOND_TURN_TOKENS = 8  # only the time to its first token is measured
+
+
+@dataclass
+class Answer:
+    ttft: float
+    total: float
+    text: str
+    usage: dict[str, Any] = field(default_factory=dict)  # as the server reported it, if it did
+
+
+def stream_chat(base: str, model: str, messages: list[dict[str, str]], max_tokens: int, **extra: Any) -> Answer:
+    """Time one streamed /v1/chat/completions request the way an OpenAI client sees it."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}  # fmt: skip
+    pieces: list[str] = []
+    usage: dict[str, Any] = {}
+    start = time.perf_counter()
+    first = end = 0.0
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                if piece := choice["delta"].get("content"):
+                    end = time.perf_counter()
+                    first = first or end
+                    pieces.append(piece)
+    return Answer(first - start, end - start, "".join(pieces), usage)
+
+
+class CoderNode(Node):
+    """node_bench's node, serving the coder GGUF under its bundled name."""
+
+    def __init__(self, home: Path, model: Path):
+        super().__init__(home, "--model", f"{CODER_MODEL_NAME}={model}:code,chat", "--no-bundled-model",
+                         "--local-share", "0.8")  # fmt: skip
+
+    def run(self, prompt: str, max_tokens: int) -> Timing:  # Node's warm-up calls this
+        return stream_completion(self.base, CODER_MODEL_NAME, prompt, max_tokens)
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int, **extra: Any) -> Answer:
+        return stream_chat(self.base, CODER_MODEL_NAME, messages, max_tokens, **extra)
+
+
+class ChatServer(LlamaServer):
+    def chat(self, messages: list[dict[str, str]], max_tokens: int, **extra: Any) -> Answer:
+        return stream_chat(f"http://127.0.0.1:{self.port}", "m", messages, max_tokens, **extra)
+
+
+class PlainChat:
+    """llama-cpp-python called directly, as a script would: no server, no process in between."""
+
+    name = "llama-cpp-python"
+
+    def __init__(self, model: Path, threads: int):
+        self.llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)  # fmt: skip
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int, cache_prompt: bool = True) -> Answer:
+        if not cache_prompt:
+            # llama-cpp-python always reuses the KV prefix of its previous prompt; a reset is
+            # its equivalent of the node's `cache_prompt: false`.
+            self.llm.reset()  # type: ignore[no-untyped-call]
+        pieces: list[str] = []
+        start = time.perf_counter()
+        first = end = 0.0
+        stream = self.llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0, stream=True)  # type: ignore[arg-type]
+        for chunk in stream:
+            delta: Any = chunk["choices"][0]["delta"]  # type: ignore[index]
+            if piece := delta.get("content"):
+                end = time.perf_counter()
+                first = first or end
+                pieces.append(piece)
+        return Answer(first - start, end - start, "".join(pieces))
+
+    def count_tokens(self, text: str) -> int:
+        """One token count for every system's answer, whatever its server reports or streams."""
+        return len(self.llm.tokenize(text.encode(), add_bos=False))
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def governor(system: Any) -> dict[str, Any]:
+    """The node's share and owner load just after a run: a share below 0.80 means other programs
+    on the machine made it yield during the run, and its numbers are not comparable."""
+    if not isinstance(system, CoderNode):
+        return {}
+    gov = system.status()["governor"]
+    return {"share_after": gov["share_in_force"], "owner_load_after": gov["owner_load"]}
+
+
+def code_lines(text: str) -> int:
+    """Lines between ``` fences (blank ones too, an unclosed block runs to the end); without
+    a fence, every non-empty line."""
+    inside, fenced, count = False, False, 0
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            inside, fenced = not inside, True
+        elif inside:
+            count += 1
+    return count if fenced else sum(1 for line in text.splitlines() if line.strip())
+
+
+def bench_lines(systems: list[Any], count_tokens: Callable[[str], int], rounds: int, n_tasks: int,
+                max_tokens: int) -> dict[str, Any]:  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in systems}
+    for s in systems:  # one untimed chat each: page faults, template compilation
+        s.chat([{"role": "user", "content": "Say hello."}], 4)
+    for r in range(rounds):
+        order = systems if r % 2 == 0 else systems[::-1]  # alternate to cancel drift
+        for i, task in enumerate(TASKS[:n_tasks]):
+            for s in order:
+                settle(s)
+                a = s.chat([{"role": "user", "content": task}], max_tokens)
+                tokens, lines = count_tokens(a.text), code_lines(a.text)
+                runs[s.name].append({"round": r, "task": i, "ttft": a.ttft, "total": a.total, "tokens": tokens,
+                                     "lines": lines, "reported_tokens": a.usage.get("completion_tokens"),
+                                     "text": a.text, **governor(s)})  # fmt: skip
+                print(f"  round {r + 1}/{rounds} task {i + 1} {s.name}: {tokens / a.total:.1f} tok/s, {lines} lines")
+    result = {name: summarize_lines(rs) for name, rs in runs.items()}
+    for name in result:
+        result[name]["ratio_tokens_per_s"] = result[name]["tokens_per_s"] / result[PlainChat.name]["tokens_per_s"]
+    same = sum(len({x["text"] for rs in runs.values() for x in rs if x["task"] == i}) == 1 for i in range(n_tasks))
+    return {"rounds": rounds, "tasks": n_tasks, "max_tokens": max_tokens, "systems": result,
+            "tasks_with_same_text": same, "runs": runs}  # fmt: skip
+
+
+def summarize_lines(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over rounds of each round's totals: a task with few lines weighs in by its share."""
+    per_round = []
+    for r in sorted({x["round"] for x in runs}):
+        rs = [x for x in runs if x["round"] == r]
+        total, tokens, lines = (sum(x[k] for x in rs) for k in ("total", "tokens", "lines"))
+        decode = sum(x["total"] - x["ttft"] for x in rs)
+        per_round.append({"tokens_per_s": tokens / total, "decode_tokens_per_s": (tokens - len(rs)) / decode,
+                          "s_per_line": total / max(1, lines), "tokens_per_line": tokens / max(1, lines),
+                          "lines": lines, "tokens": tokens})  # fmt: skip
+    out = {k: statistics.median(p[k] for p in per_round) for k in per_round[0]}
+    out["ttft_ms"] = statistics.median(x["ttft"] for x in runs) * 1000
+    return out
+
+
+def long_chat() -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for ask, obj in EARLIER_TURNS:
+        messages += [{"role": "user", "content": ask},
+                     {"role": "assistant", "content": f"```python\n{inspect.getsource(obj)}```"}]  # fmt: skip
+    return [*messages, {"role": "user", "content": "Write a function that wraps text to a given width."}]
+
+
+def bench_second_turn(node: CoderNode, plain: PlainChat, rounds: int) -> dict[str, Any]:
+    """Each case sends the long chat, then at once the next turn with the first answer in its history."""
+    cases: list[tuple[str, Any, dict[str, Any], bool]] = [  # name, system, second turn's options, LlamaRAMCache
+        ("dragon node, prompt cache", node, {}, False),
+        ("dragon node, cache_prompt false", node, {"cache_prompt": False}, False),
+        ("llama-cpp-python, default (KV prefix of the last prompt)", plain, {}, False),
+        ("llama-cpp-python, reset (no reuse)", plain, {"cache_prompt": False}, False),
+        ("llama-cpp-python, reset + LlamaRAMCache", plain, {"cache_prompt": False}, True),
+    ]
+    history = long_chat()
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in cases}
+    for r in range(rounds):
+        for name, system, options, ram_cache in cases if r % 2 == 0 else cases[::-1]:
+            settle(system)
+            if ram_cache:
+                plain.llm.set_cache(LlamaRAMCache())  # a fresh one: no state from earlier rounds
+            try:
+                first = system.chat(history, FIRST_TURN_TOKENS)
+                answered = {"role": "assistant", "content": first.text}
+                follow = [*history, answered, {"role": "user", "content": NEXT_TURN}]
+                a = system.chat(follow, SECOND_TURN_TOKENS, **options)
+            finally:
+                plain.llm.set_cache(None)
+            details = a.usage.get("prompt_tokens_details") or {}
+            runs[name].append({"round": r, "ttft": a.ttft, "prompt_tokens": a.usage.get("prompt_tokens"),
+                               "cached_tokens": details.get("cached_tokens"), "text": a.text,
+                               **governor(system)})  # fmt: skip
+            print(f"  round {r + 1}/{rounds} {name}: first token after {a.ttft * 1000:.0f} ms", flush=True)
+    result: dict[str, Any] = {}
+    for name, rs in runs.items():
+        known = [x["cached_tokens"] for x in rs if x["cached_tokens"] is not None]
+        result[name] = {"ttft_ms": statistics.median(x["ttft"] for x in rs) * 1000,
+                        "prompt_tokens": rs[0]["prompt_tokens"],
+                        "cached_tokens": statistics.median(known) if known else None}  # fmt: skip
+    for name in result:  # each system's speed-up over itself without reuse
+        base = "dragon node, cache_prompt false" if name.startswith("dragon") else "llama-cpp-python, reset (no reuse)"
+        result[name]["speedup"] = result[base]["ttft_ms"] / result[name]["ttft_ms"]
+    return {"rounds": rounds, "first_turn_tokens": FIRST_TURN_TOKENS, "cases": result, "runs": runs}
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    ln, st, th = results["lines"], results["second_turn"], results["threads"]
+    node, plain = ln["systems"]["dragon node"], ln["systems"][PlainChat.name]
+    speedup = st["cases"]["dragon node, prompt cache"]["speedup"]
+    prompt_tokens = st["cases"]["dragon node, prompt cache"]["prompt_tokens"]
+    low = min(x["share_after"] for x in ln["runs"]["dragon node"])  # below 0.80: the node yielded to others
+    out = [
+        "# Code benchmark results",
+        "",
+        f"Machine: {results['machine']}. Model: {results['model']}. Command: `{results['command']}`.",
+        "",
+        f"Threads: dragon node {th['dragon node']} (its governor at share {th['share']:.2f}, {th['mechanism']}); "
+        f"llama-cpp-python and llama_cpp.server {th[PlainChat.name]}, uncapped.",
+        "",
+        f"## Seconds per line of code over chat (rounds: {ln['rounds']}, tasks: {ln['tasks']}, "
+        f"max {ln['max_tokens']} tokens, temperature 0, streamed)",
+        "",
+        "| system | tokens/s | decode tokens/s | time to first token | s/line | tokens/line | lines | "
+        "ratio to llama-cpp-python |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in ln["systems"].items():
+        out.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['ttft_ms']:.0f} ms "
+                   f"| {r['s_per_line']:.3f} | {r['tokens_per_line']:.1f} | {r['lines']:.0f} "
+                   f"| {r['ratio_tokens_per_s']:.3f} |")  # fmt: skip
+    out += [
+        "",
+        f"Targets: node tokens/s ≥ 0.97 × llama-cpp-python's: {node['tokens_per_s'] / plain['tokens_per_s']:.3f} "
+        f"({verdict(node['tokens_per_s'] >= 0.97 * plain['tokens_per_s'])}); node ≤ 0.40 s/line: "
+        f"{node['s_per_line']:.3f} ({verdict(node['s_per_line'] <= 0.40)}). Lowest share in force after a "
+        f"node run: {low:.2f}"
+        + (" — other programs on the machine made the node yield: rerun on a quiet one." if low < th["share"] else "."),
+        "",
+        "Tokens: each answer's text tokenized again with the model's tokenizer, one count for all systems. "
+        "Lines: those between ``` fences, blank ones included (without a fence, the non-empty lines). Each "
+        "round's total time is divided by its total tokens and lines; the table shows medians over rounds "
+        f"(time to first token: over all answers). {ln['tasks_with_same_text']} of {ln['tasks']} tasks got "
+        "the same text from every system in every round. Clients used their defaults, so each system "
+        "reused the KV cache of the prefix shared with its previous prompt: the tasks differ, so that is "
+        "only the chat template's opening tokens, the same for all.",
+        "",
+        f"## Second-turn latency (rounds: {st['rounds']}, order flipped each round; "
+        f"a chat of {prompt_tokens} prompt tokens)",
+        "",
+        "| case | time to first token | cached tokens | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for name, r in st["cases"].items():
+        cached = "—" if r["cached_tokens"] is None else f"{r['cached_tokens']:.0f}"
+        out.append(f"| {name} | {r['ttft_ms']:.0f} ms | {cached} | {r['speedup']:.1f}× |")
+    out += [
+        "",
+        f"Target: node speed-up with the prompt cache ≥ 5×: {speedup:.1f}× ({verdict(speedup >= 5)}).",
+        "",
+        "The history is a system prompt and four earlier turns whose answers are standard-library "
+        f"functions' source (deterministic for Python {platform.python_version()}); each case sends it, "
+        f"gets a {st['first_turn_tokens']}-token answer, then sends the next turn with that answer in "
+        "the history. Speed-up: against the same system without reuse. llama-cpp-python reuses the KV "
+        "prefix of its previous prompt by default; `reset` turns that off (its `cache_prompt: false`), "
+        "and with LlamaRAMCache the state comes back from the RAM cache after the reset.",
+    ]
+    path.write_text("\n".join(out) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=len(TASKS), choices=range(1, len(TASKS) + 1), metavar="N")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=RESULTS / "code")
+    args = parser.parse_args(argv)
+
+    model = bundled_coder(Path.home() / ".dragonswarm" / "models").path  # reused across runs: no rebuild
+    results: dict[str, Any] = {
+        "machine": f"{N_CPUS} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
+        "model": f"{CODER_MODEL_NAME} (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), llama-cpp-python {llama_cpp.__version__}",
+        "command": "python -m bench.code_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    with tempfile.TemporaryDirectory(prefix="dragon-code-bench-") as home, contextlib.ExitStack() as stack:
+        node = CoderNode(Path(home), model)
+        stack.callback(node.close)
+        gov = node.status()["governor"]
+        # The node's threads at share 0.80 on an idle machine, as its governor computes them; its
+        # live value drops while other programs load the machine, and the references get this one.
+        threads = threads_for(gov["local_share"], gov["cpus"])
+        results["threads"] = {"dragon node": threads, PlainChat.name: threads, "llama_cpp.server": threads,
+                              "share": gov["local_share"], "mechanism": gov["mechanism"],
+                              "governor_at_start": gov}  # fmt: skip
+        plain = PlainChat(model, threads)
+        stack.callback(plain.close)
+        server = ChatServer(model, N_CTX, threads)
+        stack.callback(server.close)
+        print("lines...", flush=True)
+        systems = [node, plain, server]
+        results["lines"] = bench_lines(systems, plain.count_tokens, args.rounds, args.tasks, args.max_tokens)
+        print("second turn...", flush=True)
+        results["second_turn"] = bench_second_turn(node, plain, args.rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, args.out.with_suffix(".md"))
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
