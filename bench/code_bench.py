@@ -2,10 +2,16 @@
 
     .venv/bin/python -m bench.code_bench            # writes bench/results/code.{json,md}
 
-1. Seconds per line of code over chat: coding tasks streamed at temperature 0 to our node
-   at the default share (0.80), to plain llama-cpp-python in this process and to
-   `python -m llama_cpp.server`, both with the node's thread count; systems alternate
-   task by task and their order flips every round.
+Every system runs at the same CPU share, held the same way: our node at its default local
+share (0.80), which its governor enforces with the project's CPU cap (a cgroup quota where
+there is one), and the references in child processes held to 0.80 by this bench with that
+same cap; all with the node's thread count.
+
+1. Seconds per line of code over chat: coding tasks that ask for code only, streamed at
+   temperature 0 to the node, to plain llama-cpp-python (a child process calling the library)
+   and to `python -m llama_cpp.server`; systems alternate task by task and their order flips
+   every round. For context, plain llama-cpp-python on the whole machine, uncapped, in the
+   first round only.
 2. Second-turn latency: time to first token of the next turn of a ~1,500-token chat, on
    the node with and without its prompt cache; plain llama-cpp-python as a reference.
 """
@@ -14,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import inspect
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -28,16 +36,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import llama_cpp
 import psutil
-from llama_cpp.llama_cache import LlamaRAMCache
 
-from bench.node_bench import N_CPUS, RESULTS, LlamaServer, Node, Timing, settle, stream_completion
+from bench.node_bench import N_CPUS, RESULTS, ROOT, LlamaServer, Node, Timing, settle, stream_completion
 from dragonswarm.engines.models import bundled_coder
-from dragonswarm.governor.policy import threads_for
+from dragonswarm.errors import ConfigError
+from dragonswarm.governor.caps import PERIOD_US, CpuCap, open_cap
+from dragonswarm.governor.policy import cfs_quota_us, duty_cycle, threads_for
 from dragonswarm.settings import CODER_MODEL_NAME
 
 N_CTX = 4096  # the node's default context, given to every system
+SHARE = 0.8  # the node's default local share, given to every reference
+PLAIN = "llama-cpp-python"
+UNCAPPED = "llama-cpp-python, whole machine (uncapped)"
+# As an IDE's generate-code command asks: code only, so that seconds per line measures code.
+CODE_ONLY = "Reply with only the code, in one code block, no explanation."
 TASKS = [
     "Write a Python function that parses an ISO 8601 date string into a datetime and raises ValueError on bad input.",
     "Write a JavaScript function debounce(fn, ms) that also returns a cancel() method.",
@@ -116,37 +129,55 @@ class ChatServer(LlamaServer):
 
 
 class PlainChat:
-    """llama-cpp-python called directly, as a script would: no server, no process in between."""
+    """llama-cpp-python called directly, as a script would: no server in between. It runs in a
+    child process (plain_chat_worker.py) so that it can be held to a CPU share like the node."""
 
-    name = "llama-cpp-python"
+    def __init__(self, model: Path, threads: int, name: str = PLAIN, rounds: int | None = None):
+        self.name = name
+        self.rounds = rounds  # None: every round of the lines benchmark
+        args = [sys.executable, str(ROOT / "plain_chat_worker.py"), str(model), str(N_CTX), str(threads)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()  # ready: the model is loaded
 
-    def __init__(self, model: Path, threads: int):
-        self.llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)  # fmt: skip
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: its worker exited with {self.proc.wait()}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def _ask(self, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int, cache_prompt: bool = True) -> Answer:
-        if not cache_prompt:
-            # llama-cpp-python always reuses the KV prefix of its previous prompt; a reset is
-            # its equivalent of the node's `cache_prompt: false`.
-            self.llm.reset()  # type: ignore[no-untyped-call]
-        pieces: list[str] = []
-        start = time.perf_counter()
-        first = end = 0.0
-        stream = self.llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0, stream=True)  # type: ignore[arg-type]
-        for chunk in stream:
-            delta: Any = chunk["choices"][0]["delta"]  # type: ignore[index]
-            if piece := delta.get("content"):
-                end = time.perf_counter()
-                first = first or end
-                pieces.append(piece)
-        return Answer(first - start, end - start, "".join(pieces))
+        r = self._ask(op="chat", messages=messages, max_tokens=max_tokens, reset=not cache_prompt)
+        return Answer(r["ttft"], r["total"], r["text"])
+
+    def ram_cache(self, on: bool) -> None:
+        """A fresh LlamaRAMCache, or none."""
+        self._ask(op="ram_cache", on=on)
 
     def count_tokens(self, text: str) -> int:
         """One token count for every system's answer, whatever its server reports or streams."""
-        return len(self.llm.tokenize(text.encode(), add_bos=False))
+        tokens: int = self._ask(op="count", text=text)["tokens"]
+        return tokens
 
     def close(self) -> None:
-        self.llm.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def open_share_cap() -> CpuCap:
+    """The project's own CPU cap, as the node opens it: a cgroup quota, else affinity + duty cycle."""
+    try:
+        return open_cap("cgroup", N_CPUS)
+    except ConfigError as exc:
+        print(f"  no cgroup CPU control ({exc}); the references get affinity + duty cycle", flush=True)
+        return open_cap("duty", N_CPUS)
 
 
 def governor(system: Any) -> dict[str, Any]:
@@ -176,11 +207,12 @@ def bench_lines(systems: list[Any], count_tokens: Callable[[str], int], rounds: 
     for s in systems:  # one untimed chat each: page faults, template compilation
         s.chat([{"role": "user", "content": "Say hello."}], 4)
     for r in range(rounds):
-        order = systems if r % 2 == 0 else systems[::-1]  # alternate to cancel drift
+        active = [s for s in systems if getattr(s, "rounds", None) is None or r < s.rounds]
+        order = active if r % 2 == 0 else active[::-1]  # alternate to cancel drift
         for i, task in enumerate(TASKS[:n_tasks]):
             for s in order:
                 settle(s)
-                a = s.chat([{"role": "user", "content": task}], max_tokens)
+                a = s.chat([{"role": "user", "content": f"{task} {CODE_ONLY}"}], max_tokens)
                 tokens, lines = count_tokens(a.text), code_lines(a.text)
                 runs[s.name].append({"round": r, "task": i, "ttft": a.ttft, "total": a.total, "tokens": tokens,
                                      "lines": lines, "reported_tokens": a.usage.get("completion_tokens"),
@@ -188,7 +220,7 @@ def bench_lines(systems: list[Any], count_tokens: Callable[[str], int], rounds: 
                 print(f"  round {r + 1}/{rounds} task {i + 1} {s.name}: {tokens / a.total:.1f} tok/s, {lines} lines")
     result = {name: summarize_lines(rs) for name, rs in runs.items()}
     for name in result:
-        result[name]["ratio_tokens_per_s"] = result[name]["tokens_per_s"] / result[PlainChat.name]["tokens_per_s"]
+        result[name]["ratio_tokens_per_s"] = result[name]["tokens_per_s"] / result[PLAIN]["tokens_per_s"]
     same = sum(len({x["text"] for rs in runs.values() for x in rs if x["task"] == i}) == 1 for i in range(n_tasks))
     return {"rounds": rounds, "tasks": n_tasks, "max_tokens": max_tokens, "systems": result,
             "tasks_with_same_text": same, "runs": runs}  # fmt: skip
@@ -232,14 +264,13 @@ def bench_second_turn(node: CoderNode, plain: PlainChat, rounds: int) -> dict[st
         for name, system, options, ram_cache in cases if r % 2 == 0 else cases[::-1]:
             settle(system)
             if ram_cache:
-                plain.llm.set_cache(LlamaRAMCache())  # a fresh one: no state from earlier rounds
-            try:
-                first = system.chat(history, FIRST_TURN_TOKENS)
-                answered = {"role": "assistant", "content": first.text}
-                follow = [*history, answered, {"role": "user", "content": NEXT_TURN}]
-                a = system.chat(follow, SECOND_TURN_TOKENS, **options)
-            finally:
-                plain.llm.set_cache(None)
+                plain.ram_cache(True)
+            first = system.chat(history, FIRST_TURN_TOKENS)
+            answered = {"role": "assistant", "content": first.text}
+            follow = [*history, answered, {"role": "user", "content": NEXT_TURN}]
+            a = system.chat(follow, SECOND_TURN_TOKENS, **options)
+            if ram_cache:
+                plain.ram_cache(False)
             details = a.usage.get("prompt_tokens_details") or {}
             runs[name].append({"round": r, "ttft": a.ttft, "prompt_tokens": a.usage.get("prompt_tokens"),
                                "cached_tokens": details.get("cached_tokens"), "text": a.text,
@@ -261,25 +292,63 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def cap_description(mechanism: str, share: float, threads: int) -> str:
+    """What holding a process tree to `share` with `mechanism` means on this machine."""
+    if mechanism.startswith("cgroup"):
+        return f"{mechanism} CPU quota, {cfs_quota_us(share, N_CPUS, PERIOD_US)} µs per {PERIOD_US} µs"
+    if mechanism == "none":
+        return "nothing"
+    return f"{mechanism}, {threads} of {N_CPUS} cores, runs {duty_cycle(share, N_CPUS, threads):.0%} of the time"
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    ln, st, th = results["lines"], results["second_turn"], results["threads"]
-    node, plain = ln["systems"]["dragon node"], ln["systems"][PlainChat.name]
+    ln, st, setup = results["lines"], results["second_turn"], results["setup"]
+    node, plain = ln["systems"]["dragon node"], ln["systems"][PLAIN]
+    ratio = node["tokens_per_s"] / plain["tokens_per_s"]
     speedup = st["cases"]["dragon node, prompt cache"]["speedup"]
     prompt_tokens = st["cases"]["dragon node, prompt cache"]["prompt_tokens"]
     low = min(x["share_after"] for x in ln["runs"]["dragon node"])  # below 0.80: the node yielded to others
+    yielded = "." if low >= setup["share"] else " — other programs on the machine made the node yield: rerun."
     out = [
         "# Code benchmark results",
         "",
         f"Machine: {results['machine']}. Model: {results['model']}. Command: `{results['command']}`.",
         "",
-        f"Threads: dragon node {th['dragon node']} (its governor at share {th['share']:.2f}, {th['mechanism']}); "
-        f"llama-cpp-python and llama_cpp.server {th[PlainChat.name]}, uncapped.",
+        "## Systems",
+        "",
+        "| system | process | share of the machine | held by | threads |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in setup["systems"].items():
+        share = "whole machine" if s["share"] is None else f"{s['share']:.2f}"
+        out.append(f"| {name} | {s['process']} | {share} | {s['held_by']} | {s['threads']} |")
+    out += [
+        "",
+        f"The references are held to the node's share with the project's own CPU cap "
+        f"(`dragonswarm.governor.caps`, {setup['bench_mechanism']}), the mechanism the node's governor uses "
+        f"({setup['node_mechanism']})"
+        + ("" if setup["bench_mechanism"] == setup["node_mechanism"] else " — **not the same mechanism**")
+        + ". The node's cap also holds the node process itself (HTTP, governor); the references' holds only "
+        "them. llama-cpp-python and llama_cpp.server share one group, which is fair: they never run at once. "
+        "Threads: the node's at share 0.80 on an idle machine, as its governor computes them (`threads_for`).",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| node tokens/s ≥ 0.97 × llama-cpp-python's at the same share ({setup['share']:.2f}) | {ratio:.3f}× "
+        f"| {verdict(ratio >= 0.97)} |",
+        f"| node ≤ 0.40 s per line of code | {node['s_per_line']:.3f} s | {verdict(node['s_per_line'] <= 0.40)} |",
+        f"| node second turn with its prompt cache ≥ 5× faster to first token | {speedup:.1f}× "
+        f"| {verdict(speedup >= 5)} |",
+        "",
+        f"Lowest share in force after a node run: {low:.2f}{yielded}",
         "",
         f"## Seconds per line of code over chat (rounds: {ln['rounds']}, tasks: {ln['tasks']}, "
         f"max {ln['max_tokens']} tokens, temperature 0, streamed)",
         "",
-        "| system | tokens/s | decode tokens/s | time to first token | s/line | tokens/line | lines | "
-        "ratio to llama-cpp-python |",
+        f"| system | tokens/s | decode tokens/s | time to first token | s/line | tokens/line | lines | "
+        f"ratio to {PLAIN} at {setup['share']:.2f} |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in ln["systems"].items():
@@ -288,19 +357,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                    f"| {r['ratio_tokens_per_s']:.3f} |")  # fmt: skip
     out += [
         "",
-        f"Targets: node tokens/s ≥ 0.97 × llama-cpp-python's: {node['tokens_per_s'] / plain['tokens_per_s']:.3f} "
-        f"({verdict(node['tokens_per_s'] >= 0.97 * plain['tokens_per_s'])}); node ≤ 0.40 s/line: "
-        f"{node['s_per_line']:.3f} ({verdict(node['s_per_line'] <= 0.40)}). Lowest share in force after a "
-        f"node run: {low:.2f}"
-        + (" — other programs on the machine made the node yield: rerun on a quiet one." if low < th["share"] else "."),
-        "",
+        f"Each task asks for code only (“{CODE_ONLY}”), as an IDE's generate-code command does. "
         "Tokens: each answer's text tokenized again with the model's tokenizer, one count for all systems. "
         "Lines: those between ``` fences, blank ones included (without a fence, the non-empty lines). Each "
         "round's total time is divided by its total tokens and lines; the table shows medians over rounds "
         f"(time to first token: over all answers). {ln['tasks_with_same_text']} of {ln['tasks']} tasks got "
         "the same text from every system in every round. Clients used their defaults, so each system "
         "reused the KV cache of the prefix shared with its previous prompt: the tasks differ, so that is "
-        "only the chat template's opening tokens, the same for all.",
+        f"only the chat template's opening tokens, the same for all. {UNCAPPED}: context only, "
+        f"first round only.",
         "",
         f"## Second-turn latency (rounds: {st['rounds']}, order flipped each round; "
         f"a chat of {prompt_tokens} prompt tokens)",
@@ -313,14 +378,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         out.append(f"| {name} | {r['ttft_ms']:.0f} ms | {cached} | {r['speedup']:.1f}× |")
     out += [
         "",
-        f"Target: node speed-up with the prompt cache ≥ 5×: {speedup:.1f}× ({verdict(speedup >= 5)}).",
-        "",
         "The history is a system prompt and four earlier turns whose answers are standard-library "
         f"functions' source (deterministic for Python {platform.python_version()}); each case sends it, "
         f"gets a {st['first_turn_tokens']}-token answer, then sends the next turn with that answer in "
-        "the history. Speed-up: against the same system without reuse. llama-cpp-python reuses the KV "
-        "prefix of its previous prompt by default; `reset` turns that off (its `cache_prompt: false`), "
-        "and with LlamaRAMCache the state comes back from the RAM cache after the reset.",
+        "the history. Speed-up: against the same system without reuse. llama-cpp-python is the child "
+        f"process at share {setup['share']:.2f}; it reuses the KV prefix of its previous prompt by default; "
+        "`reset` turns that off (its `cache_prompt: false`), and with LlamaRAMCache the state comes back "
+        "from the RAM cache after the reset.",
     ]
     path.write_text("\n".join(out) + "\n")
 
@@ -334,9 +398,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model = bundled_coder(Path.home() / ".dragonswarm" / "models").path  # reused across runs: no rebuild
+    version = importlib.metadata.version("llama_cpp_python")
     results: dict[str, Any] = {
         "machine": f"{N_CPUS} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
-        "model": f"{CODER_MODEL_NAME} (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), llama-cpp-python {llama_cpp.__version__}",
+        "model": f"{CODER_MODEL_NAME} (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), llama-cpp-python {version}",
         "command": "python -m bench.code_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -344,19 +409,41 @@ def main(argv: list[str] | None = None) -> None:
         node = CoderNode(Path(home), model)
         stack.callback(node.close)
         gov = node.status()["governor"]
-        # The node's threads at share 0.80 on an idle machine, as its governor computes them; its
+        share = gov["local_share"]
+        # The node's threads at its share on an idle machine, as its governor computes them; its
         # live value drops while other programs load the machine, and the references get this one.
-        threads = threads_for(gov["local_share"], gov["cpus"])
-        results["threads"] = {"dragon node": threads, PlainChat.name: threads, "llama_cpp.server": threads,
-                              "share": gov["local_share"], "mechanism": gov["mechanism"],
-                              "governor_at_start": gov}  # fmt: skip
+        threads = threads_for(share, gov["cpus"])
+        cap = open_share_cap()
+        stack.callback(cap.close)  # registered before the references: closed after they exit
         plain = PlainChat(model, threads)
         stack.callback(plain.close)
         server = ChatServer(model, N_CTX, threads)
         stack.callback(server.close)
+        for proc in (plain.proc, server.proc):
+            cap.attach(proc.pid, runner=True)
+        cap.set_share(share, threads)
+        uncapped = PlainChat(model, N_CPUS, UNCAPPED, rounds=1)
+        stack.callback(uncapped.close)
+        held = f"this bench: {cap_description(cap.name, share, threads)}"
+        results["setup"] = {
+            "share": share, "threads": threads, "node_mechanism": gov["mechanism"], "bench_mechanism": cap.name,
+            "governor_at_start": gov,
+            "systems": {
+                node.name: {"process": "`dragon node --local-share 0.8`, its runner a child", "share": share,
+                            "held_by": f"its governor: {cap_description(gov['mechanism'], share, threads)}",
+                            "threads": threads},
+                PLAIN: {"process": "a child calling the library (bench/plain_chat_worker.py)", "share": share,
+                        "held_by": held, "threads": threads},
+                server.name: {"process": "`python -m llama_cpp.server`", "share": share, "held_by": held,
+                              "threads": threads},
+                UNCAPPED: {"process": "another such child", "share": None, "held_by": "nothing (first round only)",
+                           "threads": N_CPUS},
+            },
+        }  # fmt: skip
         print("lines...", flush=True)
-        systems = [node, plain, server]
+        systems = [node, plain, server, uncapped]
         results["lines"] = bench_lines(systems, plain.count_tokens, args.rounds, args.tasks, args.max_tokens)
+        uncapped.close()  # not needed any more: free its memory
         print("second turn...", flush=True)
         results["second_turn"] = bench_second_turn(node, plain, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)

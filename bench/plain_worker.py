@@ -19,7 +19,7 @@ def main() -> None:
     for line in sys.stdin:
         req = json.loads(line)
         if req.get("fresh"):
-            llm.reset()  # forget the previous prompt: no KV-prefix reuse, like our runner
+            llm.reset()  # forget the previous prompt: no KV-prefix reuse (our node with cache_prompt: false)
         start = time.perf_counter()
         first = None
         tokens = 0

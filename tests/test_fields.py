@@ -97,10 +97,38 @@ def test_logprobs_in_openai_shapes(api: Api) -> None:
     lp = text.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
     assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    # Offsets count characters of the text, also where a token holds only part of one.
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(text.text)
     no = client.completions.create(model="tiny", prompt="lp", max_tokens=3)
     assert no.choices[0].logprobs is None
     bad = api.post("/chat/completions", {"model": "tiny", "messages": HI, "top_logprobs": 2})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
+def test_streamed_equals_whole_for_every_field(api: Api) -> None:
+    """Each field gives the same answer streamed as whole (the stream path drops nothing)."""
+    client = api.openai()
+    cases: list[dict[str, Any]] = [
+        {"model": "tiny", "prompt": "s", "temperature": 1.5, "seed": 3, "extra_body": {**NOCACHE, "top_k": 2}},
+        {"model": "tiny", "prompt": "s", "temperature": 0.9, "seed": 4, "extra_body": {**NOCACHE, "min_p": 0.2}},
+        {"model": "tiny", "prompt": "s", "temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 1.0,
+         "extra_body": {**NOCACHE, "repeat_penalty": 1.3}},
+        {"model": "tiny", "prompt": "s", "temperature": 0, "logit_bias": {str(3 + 0x41): 5}, "extra_body": NOCACHE},
+        {"model": "tt", "prompt": "def f(", "suffix": "\n    return x\n", "temperature": 0, "extra_body": NOCACHE},
+    ]  # fmt: skip
+    for case in cases:
+        whole = client.completions.create(max_tokens=12, **case).choices[0].text
+        streamed = "".join(c.choices[0].text for c in client.completions.create(max_tokens=12, stream=True, **case)
+                           if c.choices)  # fmt: skip
+        assert streamed == whole, case
+    lp = client.completions.create(model="tiny", prompt="lp", max_tokens=6, temperature=0, logprobs=2,
+                                   extra_body=NOCACHE).choices[0].logprobs  # fmt: skip
+    chunks = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt="lp", max_tokens=6,
+                                                                        temperature=0, logprobs=2, stream=True,
+                                                                        extra_body=NOCACHE)
+              if c.choices and c.choices[0].logprobs]  # fmt: skip
+    assert [t for c in chunks for t in c.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.text_offset] == lp.text_offset
 
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"},

@@ -18,7 +18,7 @@ from dragonswarm.governor.policy import (
     threads_for,
 )
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest
-from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs
+from dragonswarm.scheduler.fragments import chat_generations, completion_generations
 from dragonswarm.settings import Limits, ModelSpec
 
 POLICY = OwnerPolicy(noise=0.10, headroom=0.10, min_share=0.05)
@@ -108,27 +108,27 @@ def test_text_stream_reassembles_utf8_split_across_tokens() -> None:
     assert s.flush() == ""
 
 
-def test_completion_jobs_order_seeds_and_limits() -> None:
+def test_completion_generations_order_seeds_and_limits() -> None:
     req = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"], "n": 2, "seed": 5, "stop": "x"})
-    jobs = completion_jobs(req, Limits(max_n=4, max_prompts=4, max_tokens=100, max_prompt_chars=1000,
+    jobs = completion_generations(req, Limits(max_n=4, max_prompts=4, max_tokens=100, max_prompt_chars=1000,
                                        default_max_tokens=50))  # fmt: skip
     assert [j.prompt for j in jobs] == ["a", "a", "b", "b"]
     assert [j.seed for j in jobs] == [5, 6, 5, 6]
     assert all(j.stop == ["x"] for j in jobs)
     with pytest.raises(InvalidRequest):
-        completion_jobs(req, Limits(max_n=1, max_prompts=4, max_tokens=100, max_prompt_chars=1000,
+        completion_generations(req, Limits(max_n=1, max_prompts=4, max_tokens=100, max_prompt_chars=1000,
                                     default_max_tokens=50))  # fmt: skip
     with pytest.raises(InvalidRequest):
-        completion_jobs(req, Limits(max_n=4, max_prompts=1, max_tokens=100, max_prompt_chars=1000,
+        completion_generations(req, Limits(max_n=4, max_prompts=1, max_tokens=100, max_prompt_chars=1000,
                                     default_max_tokens=50))  # fmt: skip
 
 
-def test_chat_jobs_map_developer_role_and_text_parts() -> None:
+def test_chat_generations_map_developer_role_and_text_parts() -> None:
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": [
         {"role": "developer", "content": "rules"},
         {"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]},
     ]})  # fmt: skip
-    (job,) = chat_jobs(req, Limits(max_n=2, max_prompts=1, max_tokens=100, max_prompt_chars=1000,
+    (job,) = chat_generations(req, Limits(max_n=2, max_prompts=1, max_tokens=100, max_prompt_chars=1000,
                                    default_max_tokens=50))  # fmt: skip
     assert job.messages == [{"role": "system", "content": "rules"}, {"role": "user", "content": "hello"}]
     # No limit asked: the default cap, shortened to the context if need be.

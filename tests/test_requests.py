@@ -14,7 +14,7 @@ from dragonswarm.errors import InvalidRequest, UnsupportedParameter
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest
 from dragonswarm.protocol.runner import Generation
 from dragonswarm.scheduler.affinity import CacheAffinity, prefix_keys
-from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, token_estimate
+from dragonswarm.scheduler.fragments import chat_generations, completion_generations, token_estimate
 from dragonswarm.settings import Limits
 from dragonswarm.web.tool_calls import ToolCallStream, parse_tool_calls
 
@@ -29,7 +29,7 @@ def chat(**fields: Any) -> ChatCompletionRequest:
 
 
 def test_every_sampling_field_reaches_the_generation() -> None:
-    (gen,) = chat_jobs(chat(temperature=0.5, top_p=0.9, top_k=7, min_p=0.1, presence_penalty=1.0,
+    (gen,) = chat_generations(chat(temperature=0.5, top_p=0.9, top_k=7, min_p=0.1, presence_penalty=1.0,
                             frequency_penalty=-1.0, repeat_penalty=1.3, logit_bias={"5": -100}, seed=3, stop="x",
                             max_completion_tokens=9, logprobs=True, top_logprobs=4, cache_prompt=False),
                        LIMITS)  # fmt: skip
@@ -37,33 +37,34 @@ def test_every_sampling_field_reaches_the_generation() -> None:
     assert (gen.presence_penalty, gen.frequency_penalty, gen.repeat_penalty) == (1.0, -1.0, 1.3)
     assert gen.logit_bias == {"5": -100} and gen.seed == 3 and gen.stop == ["x"]
     assert gen.max_tokens == 9 and not gen.fit_context and gen.logprobs == 4 and not gen.cache_prompt
-    (gen,) = completion_jobs(CompletionRequest.model_validate({"model": "m", "prompt": "p", "suffix": "s",
+    (gen,) = completion_generations(CompletionRequest.model_validate({"model": "m", "prompt": "p", "suffix": "s",
                                                                "logprobs": 0}), LIMITS)  # fmt: skip
     assert gen.suffix == "s" and gen.logprobs == 0 and gen.max_tokens == 16  # OpenAI's default for completions
 
 
 def test_no_limit_gets_the_default_and_is_charged_for_it() -> None:
-    (gen,) = chat_jobs(chat(), LIMITS)
+    (gen,) = chat_generations(chat(), LIMITS)
     assert gen.max_tokens == 300 and gen.fit_context
     assert token_estimate([gen]) == len("hi") + 300
     with pytest.raises(InvalidRequest) as caught:
-        chat_jobs(chat(max_completion_tokens=1001), LIMITS)
+        chat_generations(chat(max_completion_tokens=1001), LIMITS)
     assert caught.value.param == "max_completion_tokens"
 
 
 def test_formats_and_tools_map_to_the_generation() -> None:
-    (gen,) = chat_jobs(chat(response_format={"type": "json_object"}), LIMITS)
+    (gen,) = chat_generations(chat(response_format={"type": "json_object"}), LIMITS)
     assert gen.json_schema == {"type": "object"}
     schema = {"type": "object", "properties": {"x": {"type": "string"}}}
-    (gen,) = chat_jobs(chat(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}),
-                       LIMITS)  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    (gen,) = chat_generations(chat(response_format=fmt), LIMITS)
     assert gen.json_schema == schema
-    (gen,) = chat_jobs(chat(tools=[TOOL]), LIMITS)
+    (gen,) = chat_generations(chat(tools=[TOOL]), LIMITS)
     assert gen.tools and gen.tool_choice == "auto" and gen.tool_name is None
-    (gen,) = chat_jobs(chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "add"}}), LIMITS)
+    (gen,) = chat_generations(chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "add"}}), LIMITS)
     assert gen.tool_choice == "required" and gen.tool_name == "add"
-    (gen,) = chat_jobs(chat(tools=[TOOL], tool_choice="none"), LIMITS)
-    assert gen.tools is None  # not offered at all
+    (gen,) = chat_generations(chat(tools=[TOOL], tool_choice="none", response_format={"type": "json_object"}),
+                              LIMITS)  # fmt: skip
+    assert gen.tools is None and gen.json_schema == {"type": "object"}  # tools not offered at all
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -77,14 +78,33 @@ def test_formats_and_tools_map_to_the_generation() -> None:
 ])  # fmt: skip
 def test_what_cannot_be_honoured_is_refused_by_name(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        chat_jobs(chat(**fields), LIMITS)
+        chat_generations(chat(**fields), LIMITS)
     assert caught.value.param == param
     if param in ("mirostat", "functions"):
         assert isinstance(caught.value, UnsupportedParameter)
 
 
+@pytest.mark.parametrize("fields, param", [
+    ({"echo": True, "logprobs": 1}, "echo"),  # the prompt's own logprobs: not computed
+    ({"echo": True, "suffix": "s"}, "echo"),
+    ({"best_of": 2}, "best_of"),
+])  # fmt: skip
+def test_completion_combinations_refused(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        completion_generations(CompletionRequest.model_validate({"model": "m", "prompt": "p", **fields}), LIMITS)
+    assert caught.value.param == param
+
+
+def test_logit_bias_keys_are_ascii_token_ids() -> None:
+    from pydantic import ValidationError
+
+    for bad in ({"²": 1}, {"x": 1}, {"-1": 1}):
+        with pytest.raises(ValidationError):
+            chat(logit_bias=bad)
+
+
 def test_fields_without_effect_pass() -> None:
-    chat_jobs(chat(user="u", metadata={"k": "v"}, store=False, service_tier="auto"), LIMITS)
+    chat_generations(chat(user="u", metadata={"k": "v"}, store=False, service_tier="auto"), LIMITS)
 
 
 def test_tool_calls_are_parsed_and_nothing_is_lost() -> None:
@@ -149,9 +169,11 @@ def test_prefix_keys_grow_with_the_conversation() -> None:
     assert len(k1) == 1 and len(k2) == 3 and k2[0] == k1[0]
     assert prefix_keys(gen(messages=[{"role": "user", "content": "x"}]))[0] != k1[0]
     text = "x" * 600
-    assert len(prefix_keys(gen(prompt=text))) == 2
+    keys = prefix_keys(gen(prompt=text))
+    assert len(keys) == 2
     assert prefix_keys(gen(prompt=text))[:2] == prefix_keys(gen(prompt=text + "y" * 300))[:2]
-    assert prefix_keys(gen(prompt=text, suffix="s")) == []
+    fim = prefix_keys(gen(prompt=text, suffix="s"))  # an IDE's fill-in-the-middle shares the code before
+    assert len(fim) == 2 and fim == prefix_keys(gen(prompt=text, suffix="other")) and fim[0] not in keys
 
 
 def test_affinity_follows_what_each_node_holds_last() -> None:

@@ -109,7 +109,7 @@ class NodeSettings(_FileSettings):
     host: str = "127.0.0.1"
     api_port: int = Field(8701, ge=0, le=65535)
     models: list[ModelSpec] = Field(default_factory=list)
-    bundled_model: bool = True  # serve the packaged Gemma 3 270M as `gemma3-270m`
+    bundled_model: bool = True  # serve the packaged qwen2.5-coder-0.5b and gemma3-270m
 
     # Shares of the whole machine (1.0 = every core).
     local_share: float = Field(0.80, gt=0.0, le=1.0)

@@ -12,10 +12,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from dragonswarm.protocol.runner import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
 SchemaToGbnf = Callable[[str], str]
 
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
 
 # Any JSON object, as llama.cpp's json.gbnf, with whitespace bounded so a model cannot
 # pad the answer with blank lines until max_tokens.
@@ -37,11 +37,13 @@ def json_grammar(schema: dict[str, Any], to_gbnf: SchemaToGbnf) -> str:
     return to_gbnf(json.dumps(schema))
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, to_gbnf: SchemaToGbnf) -> str:
-    """Exactly one `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` and nothing else:
-    the call names one of the tools (or `name`) with arguments matching its parameters.
-    One, because a grammar that allowed more would let a model that never stops calling
-    write calls until max_tokens; a model free to choose (tool_choice auto) may call several."""
+def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, to_gbnf: SchemaToGbnf,
+                      many: bool = False) -> str:  # fmt: skip
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` and nothing else: each call
+    names one of the tools (or `name`) with arguments matching its parameters. Exactly one
+    unless `many`: a grammar that forces calls and allows more would let a model that never
+    stops write calls until max_tokens. A model free to choose (tool_choice auto) gets `many`,
+    applied only once it starts a call."""
     calls = []
     for tool in tools:
         function = tool["function"]
@@ -58,4 +60,6 @@ def tool_call_grammar(tools: list[dict[str, Any]], name: str | None, to_gbnf: Sc
     schema = calls[0] if len(calls) == 1 else {"oneOf": calls}
     # The converter names its start rule `root`; ours wraps it in the template's markers.
     body = re.sub(r"^root ::=", "dragon-call ::=", to_gbnf(json.dumps(schema)), count=1, flags=re.MULTILINE)
-    return f'root ::= "{TOOL_CALL_OPEN}\\n" dragon-call "\\n{TOOL_CALL_CLOSE}"\n{body}'
+    call = f'"{TOOL_CALL_OPEN}\\n" dragon-call "\\n{TOOL_CALL_CLOSE}"'
+    more = f' ("\\n" {call})*' if many else ""
+    return f"root ::= {call}{more}\n{body}"

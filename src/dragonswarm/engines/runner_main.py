@@ -26,9 +26,9 @@ import orjson
 from pydantic import ValidationError
 
 from dragonswarm.engines.chat_templates import chat_template
-from dragonswarm.engines.grammars import TOOL_CALL_OPEN, json_grammar, tool_call_grammar
+from dragonswarm.engines.grammars import json_grammar, tool_call_grammar
 from dragonswarm.engines.textstream import TextStream
-from dragonswarm.protocol.runner import Generation, RunJob, TokenLogprob, decode, encode
+from dragonswarm.protocol.runner import TOOL_CALL_OPEN, Generation, RunJob, TokenLogprob, decode, encode
 
 PENALTY_LAST_N = 64  # tokens the repeat/presence/frequency penalties look back over, as llama.cpp's default
 
@@ -59,6 +59,9 @@ class Runner:
         self.vocab = self.llm._model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
+        # llama_token_data, laid out as llama.h has it: reused for every grammar-held token.
+        self._cand = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.cancelled: set[str] = set()
         self.template = chat_template(self.llm.metadata)
         self.formatter = self._chat_formatter()
@@ -107,8 +110,10 @@ class Runner:
         # Tokenized with the prompt, not alone: a SentencePiece tokenizer puts a space before
         # a text that starts on its own. Where the two merge at the seam, alone it must be.
         whole = self.tokenize(text + gen.prefix, bos=bos)
-        if whole[: len(prompt)] == prompt:
-            return prompt, whole[len(prompt) :], stops
+        tail = whole[len(prompt) :]
+        # ... and never with control tokens: text that merely spells one (`<|im_end|>`) stays text.
+        if whole[: len(prompt)] == prompt and not any(self._lib.llama_vocab_is_control(self.vocab, t) for t in tail):
+            return prompt, tail, stops
         return prompt, self.tokenize(gen.prefix, special=False), stops
 
     def _prompt_text(self, gen: Generation) -> tuple[str | None, bool, list[str]]:
@@ -138,7 +143,11 @@ class Runner:
         return [*bos, pre, *self.tokenize(gen.prompt or ""), suf, *self.tokenize(gen.suffix or ""), mid]
 
     def sampler(self, gen: Generation) -> tuple[Any, Any]:
-        """A llama.cpp sampler chain for this job (the caller frees it), and its grammar stage if any."""
+        """A llama.cpp sampler chain for this job, and its grammar if any (the caller frees both).
+
+        The grammar stays out of the chain: applied to every candidate it costs about as much
+        as the model itself on a 150k-token vocabulary. `sample` consults it only when the
+        chain's pick breaks it, as llama.cpp's server does."""
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         try:
@@ -155,11 +164,16 @@ class Runner:
                 lib.llama_sampler_chain_add(chain, penalties)
             grammar, param = self.grammar(gen)
             rule = None
-            if grammar is not None:
+            if grammar is not None and gen.tools and gen.tool_choice == "auto":
+                # Free to answer in words or to call: the grammar holds a call to its schema
+                # once the model opens one (llama.cpp's lazy grammar), and nothing before.
+                trigger = (ctypes.c_char_p * 1)(TOOL_CALL_OPEN.encode())
+                rule = lib.llama_sampler_init_grammar_lazy_patterns(self.vocab, grammar.encode(), b"root", trigger, 1,
+                                                                    None, 0)  # fmt: skip
+            elif grammar is not None:
                 rule = lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
-                if not rule:
-                    raise JobError("invalid_request", "the schema could not be turned into a grammar", param)
-                lib.llama_sampler_chain_add(chain, rule)
+            if grammar is not None and not rule:
+                raise JobError("invalid_request", "the schema could not be turned into a grammar", param)
             if gen.temperature == 0.0:
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
                 return chain, rule
@@ -177,6 +191,34 @@ class Runner:
             lib.llama_sampler_free(chain)
             raise
 
+    def sample(self, chain: Any, grammar: Any) -> int:
+        """The next token from the chain, held to the grammar; accepted into both."""
+        lib = self._lib
+        if grammar is None:
+            return int(lib.llama_sampler_sample(chain, self.llm._ctx.ctx, -1))  # also accepts it
+        candidates = self._candidates()
+        lib.llama_sampler_apply(chain, ctypes.byref(candidates))
+        token = int(self._cand["id"][candidates.selected])
+        if not self._allows(grammar, token):  # rarely: sample again from what the grammar allows
+            candidates = self._candidates()
+            lib.llama_sampler_apply(grammar, ctypes.byref(candidates))
+            lib.llama_sampler_apply(chain, ctypes.byref(candidates))
+            token = int(self._cand["id"][candidates.selected])
+        lib.llama_sampler_accept(grammar, token)
+        lib.llama_sampler_accept(chain, token)
+        return token
+
+    def _candidates(self) -> Any:
+        """Every token with its logit for the next position, as llama.cpp's samplers take them."""
+        lib = self._lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.n_vocab,))
+        cand = self._cand
+        cand["id"] = self._ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        data = cand.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
+        return lib.llama_token_data_array(data, self.n_vocab, -1, False)
+
     def _allows(self, grammar: Any, token: int) -> bool:
         """The grammar stage would let `token` through now."""
         lib = self._lib
@@ -190,8 +232,9 @@ class Runner:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
         try:
-            if gen.tools and gen.tool_choice == "required":
-                return tool_call_grammar(gen.tools, gen.tool_name, json_schema_to_gbnf), "tool_choice"
+            if gen.tools:
+                many = gen.tool_choice == "auto"
+                return tool_call_grammar(gen.tools, gen.tool_name, json_schema_to_gbnf, many), "tools"
             if gen.json_schema is not None:
                 return json_grammar(gen.json_schema, json_schema_to_gbnf), "response_format"
         except Exception as exc:  # llama.cpp's converter raises plain Exceptions for schemas it cannot follow
@@ -261,22 +304,27 @@ class Runner:
             for token in prefix:  # the grammar and the penalties have seen the prefix too
                 if grammar is not None and not self._allows(grammar, token):
                     # llama.cpp aborts the process on a token its grammar rejects: never accept one.
-                    raise JobError("runner_failed", "the text so far cannot be continued under the response "
-                                   "format's grammar")  # fmt: skip
+                    # Another worker would fail the same way: this is the request's end, not the worker's.
+                    raise JobError("unsupported_parameter", "the answer so far cannot be continued under its "
+                                   "grammar on another worker", "response_format")  # fmt: skip
                 lib.llama_sampler_accept(chain, token)
+                if grammar is not None:
+                    lib.llama_sampler_accept(grammar, token)
             cached = self.reuse_cache(tokens, gen.cache_prompt)
             self.send({"ev": "start", "id": job_id, "prompt_tokens": n_prompt, "cached_tokens": cached})
-            finish, count = self.generate(job_id, gen, chain, tokens[cached:], max_tokens, template_stops)
+            finish, count = self.generate(job_id, gen, chain, grammar, tokens[cached:], max_tokens, template_stops)
         finally:
             lib.llama_sampler_free(chain)
+            if grammar is not None:
+                lib.llama_sampler_free(grammar)
         self.cancelled.discard(job_id)
         self.send({"ev": "done", "id": job_id, "finish_reason": finish, "prompt_tokens": n_prompt,
                    "cached_tokens": cached, "completion_tokens": count})  # fmt: skip
 
-    def generate(self, job_id: str, gen: Generation, chain: Any, todo: list[int], max_tokens: int,
+    def generate(self, job_id: str, gen: Generation, chain: Any, grammar: Any, todo: list[int], max_tokens: int,
                  template_stops: list[str]) -> tuple[str, int]:  # fmt: skip
         """Evaluate the rest of the prompt, then sample until a stop; returns (finish reason, tokens)."""
-        lib, ctx = self._lib, self.llm._ctx.ctx
+        lib = self._lib
         stream = TextStream(gen.stop + template_stops)
         pending: list[TokenLogprob] = []  # logprobs of tokens whose text is still held back
         finish, count = "length", 0
@@ -286,7 +334,7 @@ class Runner:
             if self.is_cancelled(job_id):
                 finish = "cancelled"
                 break
-            token = lib.llama_sampler_sample(chain, ctx, -1)  # also accepts it into the chain
+            token = self.sample(chain, grammar)
             if lib.llama_vocab_is_eog(self.vocab, token):
                 finish = "stop"
                 break

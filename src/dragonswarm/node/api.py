@@ -18,7 +18,7 @@ from dragonswarm.node.link import SwarmLink
 from dragonswarm.node.service import NodeService
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Generation
-from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text
+from dragonswarm.scheduler.fragments import chat_generations, completion_generations, prompt_text
 from dragonswarm.scheduler.local import serve_locally
 from dragonswarm.scheduler.models import pick_model
 from dragonswarm.web.replies import Reply, respond, unless_disconnected
@@ -55,14 +55,14 @@ async def node_status(request: Request) -> dict[str, Any]:
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, body: CompletionRequest) -> Response:
     service = service_of(request)
-    gens = completion_jobs(body, service.settings.limits)
+    gens = completion_generations(body, service.settings.limits)
     return await _serve(request, body, gens, Reply.for_request(body, "", len(gens)))
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     service = service_of(request)
-    gens = chat_jobs(body, service.settings.limits)
+    gens = chat_generations(body, service.settings.limits)
     return await _serve(request, body, gens, Reply.for_request(body, "", len(gens)))
 
 

@@ -136,17 +136,16 @@ class NodeService:
         owner is served at once, and the swarm hears of the models when they are known."""
         cache = self.settings.models_dir / "sha256-cache.json"
         ram = self.governor.sampler.ram_total()
-        try:
-            for slot in self.slots.values():
-                if slot.size > ram:  # it can never load here: reading it all would be wasted
-                    log.warning("model %s is larger than this machine's memory; not offered to the swarm",
-                                slot.spec.name)  # fmt: skip
-                    continue
+        for slot in self.slots.values():
+            if slot.size > ram:  # it can never load here: reading it all would be wasted
+                log.warning("model %s is larger than this machine's memory; not offered to the swarm",
+                            slot.spec.name)  # fmt: skip
+                continue
+            try:
                 slot.sha256 = await asyncio.to_thread(model_sha256, slot.spec.path, cache)
-        except OSError as exc:
-            log.error("cannot hash the model files: %s", exc)
-        finally:
-            self.identified.set()
+            except OSError as exc:  # that model stays local; the others still join the swarm
+                log.error("cannot hash model %s: %s", slot.spec.name, exc)
+        self.identified.set()
 
     def slot(self, name: str) -> ModelSlot:
         try:

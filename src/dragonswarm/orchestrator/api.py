@@ -17,7 +17,7 @@ from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_REVOKED, Swarm
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Event, Generation
-from dragonswarm.scheduler.fragments import chat_jobs, completion_jobs, prompt_text, token_estimate
+from dragonswarm.scheduler.fragments import chat_generations, completion_generations, prompt_text, token_estimate
 from dragonswarm.scheduler.models import pick_model
 from dragonswarm.store.base import KeyRecord
 from dragonswarm.web.replies import Reply, respond
@@ -79,12 +79,12 @@ async def revoke_node(request: Request, name: str, key: Admin) -> dict[str, Any]
 
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, body: CompletionRequest, key: Inference) -> Response:
-    return await _serve(request, key, body, completion_jobs(body, swarm_of(request).settings.limits))
+    return await _serve(request, key, body, completion_generations(body, swarm_of(request).settings.limits))
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, body: ChatCompletionRequest, key: Inference) -> Response:
-    return await _serve(request, key, body, chat_jobs(body, swarm_of(request).settings.limits))
+    return await _serve(request, key, body, chat_generations(body, swarm_of(request).settings.limits))
 
 
 @router.post("/v1/embeddings", response_model=None)

@@ -134,7 +134,9 @@ class Swarm:
                 continue
             exclude = self._exclude(f, key)
             for holder in self.affinity.holders(key, f.keys):
-                if holder not in exclude and index.eligible(key, holder):
+                state = index.get(holder)
+                # Only a warm runner still holds its cache: a reloaded model starts empty.
+                if holder not in exclude and index.eligible(key, holder) and state and key in state.loaded:
                     return holder, sha
             name = index.choose(key, exclude)
             if name is not None:
@@ -252,8 +254,10 @@ class Swarm:
         if f.prompt_tokens is None:  # finished without ever starting (no tokens left after failover)
             f.prompt_tokens = 0
             self._emit(f, {"ev": "start", "prompt_tokens": 0})
+        # A continuation's cache counts its prefix too; the client's prompt is the first worker's.
+        cached = min(f.cached_tokens, f.prompt_tokens)
         self._emit(f, {"ev": "done", "finish_reason": finish_reason, "prompt_tokens": f.prompt_tokens,
-                       "cached_tokens": f.cached_tokens, "completion_tokens": f.tokens})  # fmt: skip
+                       "cached_tokens": cached, "completion_tokens": f.tokens})  # fmt: skip
 
     def _finish(self, f: Fragment, *, error: str, message: str, param: str | None = None) -> None:
         f.finished = True

@@ -8,6 +8,7 @@ as OpenAI itself does: a field silently ignored would be a wrong answer with a 2
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -53,7 +54,7 @@ class SamplingParams(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value and not all(k.isdigit() and len(k) < 10 for k in value):
+        if value and not all(k.isascii() and k.isdigit() and len(k) < 10 for k in value):
             raise ValueError("logit_bias keys must be token ids (digit strings)")
         return value
 
@@ -248,14 +249,25 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def text_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    """Completions' legacy `logprobs` object; `offset` is where the first token starts in the text."""
-    offsets = []
-    for e in entries:
-        offsets.append(offset)
-        offset += len(e["token"])
+class TextOffsets:
+    """Where each token starts in the answer's text, in characters. A token may carry part of
+    a character, so the count follows the bytes through a UTF-8 decoder, across chunks."""
+
+    def __init__(self, start: int = 0):
+        self.at = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, raw: list[int]) -> int:
+        at = self.at
+        self.at += len(self._decoder.decode(bytes(raw)))
+        return at
+
+
+def text_logprobs(entries: list[TokenLogprob], offsets: TextOffsets) -> dict[str, Any]:
+    """Completions' legacy `logprobs` object for these tokens, the next ones of `offsets`."""
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t: lp for t, lp, _ in e["top"]} for e in entries], "text_offset": offsets}  # fmt: skip
+            "top_logprobs": [{t: lp for t, lp, _ in e["top"]} for e in entries],
+            "text_offset": [offsets.next(e["bytes"]) for e in entries]}  # fmt: skip
 
 
 def tool_call_delta(index: int, call: dict[str, Any]) -> dict[str, Any]:

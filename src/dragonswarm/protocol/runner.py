@@ -17,6 +17,9 @@ from typing import Any, Literal, TypedDict
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+# The tool-call markup Qwen's and Hermes' chat templates teach their models.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
 
 class Generation(BaseModel):
     """One choice: the prompt (text, chat messages, or a fill-in-the-middle pair) and how to sample."""

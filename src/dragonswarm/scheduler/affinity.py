@@ -31,7 +31,10 @@ def prefix_keys(gen: Generation) -> list[bytes]:
         for message in gen.messages:
             digest.update(orjson.dumps(message, option=orjson.OPT_SORT_KEYS))
             keys.append(digest.copy().digest())
-    elif gen.prompt and gen.suffix is None:  # a FIM prompt's suffix comes after it: no shared prefix to speak of
+    elif gen.prompt:
+        # An IDE's next completion in the same file shares the code before the cursor; a
+        # fill-in-the-middle prompt starts with it too, after its own first token.
+        digest.update(b"fim" if gen.suffix is not None else b"")
         text = gen.prompt.encode()
         for end in range(TEXT_BLOCK, len(text) + 1, TEXT_BLOCK):
             digest.update(text[end - TEXT_BLOCK : end])

@@ -33,9 +33,15 @@ def check_fields(req: SamplingParams) -> None:
     """Refuse what this server does not do, naming the field (OpenAI's own answer to it)."""
     for name in req.extra_fields():
         raise UnsupportedParameter(f"the parameter {name!r} is not supported by this server", param=name)
-    if isinstance(req, CompletionRequest) and req.best_of not in (None, req.n):
-        raise UnsupportedParameter("best_of other than n is not supported: ask for n choices and pick one",
-                                   param="best_of")  # fmt: skip
+    if isinstance(req, CompletionRequest):
+        if req.best_of not in (None, req.n):
+            raise UnsupportedParameter("best_of other than n is not supported: ask for n choices and pick one",
+                                       param="best_of")  # fmt: skip
+        if req.echo and req.logprobs is not None:
+            raise UnsupportedParameter("echo with logprobs (the prompt's own logprobs) is not supported",
+                                       param="echo")  # fmt: skip
+        if req.echo and req.suffix is not None:
+            raise InvalidRequest("echo and suffix cannot be used together", param="echo")
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -54,7 +60,7 @@ def check_fields(req: SamplingParams) -> None:
             if choice.function.name not in names:
                 raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not among the tools",
                                      param="tool_choice")  # fmt: skip
-        if req.tools and fmt is not None and fmt.type != "text":
+        if req.tools and choice != "none" and fmt is not None and fmt.type != "text":
             raise UnsupportedParameter("tools and a JSON response_format together are not supported",
                                        param="response_format")  # fmt: skip
 
@@ -76,7 +82,7 @@ def check_limits(req: SamplingParams, prompts: int, chars: int, limits: Limits) 
                              f"({limits.max_prompt_chars})", param=where)  # fmt: skip
 
 
-def completion_jobs(req: CompletionRequest, limits: Limits) -> list[Generation]:
+def completion_generations(req: CompletionRequest, limits: Limits) -> list[Generation]:
     """One generation per (prompt, choice); generation i is choice i in OpenAI's order (prompt-major)."""
     check_fields(req)
     prompts = req.prompts()
@@ -85,7 +91,7 @@ def completion_jobs(req: CompletionRequest, limits: Limits) -> list[Generation]:
             for prompt in prompts for j in range(req.n)]  # fmt: skip
 
 
-def chat_jobs(req: ChatCompletionRequest, limits: Limits) -> list[Generation]:
+def chat_generations(req: ChatCompletionRequest, limits: Limits) -> list[Generation]:
     check_fields(req)
     messages = req.template_messages()
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []

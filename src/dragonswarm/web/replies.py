@@ -28,6 +28,7 @@ from dragonswarm.protocol.openai import (
     CompletionRequest,
     PromptTokensDetails,
     SamplingParams,
+    TextOffsets,
     Usage,
     chat_choice,
     chat_logprobs,
@@ -133,8 +134,7 @@ async def _collect(reply: Reply, rid: str, created: int, events: Events) -> dict
     for i in range(reply.n):
         text = "".join(texts[i])
         if reply.kind == "text":
-            start = len(echo[i]) if echo else 0
-            lp = text_logprobs(logprobs[i], start) if reply.logprobs else None
+            lp = text_logprobs(logprobs[i], TextOffsets(len(echo[i]) if echo else 0)) if reply.logprobs else None
             choices.append(text_choice(i, text, finish[i], lp))
             continue
         content, calls = parse_tool_calls(text, reply.tools) if reply.tools else (text, [])
@@ -155,7 +155,7 @@ async def _sse(reply: Reply, rid: str, created: int, events: Events) -> AsyncIte
     kind, model = reply.kind, reply.model
     usage = Usage()
     done = 0
-    offsets = [len(e) for e in reply.echo] if reply.echo else [0] * reply.n  # completions' text_offset
+    offsets = [TextOffsets(len(e)) for e in reply.echo] if reply.echo else [TextOffsets() for _ in range(reply.n)]
     calls = [ToolCallStream(reply.tools) for _ in range(reply.n)] if reply.tools else None
 
     def chunk(index: int, text: str | None, finish: str | None = None, first: bool = False,
@@ -163,8 +163,6 @@ async def _sse(reply: Reply, rid: str, created: int, events: Events) -> AsyncIte
         logprobs = None
         if reply.logprobs and entries is not None:
             logprobs = chat_logprobs(entries) if kind == "chat" else text_logprobs(entries, offsets[index])
-        if text:
-            offsets[index] += len(text)
         return _data(stream_chunk(kind, rid, created, model, index, text, finish, first, logprobs, tool_calls))
 
     async with contextlib.aclosing(events) as stream:

@@ -16,7 +16,8 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+from dragonswarm.protocol.runner import TOOL_CALL_CLOSE as CLOSE
+from dragonswarm.protocol.runner import TOOL_CALL_OPEN as OPEN
 
 
 def parse_tool_calls(text: str, names: Collection[str]) -> tuple[str | None, list[dict[str, Any]]]:
@@ -32,9 +33,9 @@ def parse_tool_calls(text: str, names: Collection[str]) -> tuple[str | None, lis
         return text, []
     calls = []
     for block in (OPEN + rest).split(OPEN)[1:]:
-        body, closed, after = block.partition(CLOSE)
+        body, _, after = block.partition(CLOSE)  # a last call the model left unclosed still counts
         call = _call(body)
-        if call is None or (not closed and after) or (closed and after.strip()):
+        if call is None or after.strip():
             return text, []  # not a clean sequence of calls: hand it back as it was written
         calls.append(call)
     content = head.strip()
