@@ -84,8 +84,7 @@ def test_worker_killed_mid_stream_the_stream_continues(start_orchestrator: Start
     seen: list[str] = []
     with orch.client() as c, c.stream("POST", "/v1/completions", json={
         "model": "tiny", "prompt": "failover", "max_tokens": max_tokens, "temperature": 0, "cache_prompt": False,
-            "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": True, "stream_options": {"include_usage": True},
     }) as response:  # fmt: skip
         assert response.status_code == 200
         first = response.headers["x-dragon-nodes"]
@@ -406,8 +405,7 @@ def test_owner_comes_first_work_for_others_moves(start_orchestrator: Start, star
     def others() -> None:  # someone else's long request, placed on the only node: this machine
         with orch.client() as c, c.stream("POST", "/v1/completions", json={
             "model": "tiny", "prompt": "others", "max_tokens": 1500, "temperature": 0, "cache_prompt": False,
-                "stream": True,
-            "stream_options": {"include_usage": True}}, timeout=300) as r:  # fmt: skip
+            "stream": True, "stream_options": {"include_usage": True}}, timeout=300) as r:  # fmt: skip
             events.extend(json.loads(line[6:]) for line in r.iter_lines()
                           if line.startswith("data: ") and line != "data: [DONE]")  # fmt: skip
 
