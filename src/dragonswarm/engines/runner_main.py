@@ -58,6 +58,7 @@ class Runner:
         self.threads = threads
         self.vocab = self.llm._model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self._piece_buf = ctypes.create_string_buffer(256)
         # llama_token_data, laid out as llama.h has it: reused for every grammar-held token.
         self._cand = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
@@ -132,14 +133,14 @@ class Runner:
             return result.prompt, not result.added_special, stops
         if gen.suffix is not None:
             return None, False, []
-        return gen.prompt or "", bool(self._lib.llama_vocab_get_add_bos(self.vocab)), []
+        return gen.prompt or "", self.add_bos, []
 
     def _fim_tokens(self, gen: Generation) -> list[int]:
         if self.fim is None:
             raise JobError("unsupported_parameter", "this model has no fill-in-the-middle tokens; "
                            "suffix needs a model trained for it", "suffix")  # fmt: skip
         pre, suf, mid = self.fim
-        bos = [self.llm.token_bos()] if self._lib.llama_vocab_get_add_bos(self.vocab) else []
+        bos = [self.llm.token_bos()] if self.add_bos else []
         return [*bos, pre, *self.tokenize(gen.prompt or ""), suf, *self.tokenize(gen.suffix or ""), mid]
 
     def sampler(self, gen: Generation) -> tuple[Any, Any]:
@@ -208,10 +209,14 @@ class Runner:
         lib.llama_sampler_accept(chain, token)
         return token
 
+    def _logits(self) -> Any:
+        """The model's logits for the next position (a view, valid until the next decode)."""
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.n_vocab,))
+
     def _candidates(self) -> Any:
         """Every token with its logit for the next position, as llama.cpp's samplers take them."""
         lib = self._lib
-        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.n_vocab,))
+        logits = self._logits()
         cand = self._cand
         cand["id"] = self._ids
         cand["logit"] = logits
@@ -272,7 +277,7 @@ class Runner:
 
     def logprob(self, token: int, top: int) -> TokenLogprob:
         """The token's log-probability under the model (before any sampling), and the `top` most likely."""
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.n_vocab,))
+        logits = self._logits()
         peak = float(logits.max())
         log_total = peak + float(np.log(np.exp(logits - peak).sum()))
         best = np.argpartition(-logits, top)[:top] if 0 < top < self.n_vocab else np.arange(0)
