@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 from tests.conftest import NodeProcess, wait_until
+
+from dragonswarm.governor.dutycycle import DutyCycleCap
+from dragonswarm.governor.sampler import Sampler
 
 N_CPUS = psutil.cpu_count() or 1
 CGROUP_V1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
@@ -48,14 +55,89 @@ def test_cgroup_quota_holds_the_runner_to_its_share(start_node: Callable[..., No
 
 
 @pytest.mark.skipif(N_CPUS < 2, reason="affinity + duty cycle needs two cores to show")
-def test_duty_cycle_holds_the_runner_to_its_share(start_node: Callable[..., NodeProcess], tiny_model: Path) -> None:
-    node = start_node("--model", f"tiny={tiny_model}", "--local-share", "0.25", "--cap-mechanism", "duty")
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.25])
+def test_duty_cycle_holds_the_runner_to_its_share(start_node: Callable[..., NodeProcess], tiny_model: Path,
+                                                  share: float) -> None:  # fmt: skip
+    """Also at the shares where share x cores / threads is exactly 1.0, which used to leave the runner stopped."""
+    node = start_node("--model", f"tiny={tiny_model}", "--local-share", str(share), "--cap-mechanism", "duty",
+                      "--n-ctx", "32768")  # fmt: skip
     assert node.status()["governor"]["mechanism"] == "affinity+duty-cycle"
-    used = runner_cpu_fraction(node, 3.0)
-    assert used <= 0.25 + 0.06, f"runner used {used:.3f} of the machine at share 0.25"
-    assert used >= 0.1
+    used = runner_cpu_fraction(node, 3.0, max_tokens=32000)
+    assert used <= share + 0.06, f"runner used {used:.3f} of the machine at share {share}"
+    assert used >= share * 0.4, f"runner used only {used:.3f} at share {share}: was it running?"
     runner = psutil.Process(node.model_status("tiny")["runner_pid"])
-    assert runner.cpu_affinity() == [0]  # 0.25 of two cores fits on one
+    assert runner.status() != psutil.STATUS_STOPPED
+    expected = 1 if share <= 0.5 else 2
+    assert len(runner.cpu_affinity()) == expected
+    out = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50})
+    assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.fixture
+def busy_child() -> Iterator[psutil.Process]:
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield psutil.Process(proc.pid)
+    proc.kill()
+    proc.wait()
+
+
+def stopped_within(proc: psutil.Process, seconds: float) -> bool:
+    """True if the process is seen stopped at any moment of the next `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.status() == psutil.STATUS_STOPPED:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+@pytest.mark.skipif(N_CPUS < 2, reason="the share crosses 1.0 only with two cores or more")
+def test_duty_cycle_resumes_when_the_share_crosses_one(busy_child: psutil.Process) -> None:
+    """A share that grows to fill the runner's cores resumes it at once, however the change
+    falls within the cycle; one that shrinks again suspends it again."""
+    cap = DutyCycleCap(list(range(N_CPUS)), N_CPUS)
+    try:
+        cap.attach(busy_child.pid, runner=True)
+        rng = random.Random(9)
+        for _ in range(20):
+            cap.set_share(0.25, 1)  # a quarter of the machine on one core: runs half the time
+            assert wait_until(lambda: stopped_within(busy_child, 0.1), 2, "the duty cycle to suspend the child")
+            time.sleep(rng.uniform(0.0, cap.period_s))  # anywhere in the cycle
+            cap.set_share(1.0 / N_CPUS, 1)  # exactly one core's worth on one core: duty 1.0
+            wait_until(lambda: busy_child.status() != psutil.STATUS_STOPPED, 0.5, "the child to be resumed")
+            assert not stopped_within(busy_child, 3 * cap.period_s), "the child was stopped at duty 1.0"
+    finally:
+        cap.close()
+
+
+@pytest.mark.skipif(N_CPUS < 2, reason="the share crosses 1.0 only with two cores or more")
+def test_duty_cycle_leaves_nothing_stopped_on_close_or_detach(busy_child: psutil.Process) -> None:
+    for leave in ("close", "detach"):
+        cap = DutyCycleCap(list(range(N_CPUS)), N_CPUS)
+        cap.attach(busy_child.pid, runner=True)
+        cap.set_share(0.05, 1)  # stopped 90% of the time
+        assert wait_until(lambda: stopped_within(busy_child, 0.1), 2, "the duty cycle to suspend the child")
+        if leave == "detach":
+            cap.detach(busy_child.pid)
+        cap.close()
+        assert not stopped_within(busy_child, 0.2), f"the child stayed stopped after {leave}"
+
+
+@pytest.mark.skipif(N_CPUS < 2, reason="spreading needs two cores")
+def test_duty_cycle_spreads_runners_over_the_cores() -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    cap = DutyCycleCap(list(range(N_CPUS)), N_CPUS)
+    try:
+        cap.set_share(0.5 / N_CPUS, 1)
+        for p in procs:
+            cap.attach(p.pid, runner=True)
+        cores = [psutil.Process(p.pid).cpu_affinity() for p in procs]
+        assert cores[0] != cores[1], f"both runners pinned to {cores[0]}"
+    finally:
+        cap.close()
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_uncapped_runner_uses_more_than_a_small_share(start_node: Callable[..., NodeProcess], tiny_model: Path) -> None:
@@ -66,32 +148,91 @@ def test_uncapped_runner_uses_more_than_a_small_share(start_node: Callable[..., 
     assert runner_cpu_fraction(node, 2.0, max_tokens=32000) > 0.4
 
 
-@pytest.fixture
-def cpu_hogs() -> Iterator[Callable[[], None]]:
-    """Start one busy loop per core (the 'owner' compiling something); stop them on demand."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(N_CPUS)]
-
-    def stop() -> None:
-        for p in procs:
-            p.kill()
-            p.wait()
-
-    yield stop
-    stop()
+def stream_until(node: NodeProcess, stop: threading.Event, generating: threading.Event) -> None:
+    """Stream a long generation until told to stop (leaving the stream cancels the job)."""
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 32000, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=node.url, timeout=60) as client, client.stream("POST", "/v1/completions",
+                                                                              json=body) as response:  # fmt: skip
+        for _ in response.iter_lines():
+            generating.set()
+            if stop.is_set():
+                return
 
 
-def test_owner_activity_shrinks_the_share_and_it_comes_back(start_node: Callable[..., NodeProcess], tiny_model: Path,
-                                                            cpu_hogs: Callable[[], None]) -> None:  # fmt: skip
-    node = start_node("--model", f"tiny={tiny_model}")
-    gov = wait_until(lambda: (g := node.status()["governor"])["owner_busy"] and g, 5, "the owner to be seen busy")
-    assert gov["owner_load"] > 0.5
-    assert gov["share_in_force"] <= 0.1  # 0.80 configured, shrunk to leave the owner the machine
-    if gov["mechanism"] == "cgroup-v1":
+def poll_status(node: NodeProcess, stop: threading.Event, seen: list[dict[str, Any]]) -> None:
+    """Record the node's governor status (and the runner's thread count) until told to stop."""
+    with httpx.Client(base_url=node.url, timeout=10) as client:
+        while not stop.is_set():
+            status = client.get("/v1/node").json()
+            model = next(m for m in status["models"] if m["name"] == "tiny")
+            seen.append({**status["governor"], "runner_threads": model["threads"]})
+            time.sleep(0.05)
+
+
+@pytest.mark.skipif(N_CPUS < 2, reason="threads follow the share only with two cores or more")
+def test_owner_activity_shrinks_the_share_and_it_comes_back(start_node: Callable[..., NodeProcess],
+                                                            tiny_model: Path) -> None:  # fmt: skip
+    """The owner starts a CPU burst mid-generation: the next sample takes the share down and the
+    runner to one thread; when the burst ends the share and the threads come back, mid-job."""
+    # Reading the tiny model's fast stream costs this test a tenth of the machine: not the owner
+    # here; the CPU hogs, which take it all, are.
+    node = start_node("--model", f"tiny={tiny_model}", "--local-share", "1.0", "--n-ctx", "32768",
+                      env={"DRAGON_OWNER_NOISE": "0.3"})  # fmt: skip
+    node.client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}).raise_for_status()
+    interval = node.status()["governor"]["sample_interval_s"]
+    seen: list[dict[str, Any]] = []
+    stop = threading.Event()
+    generating = threading.Event()
+    reader = threading.Thread(target=stream_until, args=(node, stop, generating), daemon=True)
+    reader.start()
+    poller = threading.Thread(target=poll_status, args=(node, stop, seen), daemon=True)
+    poller.start()
+    try:
+        wait_until(generating.is_set, 10, "the generation to stream")
+        wait_until(lambda: seen and seen[-1]["runner_threads"] == 2, 10, "the runner at two threads")
+        started = time.time()
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(N_CPUS)]
+        try:
+            # A sample taken wholly after the burst began has seen it: the share is down at once.
+            late = wait_until(lambda: [g for g in seen if g["sampled_at"] >= started + interval + 0.05], 10,
+                              "a sample from inside the burst")  # fmt: skip
+            assert late[0]["owner_busy"], late[0]
+            assert late[0]["share_in_force"] <= 0.1, late[0]
+            assert late[0]["threads"] == 1
+            wait_until(lambda: seen[-1]["runner_threads"] == 1, 5, "the runner to compute on one thread")
+            assert reader.is_alive(), "the generation ended before the burst was over"
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+        ended = time.time()
+        back = wait_until(lambda: [g for g in seen if g["sampled_at"] > ended and g["share_in_force"] == 1.0], 15,
+                          "the share to come back")  # fmt: skip
+        wait_until(lambda: seen[-1]["runner_threads"] == 2, 5, "the runner back on two threads, mid-job")
+        assert reader.is_alive(), "the generation ended before the share came back"
+    finally:
+        stop.set()
+        reader.join()
+        poller.join()
+    # Never back before the owner has been quiet for the hold: no flapping at the burst's end.
+    assert back[0]["sampled_at"] >= ended + back[0]["owner_hold_s"] - interval, back[0]
+    if node.status()["governor"]["mechanism"] == "cgroup-v1":
         group = Path(f"/sys/fs/cgroup/cpu/dragonswarm/node-{node.proc.pid}")
-        quota = int((group / "cpu.cfs_quota_us").read_text())
-        assert 0 < quota <= 0.1 * N_CPUS * int((group / "cpu.cfs_period_us").read_text())
-    # Work still gets done while the owner is busy, only slowly.
-    out = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 20})
-    assert out.status_code == 200
-    cpu_hogs()
-    wait_until(lambda: node.status()["governor"]["share_in_force"] == 0.8, 15, "the share to come back")
+        assert int((group / "cpu.cfs_quota_us").read_text()) == -1  # unlimited again at share 1.0
+
+
+def test_a_runner_that_exits_is_still_counted_as_ours() -> None:
+    """A busy child of ours that exits between two samples keeps its CPU in our column, so it
+    is never taken for the owner's (its time moves to our counters when we reap it)."""
+    sampler = Sampler(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    sampler.track(child.pid)
+    sampler.sample()
+    time.sleep(0.6)
+    used = sum(psutil.Process(child.pid).cpu_times()[:2])
+    child.kill()
+    child.wait()
+    sample = sampler.sample()
+    wall = 0.6 * len(sampler.cpus)
+    assert sample.cpu_ours >= 0.8 * used / wall, f"the child's {used:.2f} s of CPU went missing: {sample}"
+    sampler.close()

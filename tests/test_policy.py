@@ -8,14 +8,22 @@ import pytest
 
 from dragonswarm.engines.textstream import StopMatcher, TextStream
 from dragonswarm.errors import ConfigError, InvalidRequest
+from dragonswarm.governor.cgroups import Hierarchies, delegation_problem, parse_hierarchies, quota_cpus
 from dragonswarm.governor.policy import (
+    GpuPolicy,
     OwnerPolicy,
     cfs_quota_us,
     duty_cycle,
     effective_share,
+    gpu_budget,
+    gpu_layers,
+    gpu_owner_busy,
+    held_owner_load,
+    machine_contended,
     ram_needed,
-    smooth_owner_load,
+    spread_cores,
     threads_for,
+    usable_cpus,
 )
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest
 from dragonswarm.scheduler.fragments import chat_generations, completion_generations
@@ -42,14 +50,33 @@ def test_effective_share(configured: float, owner: float, expected: float) -> No
     assert effective_share(configured, owner, POLICY) == pytest.approx(expected)
 
 
-def test_owner_load_reacts_at_once_and_relaxes_gradually() -> None:
-    assert smooth_owner_load(0.0, 0.9) == 0.9
-    relaxed = smooth_owner_load(0.9, 0.0)
-    assert 0.0 < relaxed < 0.9
-    load = 0.9
-    for _ in range(10):
-        load = smooth_owner_load(load, 0.0)
-    assert load < 0.01
+def test_contention_drops_to_the_floor_at_once() -> None:
+    """The owner and we fill the machine: what they got is what we left them, not what they
+    want. Stepping down by it would take a sample per headroom step; we drop at once."""
+    assert effective_share(1.0, 0.33, POLICY, contended=True) == 0.05
+    assert effective_share(0.8, 0.05, POLICY, contended=True) == 0.8  # noise does not contend
+    # The next sample shows their real demand, and we take the room it leaves.
+    assert effective_share(1.0, 0.5, POLICY) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize(
+    ("total", "owner", "expected"),
+    [(1.0, 0.33, True), (0.96, 0.2, True), (0.9, 0.5, False), (1.0, 0.05, False), (0.5, 0.5, False)],
+)
+def test_machine_contended(total: float, owner: float, expected: bool) -> None:
+    assert machine_contended(total, owner, POLICY) is expected
+
+
+def test_owner_load_is_held_then_released_whole() -> None:
+    """Fast attack, a fixed release: busy at once, back in full `hold_s` after the last busy sample."""
+    history = [(0.0, 0.0), (0.25, 0.9), (0.5, 0.0), (0.75, 0.0), (1.0, 0.0)]
+    assert held_owner_load(history[:2], 0.25, 1.0) == 0.9  # the first busy sample counts
+    assert held_owner_load(history, 1.0, 1.0) == 0.9  # held while within hold_s
+    assert held_owner_load([*history, (1.25, 0.0)], 1.26, 1.0) == 0.0  # then released at once, whole
+    assert held_owner_load([], 5.0, 1.0) == 0.0
+    # A burst with gaps shorter than the hold holds the share down: it does not flap.
+    bursty = [(t / 4, 0.8 if t % 3 == 0 else 0.0) for t in range(12)]
+    assert all(held_owner_load(bursty[: i + 1], t, 1.0) == 0.8 for i, (t, _) in enumerate(bursty))
 
 
 @pytest.mark.parametrize(
@@ -68,6 +95,97 @@ def test_quota_and_duty_cycle() -> None:
     assert duty_cycle(0.25, 2, 1) == 0.5
     assert duty_cycle(0.8, 2, 2) == 0.8
     assert duty_cycle(1.0, 2, 1) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("allowed", "threads", "taken", "expected"),
+    [
+        ([0, 1], 1, [], [0]),
+        ([0, 1], 1, [[0]], [1]),  # the second runner goes to the free core, not core 0 again
+        ([0, 1, 2, 3], 2, [[0, 1]], [2, 3]),
+        ([0, 1, 2, 3], 2, [[0, 1], [2, 3]], [0, 1]),
+        ([4, 5, 6], 2, [[4]], [5, 6]),  # only cores in the affinity mask
+        ([0, 1], 4, [], [0, 1]),  # never more cores than allowed
+        ([0, 1], 1, [[7]], [0]),  # cores outside the mask do not count
+    ],
+)
+def test_spread_cores(allowed: list[int], threads: int, taken: list[list[int]], expected: list[int]) -> None:
+    assert spread_cores(allowed, threads, taken) == expected
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "expected"), [(16, None, 16), (16, 1.5, 2), (16, 2.0, 2), (4, 8.0, 4), (2, 0.2, 1)]
+)
+def test_usable_cpus_from_affinity_and_quota(affinity: int, quota: float | None, expected: int) -> None:
+    assert usable_cpus(affinity, quota) == expected
+
+
+def test_quota_cpus_takes_the_tightest_limit_up_the_tree() -> None:
+    assert quota_cpus([("max", "100000"), ("150000", "100000"), ("400000", "100000")]) == 1.5
+    assert quota_cpus([("-1", "100000")]) is None  # v1's "no limit"
+    assert quota_cpus([]) is None
+    assert quota_cpus([("junk", "100000"), ("50000", "0")]) is None
+
+
+MOUNTINFO = """31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+
+def test_parse_hierarchies_hybrid_and_pure_v2() -> None:
+    hybrid = parse_hierarchies(MOUNTINFO, "4:memory:/x\n1:cpu:/\n0::/user.slice\n")
+    assert hybrid == Hierarchies(Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/unified/user.slice"),
+                                 Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu"))  # fmt: skip
+    desktop = parse_hierarchies(
+        "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n",
+        "0::/user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope\n",
+    )
+    scope = "user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope"
+    assert desktop.v2_group == Path("/sys/fs/cgroup") / scope
+    assert desktop.v1_mount is None
+    # A container sees its own subtree mounted at the root of its view.
+    container = parse_hierarchies("50 40 0:26 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n", "0::/docker/abc\n")
+    assert container.v2_group == Path("/sys/fs/cgroup")
+    assert parse_hierarchies("", "") == Hierarchies(None, None, None, None)
+
+
+def test_delegation_problem_says_what_is_missing() -> None:
+    scope = Path("/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope")
+    assert delegation_problem(scope, {"cpu", "memory", "pids"}, writable=True, others=0) is None
+    not_ours = delegation_problem(Path("/sys/fs/cgroup/user.slice"), {"cpu"}, writable=False, others=0)
+    assert not_ours is not None and "systemd-run --user --scope -p Delegate=yes" in not_ours
+    no_cpu = delegation_problem(scope, {"memory", "pids"}, writable=True, others=0)
+    assert no_cpu is not None and "cpu controller is not delegated" in no_cpu
+    shared = delegation_problem(scope, {"cpu"}, writable=True, others=3)
+    assert shared is not None and "3 other process(es)" in shared
+
+
+GPU = GpuPolicy(noise=0.10, reserve_bytes=512 << 20)
+
+
+def test_gpu_owner_busy_only_when_known_and_above_noise() -> None:
+    assert gpu_owner_busy(0.6, GPU)  # a game
+    assert not gpu_owner_busy(0.03, GPU)  # the desktop compositor
+    assert not gpu_owner_busy(None, GPU)  # NVML cannot split it from ours: never back off from ourselves
+
+
+def test_gpu_budget_is_the_share_within_what_the_owner_leaves() -> None:
+    gib = 1 << 30
+    assert gpu_budget(8 * gib, 1 * gib, 0.5, GPU) == 4 * gib  # the share is the tighter bound
+    assert gpu_budget(8 * gib, 6 * gib, 0.8, GPU) == 2 * gib - (512 << 20)  # the owner's memory is
+    assert gpu_budget(8 * gib, 8 * gib, 0.8, GPU) == 0  # nothing free: nothing offloaded
+    assert gpu_budget(8 * gib, 0, 0.0, GPU) == 0  # --gpu-share 0: the CPU only
+
+
+def test_gpu_layers_fit_weights_and_cache_in_the_budget() -> None:
+    mib = 1 << 20
+    # 24 layers of 20 MiB each, a 4096-token context (256 MiB of cache, capped at the weights' 480 MiB).
+    assert gpu_layers(24, 480 * mib, 4 * 1024 * mib, 4096) == 24  # all fit
+    assert gpu_layers(24, 480 * mib, 256 * mib + 200 * mib, 4096) == 10  # 200 MiB left for weights: 10 layers
+    assert gpu_layers(24, 480 * mib, 100 * mib, 4096) == 0  # the cache alone does not fit
+    assert gpu_layers(0, 480 * mib, 4 * 1024 * mib, 4096) == 0  # unknown layer count: none
 
 
 def test_ram_needed_counts_weights_context_and_margin() -> None:

@@ -12,7 +12,7 @@ import pytest
 from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
 from dragonswarm.scheduler.local import serve_locally
 from dragonswarm.scheduler.models import looks_like_code, pick_model
-from dragonswarm.scheduler.placement import NodeState, PlacementIndex, choose, rank
+from dragonswarm.scheduler.placement import RTT_UNKNOWN, NodeState, PlacementIndex, choose, rank, rtt_bucket
 
 MODELS = ("gemma", "qwen-coder", "llama", "phi")
 
@@ -28,12 +28,56 @@ def node(name: str, **changes: Any) -> NodeState:
 
 
 def test_rank_key() -> None:
-    assert rank(node("a", loaded=frozenset({"m"}), assigned=1, load=0.37), "m") == (0, 1, 3)
-    assert rank(node("a", assigned=0, load=0.0), "m") == (1, 0, 0)
+    assert rank(node("a", loaded=frozenset({"m"}), assigned=1, load=0.37, rtt_ms=3.0), "m") == (0, 1, 3, 0)
+    assert rank(node("a", assigned=0, load=0.0, rtt_ms=60.0), "m") == (1, 0, 0, 3)
     # Load buckets saturate at 9, whatever the machine reports.
-    assert rank(node("a", load=0.95), "m") == (1, 0, 9)
-    assert rank(node("a", load=1.0), "m") == (1, 0, 9)
-    assert rank(node("a", load=3.0), "m") == (1, 0, 9)
+    assert rank(node("a", load=0.95), "m") == (1, 0, 9, RTT_UNKNOWN)
+    assert rank(node("a", load=1.0), "m") == (1, 0, 9, RTT_UNKNOWN)
+    assert rank(node("a", load=3.0), "m") == (1, 0, 9, RTT_UNKNOWN)
+
+
+@pytest.mark.parametrize(
+    ("rtt_ms", "bucket"),
+    [(0.0, 0), (0.3, 0), (4.99, 0), (5.0, 1), (19.9, 1), (20.0, 2), (49.0, 2), (99.0, 3), (150.0, 4),
+     (499.0, 5), (500.0, 6), (30_000.0, 6), (-1.0, 0), (None, RTT_UNKNOWN)],
+)  # fmt: skip
+def test_rtt_bucket(rtt_ms: float | None, bucket: int) -> None:
+    assert rtt_bucket(rtt_ms) == bucket
+
+
+def test_rtt_bucket_is_monotonic_and_unknown_is_last() -> None:
+    buckets = [rtt_bucket(ms / 10) for ms in range(0, 20_000)]
+    assert buckets == sorted(buckets)
+    assert max(buckets) < rtt_bucket(None)
+
+
+def test_lower_rtt_wins_among_equals() -> None:
+    nodes = [node("far", rtt_ms=120.0), node("unmeasured"), node("near", rtt_ms=2.0), node("mid", rtt_ms=30.0)]
+    assert choose("m", nodes) == "near"
+    assert choose("m", nodes, exclude={"near"}) == "mid"
+    assert choose("m", nodes, exclude={"near", "mid"}) == "far"
+    assert choose("m", nodes, exclude={"near", "mid", "far"}) == "unmeasured"
+    assert build(nodes).choose("m") == "near"
+
+
+def test_rtt_never_outranks_warm_assigned_or_load() -> None:
+    # A near node loses to any better earlier component: the round trip only breaks ties.
+    near = {"rtt_ms": 1.0}
+    far = {"rtt_ms": 400.0}
+    assert choose("m", [node("near", **near), node("warm", loaded=frozenset({"m"}), **far)]) == "warm"
+    assert choose("m", [node("near", assigned=1, **near), node("idle", **far)]) == "idle"
+    assert choose("m", [node("near", load=0.5, **near), node("quiet", load=0.0, **far)]) == "quiet"
+    # Jitter inside a bucket does not reorder: first seen wins, as with equal load.
+    assert choose("m", [node("a", rtt_ms=9.0), node("b", rtt_ms=6.0)]) == "a"
+
+
+def test_net_busy_is_never_chosen() -> None:
+    best = {"loaded": frozenset({"m"}), "rtt_ms": 1.0}
+    nodes = [node("saturated", net_busy=True, **best), node("ok", assigned=1, load=0.9, rtt_ms=450.0)]
+    assert choose("m", nodes) == "ok"
+    assert build(nodes).choose("m") == "ok"
+    assert choose("m", nodes[:1]) is None and build(nodes[:1]).choose("m") is None
+    assert not build(nodes).eligible("m", "saturated")
 
 
 @pytest.mark.parametrize(
@@ -41,6 +85,7 @@ def test_rank_key() -> None:
     [
         {"live": False},
         {"owner_busy": True},
+        {"net_busy": True},
         {"models": frozenset({"other"})},
         {"assigned": 2},  # at capacity
         {"assigned": 3},  # over capacity
@@ -95,7 +140,8 @@ def random_node(rng: random.Random, name: str) -> NodeState:
     return NodeState(name=name, models=models, loaded=loaded, capacity=capacity,
                      assigned=rng.randint(0, capacity + 1), owner_busy=rng.random() < 0.15,
                      load=rng.choice([0.0, 0.05, 0.1, 0.49, 0.5, 0.99, 1.0, rng.random()]),
-                     live=rng.random() < 0.9)  # fmt: skip
+                     live=rng.random() < 0.9, net_busy=rng.random() < 0.1,
+                     rtt_ms=rng.choice([None, 0.2, 4.99, 5.0, 19.0, 80.0, 250.0, rng.random() * 600]))  # fmt: skip
 
 
 def assert_agrees(index: PlacementIndex, nodes: dict[str, NodeState], rng: random.Random) -> None:
@@ -141,9 +187,12 @@ def test_index_agrees_through_updates_and_removals() -> None:
                 index.remove(name)
                 nodes.pop(name, None)
             elif roll < 0.4 and name in nodes:
-                # The orchestrator's common step: one more (or one fewer) fragment on a node.
+                # The orchestrator's common step: one more (or one fewer) fragment on a node; or a
+                # heartbeat with a new round trip, or with the owner's traffic starting or stopping.
                 old = nodes[name]
-                state = replace(old, assigned=max(0, old.assigned + rng.choice((-1, 1))))
+                state = rng.choice([replace(old, assigned=max(0, old.assigned + rng.choice((-1, 1)))),
+                                    replace(old, rtt_ms=rng.choice([None, 1.0, 30.0, 700.0])),
+                                    replace(old, net_busy=not old.net_busy)])  # fmt: skip
                 index.update(state)
                 nodes[name] = state
             else:

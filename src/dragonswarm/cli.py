@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--share", type=_share, help="share of the machine for work done for others (0.10)")
     node.add_argument("--cap-mechanism", choices=["auto", "cgroup", "duty", "none"],
                       help="how the share is enforced (default auto: cgroup quota, else affinity + duty cycle)")
+    node.add_argument("--gpu-share", type=_share,
+                      help="share of the GPU's memory for model layers (default: --local-share)")
     node.add_argument("--idle-unload", type=float, dest="idle_unload_s", metavar="SECONDS",
                       help="unload a model unused this long (default 600)")  # fmt: skip
     node.add_argument("--n-ctx", type=int, help="context length in tokens (default 4096)")
@@ -173,7 +175,7 @@ def cmd_node(args: argparse.Namespace) -> None:
     from dragonswarm.node.service import LocalModel
 
     settings: NodeSettings = _settings(args, [
-        "models", "bundled_model", "host", "api_port", "home", "local_share", "share", "cap_mechanism",
+        "models", "bundled_model", "host", "api_port", "home", "local_share", "share", "cap_mechanism", "gpu_share",
         "idle_unload_s", "n_ctx", "max_queue", "default_max_tokens", "log_level", "name", "orchestrator", "key", "ca",
         "insecure",
         "api_key"])  # fmt: skip

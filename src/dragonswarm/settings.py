@@ -121,7 +121,12 @@ class NodeSettings(_FileSettings):
     # When the owner is busy, we leave this much free on top of what the owner uses.
     owner_headroom: float = Field(0.10, ge=0.0, le=1.0)
     min_share: float = Field(0.05, gt=0.0, le=1.0)
-    sample_interval: float = Field(1.0, gt=0.0)
+    # Sampled four times a second, so the owner's burst is seen and backed off from within
+    # a second; the owner counts as busy until `owner_hold_s` after their last busy sample.
+    sample_interval: float = Field(0.25, gt=0.0, le=5.0)
+    owner_hold_s: float = Field(1.0, ge=0.0, le=60.0)
+    # Share of the GPU's memory our model layers may fill (None: the local share).
+    gpu_share: float | None = Field(None, ge=0.0, le=1.0)
 
     idle_unload_s: float = Field(600.0, gt=0.0)
     n_ctx: int = Field(4096, ge=64)

@@ -9,6 +9,8 @@ from typing import Any
 from dragonswarm.store.base import KeyRecord
 
 COLUMNS = ("NAME", "STATE", "MODELS", "SHARE", "CPU", "OWNER", "RUNNING", "SERVED", "LAST SEEN")
+# After CPU, when some node reports its network (nodes older than these figures do not).
+NET_COLUMNS = ("NET IN/OUT", "SWARM IN/OUT", "RTT")
 
 
 def _ago(seconds: float) -> str:
@@ -19,12 +21,42 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-def node_row(node: dict[str, Any], now: float) -> tuple[str, ...]:
+def human_rate(bps: float) -> str:
+    """Bytes per second in decimal units, as network speeds are given: 950B/s, 1.2kB/s, 34MB/s."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    value, i = max(0.0, bps), 0
+    while value >= 999.5 and i < len(units) - 1:  # 999.5 would print as "1000"
+        value /= 1000
+        i += 1
+    return f"{value:.1f}{units[i]}/s" if i and value < 9.95 else f"{value:.0f}{units[i]}/s"
+
+
+def _rtt(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.1f}ms" if ms < 9.95 else f"{ms:.0f}ms"
+
+
+def network_cells(node: dict[str, Any]) -> tuple[str, str, str]:
+    """The machine's traffic in/out, ours on the swarm link in/out, and the round trip to the orchestrator."""
+    if "net_recv_bps" not in node:
+        return ("-", "-", "-")
+    machine = f"{human_rate(node['net_recv_bps'])} {human_rate(node['net_sent_bps'])}"
+    ours = f"{human_rate(node.get('swarm_recv_bps', 0.0))} {human_rate(node.get('swarm_sent_bps', 0.0))}"
+    return (machine, ours, _rtt(node.get("rtt_ms")))
+
+
+def _owner(node: dict[str, Any]) -> str:
+    busy = [what for what, flag in (("busy", "owner_busy"), ("net busy", "net_busy")) if node.get(flag)]
+    return ", ".join(busy) or "idle"
+
+
+def node_row(node: dict[str, Any], now: float, network: bool = False) -> tuple[str, ...]:
     models = ",".join(m["name"] + ("*" if m["name"] in node.get("loaded", []) else "") for m in node.get("models", []))
-    owner = "busy" if node.get("owner_busy") else "idle"
     cpu = f"{node['cpu_total'] * 100:.0f}%" if "cpu_total" in node else "-"
     share = f"{node['share'] * 100:.0f}%" if "share" in node else "-"
-    return (node["name"], node["state"], models or "-", share, cpu, owner, str(node.get("running", 0)),
+    net = network_cells(node) if network else ()
+    return (node["name"], node["state"], models or "-", share, cpu, *net, _owner(node), str(node.get("running", 0)),
             str(node.get("served", 0)), _ago(max(0.0, now - node["last_seen"])))  # fmt: skip
 
 
@@ -34,11 +66,14 @@ def _table(rows: Sequence[tuple[str, ...]]) -> str:
 
 
 def nodes_table(nodes: list[dict[str, Any]], now: float | None = None) -> str:
-    """One row per node; `*` marks a model loaded in memory."""
+    """One row per node; `*` marks a model loaded in memory; traffic is given as in, then out."""
     if not nodes:
         return "no nodes have joined this swarm"
     now = time.time() if now is None else now
-    return _table([COLUMNS, *(node_row(n, now) for n in nodes)])
+    network = any("net_recv_bps" in n for n in nodes)
+    cpu = COLUMNS.index("CPU") + 1
+    columns = (*COLUMNS[:cpu], *NET_COLUMNS, *COLUMNS[cpu:]) if network else COLUMNS
+    return _table([columns, *(node_row(n, now, network) for n in nodes)])
 
 
 def _when(at: float) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from dragonswarm.errors import RunnerFailed
-from dragonswarm.protocol.runner import Event, RunJob, decode, encode
+from dragonswarm.protocol.runner import Event, RunJob, SetThreads, decode, encode
 
 log = logging.getLogger("dragonswarm.runner")
 
@@ -30,11 +30,13 @@ class RunnerProcess:
     """
 
     def __init__(self, model_name: str, model_path: Path, n_ctx: int, threads: int, log_path: Path,
-                 stats: Counter[str]):  # fmt: skip
+                 stats: Counter[str], gpu_budget: int | None = None):  # fmt: skip
         self.model_name = model_name
         self.model_path = model_path
         self.n_ctx = n_ctx
-        self.threads = threads
+        self.threads = threads  # the count last asked for
+        self.threads_in_force = threads  # ... and the count the runner last said it computes with
+        self.gpu_budget = gpu_budget  # bytes of video memory the model may fill; None: no GPU
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.info: dict[str, Any] = {}
@@ -55,7 +57,8 @@ class RunnerProcess:
 
     async def start(self, on_spawn: Callable[[int], None] | None = None) -> None:
         """Spawn the child and wait until the model is loaded."""
-        config = {"model_path": str(self.model_path), "n_ctx": self.n_ctx, "threads": self.threads}
+        config = {"model_path": str(self.model_path), "n_ctx": self.n_ctx, "threads": self.threads,
+                  "gpu_budget": self.gpu_budget}  # fmt: skip
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
@@ -86,6 +89,9 @@ class RunnerProcess:
                 if kind in ("ready", "fatal"):
                     if self._ready and not self._ready.done():
                         self._ready.set_result(event)
+                    continue
+                if kind == "threads":
+                    self.threads_in_force = int(event.get("n", 0))
                     continue
                 if kind in ("done", "error"):
                     self._count(event)
@@ -121,7 +127,15 @@ class RunnerProcess:
         self.stats["tokens"] += event.get("completion_tokens", 0)
         self.stats["cancelled" if event.get("finish_reason") == "cancelled" else "completed"] += 1
 
-    def _send(self, message: dict[str, Any] | RunJob) -> None:
+    def set_threads(self, n: int) -> None:
+        """Tell the runner the thread count in force; it changes between two tokens, also mid-job."""
+        if n == self.threads or self.proc is None or self.exited.is_set() or not self.proc.stdin:
+            return
+        self.threads = n
+        # Also while the model loads: the runner reads it once it is ready.
+        self.proc.stdin.write(encode(SetThreads(op="threads", n=n)))
+
+    def _send(self, message: dict[str, Any] | RunJob | SetThreads) -> None:
         if not self.alive or not self.proc or not self.proc.stdin:
             raise RunnerFailed(f"the runner for model {self.model_name!r} is not running")
         self.proc.stdin.write(encode(message))

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from dragonswarm.engines.chat_templates import chat_template
 from dragonswarm.engines.grammars import json_grammar, tool_call_grammar
 from dragonswarm.engines.textstream import TextStream
+from dragonswarm.governor.policy import gpu_layers
 from dragonswarm.protocol.runner import TOOL_CALL_OPEN, Generation, RunJob, TokenLogprob, decode, encode
 
 PENALTY_LAST_N = 64  # tokens the repeat/presence/frequency penalties look back over, as llama.cpp's default
@@ -42,20 +43,24 @@ class JobError(Exception):
 
 
 class Runner:
-    def __init__(self, out: BinaryIO, model_path: str, n_ctx: int, threads: int):
+    def __init__(self, out: BinaryIO, model_path: str, n_ctx: int, threads: int, gpu_budget: int | None = None):
         import llama_cpp
 
         self._lib = llama_cpp
         self.out = out
+        self.gpu_layers = 0
+        if gpu_budget and llama_cpp.llama_supports_gpu_offload():
+            self.gpu_layers = _layers_within(llama_cpp, model_path, gpu_budget, n_ctx)
         self.llm = llama_cpp.Llama(
             model_path=model_path,
             n_ctx=n_ctx,
             n_threads=threads,
             n_threads_batch=threads,
-            n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,
+            n_gpu_layers=self.gpu_layers,
             verbose=False,
         )
         self.threads = threads
+        self.wanted_threads = threads  # set by the command reader when the share in force changes
         self.vocab = self.llm._model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
@@ -267,13 +272,22 @@ class Runner:
         """Evaluate tokens a batch at a time; False if the job was cancelled meanwhile."""
         step = self.llm.n_batch
         for i in range(0, len(tokens), step):
-            if self.is_cancelled(job_id):
+            if self.checkpoint(job_id):
                 return False
             self.llm.eval(tokens[i : i + step])
         return True
 
     def is_cancelled(self, job_id: str) -> bool:
         return job_id in self.cancelled or "*" in self.cancelled
+
+    def checkpoint(self, job_id: str) -> bool:
+        """Between two steps: take up the thread count the node wants now; True if the job was cancelled."""
+        wanted = self.wanted_threads
+        if wanted != self.threads:
+            self.threads = wanted
+            self._lib.llama_set_n_threads(self.llm._ctx.ctx, wanted, wanted)
+            self.send({"ev": "threads", "n": wanted})
+        return self.is_cancelled(job_id)
 
     def logprob(self, token: int, top: int) -> TokenLogprob:
         """The token's log-probability under the model (before any sampling), and the `top` most likely."""
@@ -336,7 +350,7 @@ class Runner:
         if not self.evaluate(job_id, todo):
             return "cancelled", 0
         while True:
-            if self.is_cancelled(job_id):
+            if self.checkpoint(job_id):
                 finish = "cancelled"
                 break
             token = self.sample(chain, grammar)
@@ -368,6 +382,14 @@ class Runner:
         self.send(message)
 
 
+def _layers_within(llama_cpp: Any, model_path: str, budget: int, n_ctx: int) -> int:
+    """Layers of the model that fit the node's GPU budget, from the file's own metadata."""
+    meta = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False).metadata
+    arch = meta.get("general.architecture", "")
+    n_layers = int(meta.get(f"{arch}.block_count", 0))
+    return gpu_layers(n_layers, os.path.getsize(model_path), budget, n_ctx)
+
+
 def _entry(piece: bytes, logprob: float) -> tuple[str, float, list[int]]:
     try:
         text = piece.decode("utf-8")
@@ -382,6 +404,8 @@ def _read_commands(runner_ref: list[Runner], jobs: queue.Queue[RunJob | None]) -
         op = message.get("op")
         if op == "cancel" and runner_ref:
             runner_ref[0].cancelled.add(message["id"])
+        elif op == "threads" and runner_ref:
+            runner_ref[0].wanted_threads = max(1, int(message["n"]))
         elif op == "run":
             jobs.put(message)
         elif op == "exit":
@@ -401,9 +425,6 @@ def _die_with_parent() -> None:
 def _run_one(runner: Runner, job: RunJob) -> None:
     job_id = job["id"]
     try:
-        if job["threads"] != runner.threads:
-            runner.threads = job["threads"]
-            runner._lib.llama_set_n_threads(runner.llm._ctx.ctx, runner.threads, runner.threads)
         runner.run(job_id, Generation.model_validate(job["gen"]))
     except JobError as exc:
         runner.send({"ev": "error", "id": job_id, "code": exc.code, "message": exc.message, "param": exc.param})
@@ -423,14 +444,14 @@ def main() -> None:
     runner_ref: list[Runner] = []
     jobs: queue.Queue[RunJob | None] = queue.Queue()
     try:
-        runner = Runner(out, config["model_path"], config["n_ctx"], config["threads"])
+        runner = Runner(out, config["model_path"], config["n_ctx"], config["threads"], config.get("gpu_budget"))
     except Exception as exc:  # any load failure is reported, not raised: the node decides
         out.write(encode({"ev": "fatal", "message": f"cannot load model: {exc}"}))
         sys.exit(3)
     runner_ref.append(runner)
     threading.Thread(target=_read_commands, args=(runner_ref, jobs), daemon=True).start()
     runner.send({"ev": "ready", "n_ctx": runner.llm.n_ctx(), "chat_template": runner.formatter is not None,
-                 "fim": runner.fim is not None, "tools": runner.tools})  # fmt: skip
+                 "fim": runner.fim is not None, "tools": runner.tools, "gpu_layers": runner.gpu_layers})  # fmt: skip
     while (job := jobs.get()) is not None:
         if "*" in runner.cancelled:
             break

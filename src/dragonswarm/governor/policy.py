@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -11,26 +12,45 @@ class OwnerPolicy:
     noise: float  # others' CPU below this is background noise, not the owner
     headroom: float  # kept free on top of the owner's use when the owner is busy
     min_share: float  # never throttle to zero: a started job still finishes
+    # The owner counts as busy until this long after their last busy sample. Bursty work
+    # (a build between files, a page render) has gaps shorter than this; a shorter hold
+    # would hand the cores back and take them away again at every gap.
+    hold_s: float = 1.0
+    # The machine is full when this much of it is busy: the owner then gets only what we
+    # leave, so their reading says nothing about what they want. (1 - headroom / 2.)
+    full: float = 0.95
 
 
-def effective_share(configured: float, owner_load: float, policy: OwnerPolicy) -> float:
+def effective_share(configured: float, owner_load: float, policy: OwnerPolicy, *, contended: bool = False) -> float:
     """The fraction of the machine we may use now, given what others are using.
 
     The owner comes first: when processes that are not ours use the CPU, we shrink to
-    what is left after them plus a headroom, so the machine never freezes.
+    what is left after them plus a headroom, so the machine never freezes. While the
+    owner and we contend for a full machine, the owner's reading is only what we left
+    them: we drop to the floor at once, and their real demand shows in the next sample.
+    Stepping down by what they got instead takes one sample per headroom step (seconds).
     """
     if owner_load < policy.noise:
         return configured
+    if contended:
+        return min(configured, policy.min_share)
     room = 1.0 - owner_load - policy.headroom
     return max(policy.min_share, min(configured, room))
 
 
-def smooth_owner_load(previous: float, sample: float, release: float = 0.5) -> float:
-    """Fast attack, slow release: a burst of owner activity takes effect at once,
-    its end is trusted only gradually so that we do not flap between samples."""
-    if sample >= previous:
-        return sample
-    return previous * release + sample * (1.0 - release)
+def held_owner_load(history: Sequence[tuple[float, float]], now: float, hold_s: float) -> float:
+    """The owner's load to act on: the highest of the samples `(time, load)` in the last `hold_s`.
+
+    Fast attack (a busy sample counts at once), a fixed, short release (quiet for
+    `hold_s`, the share is back whole): unlike a gradual decay, the time to full speed
+    does not grow with how hard the owner worked.
+    """
+    return max((load for at, load in history if now - at <= hold_s), default=0.0)
+
+
+def machine_contended(cpu_total: float, owner_load: float, policy: OwnerPolicy) -> bool:
+    """The owner is busy and the machine is full: we are taking CPU they would use."""
+    return owner_load >= policy.noise and cpu_total >= policy.full
 
 
 def threads_for(share: float, n_cpus: int) -> int:
@@ -48,6 +68,59 @@ def cfs_quota_us(share: float, n_cpus: int, period_us: int) -> int | None:
 def duty_cycle(share: float, n_cpus: int, threads: int) -> float:
     """Fraction of wall time a runner with `threads` busy threads may run."""
     return min(1.0, share * n_cpus / max(1, threads))
+
+
+def spread_cores(allowed: Sequence[int], threads: int, taken: Sequence[Sequence[int]]) -> list[int]:
+    """The `threads` cores for a runner: those the other runners use least, so runners
+    spread over the machine instead of all sharing core 0. Ties go to the lower core."""
+    use = {core: 0 for core in allowed}
+    for cores in taken:
+        for core in cores:
+            if core in use:
+                use[core] += 1
+    ranked = sorted(allowed, key=lambda core: (use[core], core))
+    return sorted(ranked[: max(1, min(threads, len(allowed)))])
+
+
+def usable_cpus(affinity: int, quota_cpus: float | None) -> int:
+    """Cores this process may run on: its affinity mask, within any CPU quota on its cgroups.
+
+    A container given 1.5 CPUs of a 16-core host has 2 cores' worth of threads to run,
+    not 16. Rounded up: the last part-core is still worth a thread.
+    """
+    if quota_cpus is None:
+        return max(1, affinity)
+    return max(1, min(affinity, math.ceil(quota_cpus - 1e-9)))
+
+
+@dataclass(frozen=True)
+class GpuPolicy:
+    noise: float = 0.10  # owner utilisation below this is a desktop compositor, not the owner at work
+    reserve_bytes: int = 512 << 20  # video memory always left free for the owner's next allocation
+
+
+def gpu_owner_busy(owner_util: float | None, policy: GpuPolicy) -> bool:
+    """The owner is using the GPU (a game, a render). Unknown (NVML cannot split it) is not busy:
+    our own use must not make us back off from ourselves."""
+    return owner_util is not None and owner_util >= policy.noise
+
+
+def gpu_budget(mem_total: int, owner_mem: int, gpu_share: float, policy: GpuPolicy) -> int:
+    """Video memory we may fill: our share of the card, within what the owner leaves free."""
+    return max(0, min(int(gpu_share * mem_total), mem_total - owner_mem - policy.reserve_bytes))
+
+
+def gpu_layers(n_layers: int, model_bytes: int, budget: int, n_ctx: int) -> int:
+    """Layers to offload so that weights, KV cache and buffers fit the budget (0: all on the CPU).
+
+    The weights are taken as evenly spread over the layers; the KV cache and compute
+    buffers as `ram_needed` counts them.
+    """
+    if n_layers <= 0 or model_bytes <= 0 or budget <= 0:
+        return 0
+    overhead = min(n_ctx * 64 * 1024, model_bytes)
+    per_layer = model_bytes / n_layers
+    return max(0, min(n_layers, int((budget - overhead) // per_layer)))
 
 
 def ram_needed(model_bytes: int, n_ctx: int, margin_bytes: int) -> int:

@@ -1,33 +1,30 @@
-"""Sampling the machine: the only module that touches psutil and NVML."""
+"""Sampling the machine: the only module that touches psutil's CPU and memory readings
+(NVML lives in `gpus.py`)."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import psutil
 
-log = logging.getLogger("dragonswarm.governor")
+from dragonswarm.governor.gpus import GpuSample, Nvml
 
-
-@dataclass
-class GpuSample:
-    index: int
-    name: str
-    util: float  # 0..1
-    mem_used: int
-    mem_total: int
+# Under `dragon up` our tree holds other nodes whose runners we do not attach ourselves;
+# a walk of the whole process table finds them. It reads every /proc entry, so it is done
+# only this often, or sooner when others' load looks like the owner's.
+RESCAN_S = 2.0
+RESCAN_SUSPECT_S = 0.5
 
 
 @dataclass
 class Sample:
     at: float
     n_cpus: int
-    cpu_total: float  # fraction of the whole machine in use, 0..1
+    cpu_total: float  # fraction of our cores in use, 0..1
     cpu_ours: float  # fraction used by this node's process tree
     owner_load: float  # fraction used by everything else
     ram_total: int
@@ -35,8 +32,26 @@ class Sample:
     gpus: list[GpuSample] = field(default_factory=list)
 
 
+def allowed_cpus() -> list[int]:
+    """The cores this process may run on (its affinity mask, set by a container or `taskset`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(psutil.cpu_count() or 1))
+
+
+def cumulative_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of a process and of its children that it has reaped.
+
+    A runner that exits hands its time to its parent's children counters when reaped, so
+    a sum of this over a process tree never drops: the CPU a runner used in its last
+    moments is still counted as ours, never as the owner's.
+    """
+    t = proc.cpu_times()
+    return float(t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0))
+
+
 def tree_cpu_seconds(root: psutil.Process) -> float:
-    """User + system CPU seconds of a process and all its live descendants."""
+    """CPU seconds of a process tree: every live member and the children they reaped."""
     total = 0.0
     try:
         procs = [root, *root.children(recursive=True)]
@@ -44,42 +59,88 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
         procs = [root]
     for proc in procs:
         try:
-            t = proc.cpu_times()
-            total += t.user + t.system
+            total += cumulative_cpu(proc)
         except psutil.Error:
             continue  # exited between listing and reading
     return total
 
 
 class Sampler:
-    """CPU of the whole machine and of our process tree, from the OS's own accounting."""
+    """CPU of our cores and of our process tree, from the OS's own accounting."""
 
-    def __init__(self, root_pid: int | None = None):
+    def __init__(self, root_pid: int | None = None, cpus: Sequence[int] | None = None, n_cpus: int | None = None):
         self.root = psutil.Process(root_pid or os.getpid())
-        self.n_cpus = psutil.cpu_count() or 1
+        self.cpus = list(cpus) if cpus is not None else allowed_cpus()
+        self.n_cpus = n_cpus or len(self.cpus)
+        self._tree: dict[int, psutil.Process] = {}
+        self._rescanned = 0.0
+        self._rescan()
         self._last_time = time.monotonic()
         self._last_busy = self._machine_busy()
         self._last_ours = self._tree_cpu()
-        self._nvml = _Nvml.open()
+        self._nvml = Nvml.open()
+
+    def track(self, pid: int) -> None:
+        """Count `pid` as ours from now on (a runner we just started)."""
+        with contextlib.suppress(psutil.Error):  # already gone: nothing to count
+            self._tree[pid] = psutil.Process(pid)
+
+    def _rescan(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            procs = [self.root]
+        self._tree = {p.pid: self._tree.get(p.pid, p) for p in procs}
+        self._rescanned = time.monotonic()
 
     def _machine_busy(self) -> float:
-        t = psutil.cpu_times()
-        # Linux counts guest time inside user time already, so it is not added again.
-        # Steal time is the hypervisor's, not the owner's: it must not shrink our share.
-        extra = sum(getattr(t, name, 0.0) for name in ("irq", "softirq"))
-        return float(t.user + t.nice + t.system + extra)
+        per_cpu = psutil.cpu_times(percpu=True)
+        busy = 0.0
+        for core in self.cpus:
+            if core < len(per_cpu):
+                t = per_cpu[core]
+                # Linux counts guest time inside user time already, so it is not added again.
+                # Steal time is the hypervisor's, not the owner's: it must not shrink our share.
+                busy += t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        return busy
 
     def _tree_cpu(self) -> float:
-        return tree_cpu_seconds(self.root)
+        total, gone = self._read_tree()
+        if gone:
+            # A member was reaped while we read: its time moved into its parent's counters,
+            # perhaps after we had read the parent. Read the rest again, all after the move.
+            total, _ = self._read_tree()
+        return total
+
+    def _read_tree(self) -> tuple[float, bool]:
+        total, gone = 0.0, False
+        for pid, proc in list(self._tree.items()):
+            try:
+                total += cumulative_cpu(proc)
+            except psutil.Error:
+                del self._tree[pid]
+                gone = True
+        return total, gone
 
     def sample(self) -> Sample:
         now = time.monotonic()
+        if now - self._rescanned >= RESCAN_S:
+            self._rescan()
         busy = self._machine_busy()
         ours = self._tree_cpu()
-        wall = max(1e-3, now - self._last_time) * self.n_cpus
+        wall = max(1e-3, now - self._last_time) * len(self.cpus)
         cpu_total = min(1.0, max(0.0, (busy - self._last_busy) / wall))
-        # A runner that exited takes its counted time with it: clamp at zero.
-        cpu_ours = min(1.0, max(0.0, (ours - self._last_ours) / wall))
+        cpu_ours = min(cpu_total, max(0.0, (ours - self._last_ours) / wall))
+        if cpu_total - cpu_ours >= 0.05 and now - self._rescanned >= RESCAN_SUSPECT_S:
+            # Others look busy: first make sure they are not processes of ours we have not met.
+            known = set(self._tree)
+            self._rescan()
+            for pid in set(self._tree) - known:
+                try:  # met now: what it used since the last sample cannot be told apart, count it all
+                    ours += cumulative_cpu(self._tree[pid])
+                except psutil.Error:
+                    continue
+            cpu_ours = min(cpu_total, max(0.0, (ours - self._last_ours) / wall))
         self._last_time, self._last_busy, self._last_ours = now, busy, ours
         mem = psutil.virtual_memory()
         return Sample(
@@ -87,11 +148,14 @@ class Sampler:
             n_cpus=self.n_cpus,
             cpu_total=cpu_total,
             cpu_ours=cpu_ours,
-            owner_load=max(0.0, cpu_total - cpu_ours),
+            owner_load=cpu_total - cpu_ours,
             ram_total=mem.total,
             ram_available=mem.available,
-            gpus=self._nvml.sample() if self._nvml else [],
+            gpus=self._nvml.sample(self.our_pids()) if self._nvml else [],
         )
+
+    def our_pids(self) -> set[int]:
+        return set(self._tree)
 
     def ram_available(self) -> int:
         return int(psutil.virtual_memory().available)
@@ -102,38 +166,3 @@ class Sampler:
     def close(self) -> None:
         if self._nvml:
             self._nvml.close()
-
-
-class _Nvml:
-    """NVIDIA GPUs through nvidia-ml-py, when the library and a driver are present."""
-
-    def __init__(self, pynvml: Any, count: int):
-        self.pynvml = pynvml
-        self.count = count
-
-    @classmethod
-    def open(cls) -> _Nvml | None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            return cls(pynvml, pynvml.nvmlDeviceGetCount())
-        except Exception:  # no package, no driver or no GPU: all mean "no GPU to report"
-            return None
-
-    def sample(self) -> list[GpuSample]:
-        out = []
-        for i in range(self.count):
-            try:
-                h = self.pynvml.nvmlDeviceGetHandleByIndex(i)
-                util = self.pynvml.nvmlDeviceGetUtilizationRates(h)
-                mem = self.pynvml.nvmlDeviceGetMemoryInfo(h)
-                name = self.pynvml.nvmlDeviceGetName(h)
-                out.append(GpuSample(i, str(name), util.gpu / 100.0, int(mem.used), int(mem.total)))
-            except Exception as exc:  # a GPU that stops answering is skipped, not fatal
-                log.debug("nvml sample failed for gpu %d: %s", i, exc)
-        return out
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # shutting down anyway
-            self.pynvml.nvmlShutdown()

@@ -48,7 +48,8 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def node_status(request: Request) -> dict[str, Any]:
     service = service_of(request)
     link: SwarmLink | None = request.app.state.link
-    swarm = {"orchestrator": link.url, "connected": link.connected, "refused": link.refused} if link else None
+    swarm = ({"orchestrator": link.url, "connected": link.connected, "refused": link.refused,
+              "network": link.network_status()} if link else None)  # fmt: skip
     return {"name": service.settings.name, "governor": service.governor.status(), "swarm": swarm, **service.status()}
 
 

@@ -16,9 +16,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dragonswarm import __version__
 from dragonswarm.errors import Unauthorized
 from dragonswarm.governor.caps import open_cap
+from dragonswarm.governor.cgroups import cpu_limit
 from dragonswarm.governor.governor import Governor
-from dragonswarm.governor.policy import OwnerPolicy
-from dragonswarm.governor.sampler import Sampler
+from dragonswarm.governor.policy import OwnerPolicy, usable_cpus
+from dragonswarm.governor.sampler import Sampler, allowed_cpus
 from dragonswarm.node.api import router
 from dragonswarm.node.handoff import Handoff
 from dragonswarm.node.link import SwarmLink
@@ -87,11 +88,15 @@ class RequireKey:
 
 
 def build_service(settings: NodeSettings, models: list[LocalModel]) -> NodeService:
-    sampler = Sampler(settings.swarm_pid or os.getpid())
-    cap = open_cap(settings.cap_mechanism, sampler.n_cpus)
-    policy = OwnerPolicy(noise=settings.owner_noise, headroom=settings.owner_headroom, min_share=settings.min_share)
-    governor = Governor(sampler, cap, local_share=settings.local_share, share=settings.share,
-                        policy=policy, interval=settings.sample_interval)  # fmt: skip
+    cpus = allowed_cpus()
+    # Read before our own quota exists: a container's limit, not the share we set ourselves.
+    n_cpus = usable_cpus(len(cpus), cpu_limit())
+    sampler = Sampler(settings.swarm_pid or os.getpid(), cpus, n_cpus)
+    cap = open_cap(settings.cap_mechanism, cpus, n_cpus)
+    policy = OwnerPolicy(noise=settings.owner_noise, headroom=settings.owner_headroom, min_share=settings.min_share,
+                         hold_s=settings.owner_hold_s)  # fmt: skip
+    governor = Governor(sampler, cap, local_share=settings.local_share, share=settings.share, policy=policy,
+                        interval=settings.sample_interval, gpu_share=settings.gpu_share)  # fmt: skip
     governor.attach(os.getpid(), runner=False)
     return NodeService(settings, governor, models)
 

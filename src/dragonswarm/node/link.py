@@ -3,6 +3,10 @@
 It announces the node, sends a heartbeat about every second, runs the fragments it is
 given at the work-for-others share (`--share`), and reconnects with backoff when the
 connection drops. Nothing listens on the volunteer's machine for this.
+
+It also measures the link: the bytes of its own messages each way, and the round-trip
+time to the orchestrator by WebSocket ping, so that heartbeats tell the orchestrator
+when the owner's traffic leaves no room for ours.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import contextlib
 import json
 import logging
 import random
+import time
+from dataclasses import asdict, dataclass
 from ssl import SSLContext
 from typing import Any
 
@@ -19,6 +25,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from dragonswarm.errors import DragonError, RunnerFailed
+from dragonswarm.governor.network import NetworkMeter, Rates, RttTracker, held_busy, link_saturated, owner_bps
 from dragonswarm.node.service import NodeService
 from dragonswarm.protocol.swarm import (
     NODE_HEADER,
@@ -40,6 +47,9 @@ log = logging.getLogger("dragonswarm.link")
 
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 WS_PATH = "/v1/swarm"
+# A round trip every other heartbeat: often enough that a queue on the link shows within seconds,
+# rare enough that the pings are no traffic to speak of.
+PING_EVERY_BEATS = 2
 
 
 def ws_url(base: str) -> str:
@@ -50,6 +60,24 @@ def ws_url(base: str) -> str:
     if base.startswith("http://"):
         return "ws://" + base.removeprefix("http://") + WS_PATH
     return base + WS_PATH if base.startswith(("ws://", "wss://")) else base
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkReading:
+    """The network at one heartbeat: bytes per second (the machine's, loopback left out, and our swarm
+    link's messages), our bytes in all, and the round trip to the orchestrator in milliseconds."""
+
+    net_sent_bps: float = 0.0
+    net_recv_bps: float = 0.0
+    net_link_bps: float = 0.0  # the links' speed in bytes per second; 0 when unknown
+    swarm_sent_bps: float = 0.0
+    swarm_recv_bps: float = 0.0
+    swarm_sent_bytes: int = 0
+    swarm_recv_bytes: int = 0
+    rtt_ms: float | None = None  # None until the first pong
+    rtt_floor_ms: float | None = None  # the lowest round trip of this connection
+    owner_bps: float = 0.0  # the owner's traffic (the machine's less ours) in the busier direction
+    net_busy: bool = False
 
 
 class SwarmLink:
@@ -68,6 +96,13 @@ class SwarmLink:
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._models: dict[str, str] = {}  # job -> model
         self._task: asyncio.Task[None] | None = None
+        self.network = NetworkMeter()
+        self.swarm_sent = 0  # bytes of the messages we sent on the swarm link, all connections
+        self.swarm_recv = 0
+        self._swarm_rates = Rates(0, 0, time.monotonic())
+        self._rtt = RttTracker()  # replaced for each connection
+        self._saturated_at: float | None = None  # when the owner's traffic last filled the link
+        self._net = NetworkReading(net_link_bps=self.network.link_bps)  # as of the last heartbeat
 
     @property
     def name(self) -> str:
@@ -111,9 +146,16 @@ class SwarmLink:
             failures += 1
             await asyncio.sleep(delay)
 
+    async def _send(self, ws: ClientConnection, text: str) -> None:
+        """Send one message, counted as our traffic."""
+        await ws.send(text)
+        self.swarm_sent += _size(text)
+
     async def _session(self, ws: ClientConnection) -> None:
-        await ws.send(dump(self._hello()))
-        welcome = parse_orchestrator_message(await asyncio.wait_for(ws.recv(), 10))
+        await self._send(ws, dump(self._hello()))
+        raw = await asyncio.wait_for(ws.recv(), 10)
+        self.swarm_recv += _size(raw)
+        welcome = parse_orchestrator_message(raw)
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected welcome")
         self.heartbeat_s = welcome.heartbeat_s
@@ -121,9 +163,12 @@ class SwarmLink:
             self._save_credential(welcome.credential)
         self.connected = True
         log.info("joined the swarm at %s as %s", self.url, welcome.name)
+        self._rtt = RttTracker()  # a new connection may take another path, with a floor of its own
         beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
+        pings = asyncio.create_task(self._pings(ws, self._rtt), name="rtt-pings")
         try:
             async for raw in ws:
+                self.swarm_recv += _size(raw)
                 message = parse_orchestrator_message(raw)
                 if isinstance(message, RunFragment):
                     self._start_job(ws, message)
@@ -132,9 +177,10 @@ class SwarmLink:
                     if task:
                         task.cancel()
                     else:  # already over (or never started): say so, so it is not counted busy
-                        await ws.send(dump(JobEvent(job=message.job, ev="done", finish_reason="cancelled")))
+                        await self._send(ws, dump(JobEvent(job=message.job, ev="done", finish_reason="cancelled")))
         finally:
             beats.cancel()
+            pings.cancel()
 
     def credential(self) -> str | None:
         """This machine's own credential for this orchestrator and name, once admitted."""
@@ -160,19 +206,70 @@ class SwarmLink:
                      local_share=s.settings.local_share, cpus=status["cpus"], ram_total=status["ram_total"])
 
     def heartbeat(self) -> Heartbeat:
+        """The next heartbeat; it samples the network, so call it once per beat."""
         g = self.service.governor.status()
         slots = self.service.slots.values()
+        net = self._measure_network()
         return Heartbeat(
             cpu_total=g["cpu_total"], cpu_ours=g["cpu_ours"], owner_load=min(1.0, g["owner_load"]),
             owner_busy=g["owner_busy"], ram_available=g["ram_available"], gpus=g["gpus"],
             share_in_force=min(1.0, g["share_in_force"]), local_busy=self.service.governor.active["local"],
             loaded=[s.spec.name for s in slots if s.loaded], running=list(self._jobs)[:64],
+            net_sent_bps=net.net_sent_bps, net_recv_bps=net.net_recv_bps, net_link_bps=net.net_link_bps,
+            swarm_sent_bps=net.swarm_sent_bps, swarm_recv_bps=net.swarm_recv_bps,
+            swarm_sent_bytes=net.swarm_sent_bytes, swarm_recv_bytes=net.swarm_recv_bytes,
+            rtt_ms=net.rtt_ms, net_busy=net.net_busy, threads=g["threads"], cap_mechanism=g["mechanism"],
+            cap_reason=g["mechanism_reason"][:500], gpu_owner_busy=g["gpu_owner_busy"],
         )  # fmt: skip
+
+    def _measure_network(self) -> NetworkReading:
+        now = time.monotonic()
+        machine = self.network.sample()
+        sent_bps, recv_bps = self._swarm_rates.update(self.swarm_sent, self.swarm_recv, now)
+        # Links are full duplex: the busier direction is the one that fills up.
+        owner = max(owner_bps(machine.sent_bps, sent_bps), owner_bps(machine.recv_bps, recv_bps))
+        rtt, floor = self._rtt.latest(now), self._rtt.floor
+        saturated = link_saturated(owner, machine.link_bps, self._rtt.sustained(now), floor)
+        if saturated:
+            self._saturated_at = now
+        busy = held_busy(saturated, self._saturated_at, now)
+        # Rounded: digits past a tenth of a byte per second or a microsecond are noise that costs heartbeat bytes.
+        self._net = NetworkReading(
+            net_sent_bps=round(machine.sent_bps, 1), net_recv_bps=round(machine.recv_bps, 1),
+            net_link_bps=machine.link_bps, swarm_sent_bps=round(sent_bps, 1), swarm_recv_bps=round(recv_bps, 1),
+            swarm_sent_bytes=self.swarm_sent, swarm_recv_bytes=self.swarm_recv, rtt_ms=_ms(rtt),
+            rtt_floor_ms=_ms(floor), owner_bps=round(owner, 1), net_busy=busy,
+        )  # fmt: skip
+        return self._net
+
+    def network_status(self) -> dict[str, Any]:
+        """The network as of the last heartbeat (bytes per second, milliseconds), for `GET /v1/node`."""
+        return asdict(self._net)
 
     async def _heartbeats(self, ws: ClientConnection) -> None:
         while True:
-            await ws.send(dump(self.heartbeat()))
+            self._leave_the_owners_gpu()
+            await self._send(ws, dump(self.heartbeat()))
             await asyncio.sleep(self.heartbeat_s)
+
+    def _leave_the_owners_gpu(self) -> None:
+        """The owner is using the GPU: work for others on models with layers there stops (the
+        orchestrator moves it on, and sends no more while the heartbeat says the owner is busy)."""
+        if not self.service.governor.gpu_owner_busy:
+            return
+        for name, slot in self.service.slots.items():
+            if slot.gpu_layers() and self.preempt(name):
+                log.info("the owner is using the GPU: work for others on %s moved off this machine", name)
+
+    async def _pings(self, ws: ClientConnection, rtt: RttTracker) -> None:
+        """Measure the round trip to the orchestrator every few heartbeats, by WebSocket ping."""
+        # A closed connection fails the ping or its pong; the session ends by itself then.
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                rtt.sent(time.monotonic())
+                await (await ws.ping())
+                rtt.received(time.monotonic())
+                await asyncio.sleep(self.heartbeat_s * PING_EVERY_BEATS)
 
     def _start_job(self, ws: ClientConnection, fragment: RunFragment) -> None:
         if fragment.job in self._jobs:
@@ -191,7 +288,7 @@ class SwarmLink:
         """Run one fragment at the work-for-others share and stream its events back."""
 
         async def send(ev: str, **fields: Any) -> None:
-            await ws.send(dump(JobEvent(job=f.job, ev=ev, **fields)))  # type: ignore[arg-type]
+            await self._send(ws, dump(JobEvent(job=f.job, ev=ev, **fields)))  # type: ignore[arg-type]
 
         try:
             slot = self.service.slot(f.model)
@@ -229,6 +326,17 @@ class SwarmLink:
                 task.cancel()
                 stopped += 1
         return stopped
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _size(message: str | bytes) -> int:
+    """A message's size on the wire (UTF-8), without encoding it again when it is ASCII, as JSON mostly is."""
+    if isinstance(message, bytes) or message.isascii():
+        return len(message)
+    return len(message.encode())
 
 
 def _error_message(body: bytes | bytearray | None) -> str:

@@ -52,6 +52,10 @@ class ModelSlot:
         self.stats: Counter[str] = Counter()  # jobs completed/cancelled/failed, tokens generated
         self.created = int(time.time())
 
+    def gpu_layers(self) -> int:
+        """Layers the loaded runner holds on the GPU (0 when none, or nothing is loaded)."""
+        return int(self.runner.info.get("gpu_layers", 0)) if self.loaded and self.runner else 0
+
     @property
     def loaded(self) -> bool:
         return self.runner is not None and self.runner.alive
@@ -70,10 +74,13 @@ class ModelSlot:
                 )
             runner = RunnerProcess(
                 self.spec.name, self.spec.path, self.settings.n_ctx, self.governor.threads(),
-                self.settings.logs_dir / f"runner-{self.spec.name}.log", self.stats,
+                self.settings.logs_dir / f"runner-{self.spec.name}.log", self.stats, self.governor.gpu_budget(),
             )  # fmt: skip
             log.info("loading model %s from %s", self.spec.name, self.spec.path)
             await runner.start(on_spawn=lambda pid: self.governor.attach(pid, runner=True))
+            runner.set_threads(self.governor.threads())  # the share may have moved while it loaded
+            if runner.info.get("gpu_layers"):
+                self.governor.gpu_in_use = True
             self.runner = runner
             self._supervisor = asyncio.create_task(self._supervise(runner), name=f"supervise-{self.spec.name}")
             return runner
@@ -82,6 +89,8 @@ class ModelSlot:
         """Restart a runner that crashed, with backoff, so the model stays warm."""
         started = time.monotonic()
         await runner.exited.wait()
+        if runner.pid is not None:
+            self.governor.detach(runner.pid)
         if runner.stopping or self.runner is not runner:
             return
         self.crashes = 0 if time.monotonic() - started > 60 else self.crashes + 1
@@ -115,6 +124,8 @@ class ModelSlot:
             "waiting": self.waiting,
             "runner_pid": runner.pid if runner else None,
             "n_ctx": runner.info.get("n_ctx") if runner else None,
+            "gpu_layers": self.gpu_layers() if runner else None,
+            "threads": runner.threads_in_force if runner else None,
             "idle_s": round(time.monotonic() - self.last_used, 1),
             "restarts": self.stats["restarts"],
             "jobs": {k: self.stats[k] for k in ("completed", "cancelled", "failed")},
@@ -127,6 +138,7 @@ class NodeService:
         self.settings = settings
         self.governor = governor
         self.slots = {m.spec.name: ModelSlot(m, settings, governor) for m in models}
+        governor.on_threads(self._threads_changed)
         self._idle_task: asyncio.Task[None] | None = None
         self._identify_task: asyncio.Task[None] | None = None
         self.identified = asyncio.Event()  # every model that can be served has its sha256
@@ -146,6 +158,11 @@ class NodeService:
             except OSError as exc:  # that model stays local; the others still join the swarm
                 log.error("cannot hash model %s: %s", slot.spec.name, exc)
         self.identified.set()
+
+    def _threads_changed(self, threads: int) -> None:
+        for slot in self.slots.values():
+            if slot.runner is not None:
+                slot.runner.set_threads(threads)
 
     def slot(self, name: str) -> ModelSlot:
         try:
@@ -173,7 +190,7 @@ class NodeService:
         try:
             runner = await slot.ensure_runner()
             for index, gen in enumerate(gens):
-                job = run_job(ids[index] if ids else uuid.uuid4().hex, gen, self.governor.threads())
+                job = run_job(ids[index] if ids else uuid.uuid4().hex, gen)
                 async for event in runner.run(job):
                     yield index, event
                     if event.get("ev") == "error":

@@ -81,6 +81,8 @@ class NodeConn:
             owner_busy=hb.owner_busy if hb else False,
             load=hb.cpu_total if hb else 0.0,
             live=self.state(now, stale_after) == "live",
+            net_busy=hb.net_busy if hb else False,
+            rtt_ms=hb.rtt_ms if hb else None,
         )
 
     def record(self, now: float, stale_after: float) -> NodeRecord:

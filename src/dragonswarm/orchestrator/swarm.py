@@ -370,4 +370,4 @@ class Swarm:
 
 
 def _has_room(node: NodeState | None) -> bool:
-    return node is not None and node.live and not node.owner_busy and node.assigned < node.capacity
+    return node is not None and node.live and not (node.owner_busy or node.net_busy) and node.assigned < node.capacity

@@ -53,8 +53,14 @@ class Generation(BaseModel):
 class RunJob(TypedDict):
     op: Literal["run"]
     id: str
-    threads: int
     gen: dict[str, Any]  # a Generation, dumped
+
+
+class SetThreads(TypedDict):
+    """The thread count in force changed: the runner takes it up between two steps, also mid-job."""
+
+    op: Literal["threads"]
+    n: int
 
 
 class TokenLogprob(TypedDict):
@@ -65,7 +71,7 @@ class TokenLogprob(TypedDict):
 
 
 class Event(TypedDict, total=False):
-    ev: Literal["ready", "start", "text", "done", "error", "fatal"]
+    ev: Literal["ready", "start", "text", "done", "error", "fatal", "threads"]
     id: str
     text: str
     logprobs: list[TokenLogprob]  # on `text`: one per token in it, when asked for
@@ -80,13 +86,15 @@ class Event(TypedDict, total=False):
     chat_template: bool
     fim: bool
     tools: bool
+    gpu_layers: int  # on `ready`: layers offloaded to the GPU (0: all on the CPU)
+    n: int  # on `threads`: the thread count the runner now computes with
 
 
-def run_job(job_id: str, gen: Generation, threads: int = 1) -> RunJob:
-    return RunJob(op="run", id=job_id, threads=threads, gen=gen.model_dump(exclude_defaults=True))
+def run_job(job_id: str, gen: Generation) -> RunJob:
+    return RunJob(op="run", id=job_id, gen=gen.model_dump(exclude_defaults=True))
 
 
-def encode(message: dict[str, Any] | RunJob) -> bytes:
+def encode(message: dict[str, Any] | RunJob | SetThreads) -> bytes:
     return orjson.dumps(message) + b"\n"
 
 

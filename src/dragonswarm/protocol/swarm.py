@@ -70,6 +70,22 @@ class Heartbeat(_Message):
     local_busy: int = Field(ge=0)  # runners serving the owner's own requests now
     loaded: list[str] = Field(default_factory=list, max_length=64)
     running: list[str] = Field(default_factory=list, max_length=64)  # fragments in progress here
+    # The network, defaulted so that nodes older than these fields still validate. Bytes per second:
+    # the machine's on its real interfaces (loopback left out), and our own messages on this link.
+    net_sent_bps: float = Field(default=0.0, ge=0.0)
+    net_recv_bps: float = Field(default=0.0, ge=0.0)
+    net_link_bps: float = Field(default=0.0, ge=0.0)  # the links' speed; 0 when unknown
+    swarm_sent_bps: float = Field(default=0.0, ge=0.0)
+    swarm_recv_bps: float = Field(default=0.0, ge=0.0)
+    swarm_sent_bytes: int = Field(default=0, ge=0)  # our messages' bytes since the node started
+    swarm_recv_bytes: int = Field(default=0, ge=0)
+    rtt_ms: float | None = Field(default=None, ge=0.0)  # WebSocket ping to pong; None before the first
+    net_busy: bool = False  # the owner's traffic fills the link: no work for others, it needs the network
+    # How the share is held: the mechanism, and why a stronger one was not available.
+    cap_mechanism: str = Field(default="", max_length=64)
+    cap_reason: str = Field(default="", max_length=500)
+    threads: int = Field(default=0, ge=0, le=4096)  # llama.cpp threads at the share in force
+    gpu_owner_busy: bool = False  # the owner is using the GPU (also counted in owner_busy)
 
 
 class Logprob(_Message):

@@ -6,11 +6,16 @@ buckets, so a decision walks the few distinct ranks instead of thousands of node
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-Rank = tuple[int, int, int]
+Rank = tuple[int, int, int, int]
+
+# Round-trip time buckets, in ms: a LAN, a city, a country, a continent, across an ocean, a bad link.
+# Coarse, so that jitter within a path's range does not reorder nodes and the index keeps few ranks.
+RTT_EDGES_MS = (5.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+RTT_UNKNOWN = len(RTT_EDGES_MS) + 1  # not measured yet: after every measured one
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,16 +30,29 @@ class NodeState:
     owner_busy: bool  # the machine's owner is using it: never place work there
     load: float  # machine CPU in use, 0..1
     live: bool  # heartbeats are fresh
+    # The owner's traffic fills the node's link: every fragment streams its answer back over it.
+    net_busy: bool = False
+    rtt_ms: float | None = None  # round trip node <-> orchestrator; None until measured
+
+
+def rtt_bucket(rtt_ms: float | None) -> int:
+    """0 for the nearest nodes, up to `RTT_UNKNOWN` for nodes not measured yet."""
+    if rtt_ms is None:
+        return RTT_UNKNOWN
+    # An edge value goes to the bucket above it: "< 5 ms" is bucket 0. A bogus negative reads as 0.
+    return bisect_right(RTT_EDGES_MS, max(0.0, rtt_ms))
 
 
 def rank(node: NodeState, model: str) -> Rank | None:
     """None if the node cannot take a fragment of `model` now; else a sort key, lower is better."""
-    if not node.live or node.owner_busy or model not in node.models or node.assigned >= node.capacity:
+    if not node.live or node.owner_busy or node.net_busy or model not in node.models or node.assigned >= node.capacity:
         return None
     # Coarse load buckets: small load differences are noise, and few distinct keys keep the index fast.
     # Clamped at 0 too, so a bogus negative reading cannot jump the queue.
     bucket = max(0, min(9, int(node.load * 10)))
-    return (0 if model in node.loaded else 1, node.assigned, bucket)
+    # The round trip comes last: tokens stream back sooner from a nearer node, but a warm runner or a
+    # free machine saves far more than the few milliseconds between buckets.
+    return (0 if model in node.loaded else 1, node.assigned, bucket, rtt_bucket(node.rtt_ms))
 
 
 def choose(model: str, nodes: Iterable[NodeState], exclude: Collection[str] = ()) -> str | None:
