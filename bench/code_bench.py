@@ -41,7 +41,8 @@ import psutil
 from bench.node_bench import N_CPUS, RESULTS, ROOT, LlamaServer, Node, Timing, settle, stream_completion
 from dragonswarm.engines.models import bundled_coder
 from dragonswarm.errors import ConfigError
-from dragonswarm.governor.caps import PERIOD_US, CpuCap, open_cap
+from dragonswarm.governor.caps import CpuCap, open_cap
+from dragonswarm.governor.cgroups import PERIOD_US
 from dragonswarm.governor.policy import cfs_quota_us, duty_cycle, threads_for
 from dragonswarm.settings import CODER_MODEL_NAME
 
@@ -174,10 +175,10 @@ class PlainChat:
 def open_share_cap() -> CpuCap:
     """The project's own CPU cap, as the node opens it: a cgroup quota, else affinity + duty cycle."""
     try:
-        return open_cap("cgroup", N_CPUS)
+        return open_cap("cgroup", list(range(N_CPUS)), N_CPUS)
     except ConfigError as exc:
         print(f"  no cgroup CPU control ({exc}); the references get affinity + duty cycle", flush=True)
-        return open_cap("duty", N_CPUS)
+        return open_cap("duty", list(range(N_CPUS)), N_CPUS)
 
 
 def governor(system: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from dragonswarm.governor.network import (
     rate,
 )
 from dragonswarm.orchestrator.registry import NodeConn
-from dragonswarm.protocol.swarm import Heartbeat, Hello, ProtocolError, dump, parse_node_message
+from dragonswarm.protocol.swarm import VERSION, Heartbeat, Hello, ProtocolError, dump, parse_node_message
 from dragonswarm.status import human_rate, nodes_table
 
 LINK = 12_500_000.0  # 100 Mbit/s in bytes per second
@@ -197,7 +197,7 @@ def test_network_figures_are_bounded(bad: dict[str, Any]) -> None:
 
 
 def test_the_orchestrator_places_by_the_heartbeats_network() -> None:
-    hello = Hello(v=2, name="w1", models=[], share=0.5, local_share=1.0, cpus=2, ram_total=1)
+    hello = Hello(v=VERSION, name="w1", models=[], share=0.5, local_share=1.0, cpus=2, ram_total=1)
     conn = NodeConn(hello=hello, send=lambda _: None, close=lambda _code, _reason: None)
     assert conn.placement_state(time.monotonic(), 5.0).rtt_ms is None
     conn.heartbeat = Heartbeat.model_validate({**OLD_HEARTBEAT, "rtt_ms": 12.5, "net_busy": True})

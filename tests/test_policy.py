@@ -17,9 +17,10 @@ from dragonswarm.governor.policy import (
     effective_share,
     gpu_budget,
     gpu_layers,
-    gpu_owner_busy,
     held_owner_load,
     machine_contended,
+    mps_thread_percentage,
+    owner_on_gpu,
     ram_needed,
     spread_cores,
     threads_for,
@@ -165,27 +166,34 @@ def test_delegation_problem_says_what_is_missing() -> None:
 GPU = GpuPolicy(noise=0.10, reserve_bytes=512 << 20)
 
 
-def test_gpu_owner_busy_only_when_known_and_above_noise() -> None:
-    assert gpu_owner_busy(0.6, GPU)  # a game
-    assert not gpu_owner_busy(0.03, GPU)  # the desktop compositor
-    assert not gpu_owner_busy(None, GPU)  # NVML cannot split it from ours: never back off from ourselves
+def test_owner_on_gpu_only_when_known_and_above_noise() -> None:
+    assert owner_on_gpu(0.6, GPU)  # a game
+    assert not owner_on_gpu(0.03, GPU)  # the desktop compositor
+    assert not owner_on_gpu(None, GPU)  # NVML cannot split it from ours: never back off from ourselves
 
 
-def test_gpu_budget_is_the_share_within_what_the_owner_leaves() -> None:
+def test_gpu_budget_is_our_share_left_within_the_free_memory() -> None:
     gib = 1 << 30
-    assert gpu_budget(8 * gib, 1 * gib, 0.5, GPU) == 4 * gib  # the share is the tighter bound
-    assert gpu_budget(8 * gib, 6 * gib, 0.8, GPU) == 2 * gib - (512 << 20)  # the owner's memory is
-    assert gpu_budget(8 * gib, 8 * gib, 0.8, GPU) == 0  # nothing free: nothing offloaded
-    assert gpu_budget(8 * gib, 0, 0.0, GPU) == 0  # --gpu-share 0: the CPU only
+    assert gpu_budget(8 * gib, 1 * gib, 0, 0.5, GPU) == 4 * gib  # the share is the tighter bound
+    assert gpu_budget(8 * gib, 6 * gib, 0, 0.8, GPU) == 2 * gib - (512 << 20)  # the free memory is
+    assert gpu_budget(8 * gib, 3 * gib, 2 * gib, 0.5, GPU) == 2 * gib  # our first model counts against the share
+    assert gpu_budget(8 * gib, 8 * gib, 0, 0.8, GPU) == 0  # nothing free: nothing offloaded
+    assert gpu_budget(8 * gib, 0, 0, 0.0, GPU) == 0  # --gpu-share 0: the CPU only
 
 
 def test_gpu_layers_fit_weights_and_cache_in_the_budget() -> None:
     mib = 1 << 20
     # 24 layers of 20 MiB each, a 4096-token context (256 MiB of cache, capped at the weights' 480 MiB).
-    assert gpu_layers(24, 480 * mib, 4 * 1024 * mib, 4096) == 24  # all fit
+    assert gpu_layers(24, 480 * mib, 4 * 1024 * mib, 4096) == 25  # all fit: the output layer too
     assert gpu_layers(24, 480 * mib, 256 * mib + 200 * mib, 4096) == 10  # 200 MiB left for weights: 10 layers
     assert gpu_layers(24, 480 * mib, 100 * mib, 4096) == 0  # the cache alone does not fit
     assert gpu_layers(0, 480 * mib, 4 * 1024 * mib, 4096) == 0  # unknown layer count: none
+
+
+def test_mps_thread_percentage_follows_the_gpu_share() -> None:
+    assert mps_thread_percentage(0.8) == 80
+    assert mps_thread_percentage(0.001) == 1  # MPS refuses 0
+    assert mps_thread_percentage(1.0) == 100
 
 
 def test_ram_needed_counts_weights_context_and_margin() -> None:

@@ -29,7 +29,7 @@ import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -167,6 +167,28 @@ def _run(args: list[str], what: str) -> None:
                     pytrace=False)  # fmt: skip
 
 
+def _recipe() -> tuple[dict[str, Any], Path]:
+    """What the volunteer's venv is built from, and the folder name (under the shared root) it is keyed by."""
+    deps = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version)"], capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
+    recipe = {"python": str(SYSTEM_PYTHON), "version": version, "dependencies": sorted(deps)}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return recipe, Path(f"venv-{key}")
+
+
+def built_venv(root_dir: Path = SHARED_ROOT) -> Path | None:
+    """The python of the volunteer's venv when it is built for today's dependencies, else None.
+
+    Builds nothing: the entry point for callers outside pytest (bench/volunteer_bench.py).
+    """
+    recipe, name = _recipe()
+    stamp = root_dir / name / "dragonswarm-volunteer.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == recipe:
+        return root_dir / name / "bin" / "python"
+    return None
+
+
 def _venv(config: pytest.Config, root_dir: Path) -> Path:
     """A venv of the system Python with the project's dependencies; reused while they stay the same.
 
@@ -175,15 +197,13 @@ def _venv(config: pytest.Config, root_dir: Path) -> Path:
     """
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.fail(f"{SYSTEM_PYTHON} is missing: install python3 and python3-venv", pytrace=False)
-    deps = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]
-    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version)"], capture_output=True, text=True,
-                             check=True).stdout.strip()  # fmt: skip
-    recipe = {"python": str(SYSTEM_PYTHON), "version": version, "dependencies": sorted(deps)}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    venv = root_dir / f"venv-{key}"
+    built = built_venv(root_dir)
+    if built is not None:
+        return built
+    recipe, name = _recipe()
+    deps = recipe["dependencies"]
+    venv = root_dir / name
     stamp = venv / "dragonswarm-volunteer.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == recipe:
-        return venv / "bin" / "python"
     if venv.exists():  # a build that died half-way
         shutil.rmtree(venv)
     started = time.monotonic()
@@ -229,13 +249,24 @@ def volunteer(pytestconfig: pytest.Config) -> Iterator[Volunteer]:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building the same venv
         user = _user()
         python = _venv(pytestconfig, root_dir)
+    with volunteer_session(user, python, root_dir) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def volunteer_session(user: pwd.struct_passwd, python: Path, root_dir: Path = SHARED_ROOT) -> Iterator[Volunteer]:
+    """As root: `user` with `python` (a built venv), a fresh session folder holding their HOME and a
+    copy of the source under test; removed afterwards. The fixture's second half, and the entry
+    point for callers outside pytest (with `built_venv`)."""
     session = _session(root_dir)
     home = session / "home"
     home.mkdir(mode=0o700)
     os.chown(home, user.pw_uid, user.pw_gid)
     source = _copy_source(session, python)
-    yield Volunteer(user.pw_name, user.pw_uid, user.pw_gid, python, root_dir, home, source)
-    shutil.rmtree(session)
+    try:
+        yield Volunteer(user.pw_name, user.pw_uid, user.pw_gid, python, root_dir, home, source)
+    finally:
+        shutil.rmtree(session)
 
 
 @pytest.fixture

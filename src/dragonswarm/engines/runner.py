@@ -30,13 +30,16 @@ class RunnerProcess:
     """
 
     def __init__(self, model_name: str, model_path: Path, n_ctx: int, threads: int, log_path: Path,
-                 stats: Counter[str], gpu_budget: int | None = None):  # fmt: skip
+                 stats: Counter[str], gpu_budget: int | None = None, env: dict[str, str] | None = None,
+                 on_threads: Callable[[int, int], None] | None = None):  # fmt: skip
         self.model_name = model_name
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.threads = threads  # the count last asked for
         self.threads_in_force = threads  # ... and the count the runner last said it computes with
         self.gpu_budget = gpu_budget  # bytes of video memory the model may fill; None: no GPU
+        self.env = env  # None: the node's own
+        self.on_threads = on_threads  # told (pid, threads) when the runner changes its thread count
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.info: dict[str, Any] = {}
@@ -64,7 +67,7 @@ class RunnerProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dragonswarm.engines.runner_main", orjson.dumps(config).decode(),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
-                limit=1 << 20,
+                limit=1 << 20, env=self.env,
             )  # fmt: skip
         if on_spawn:
             on_spawn(self.proc.pid)
@@ -92,6 +95,8 @@ class RunnerProcess:
                     continue
                 if kind == "threads":
                     self.threads_in_force = int(event.get("n", 0))
+                    if self.on_threads and self.pid is not None:
+                        self.on_threads(self.pid, self.threads_in_force)
                     continue
                 if kind in ("done", "error"):
                     self._count(event)

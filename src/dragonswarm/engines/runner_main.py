@@ -48,9 +48,11 @@ class Runner:
 
         self._lib = llama_cpp
         self.out = out
+        # Layers on the GPU: none without offload support; within the node's budget where it has
+        # one (NVIDIA, read through NVML); else all that llama.cpp can, as it does on its own (-1).
         self.gpu_layers = 0
-        if gpu_budget and llama_cpp.llama_supports_gpu_offload():
-            self.gpu_layers = _layers_within(llama_cpp, model_path, gpu_budget, n_ctx)
+        if llama_cpp.llama_supports_gpu_offload():
+            self.gpu_layers = -1 if gpu_budget is None else _layers_within(llama_cpp, model_path, gpu_budget, n_ctx)
         self.llm = llama_cpp.Llama(
             model_path=model_path,
             n_ctx=n_ctx,
@@ -384,6 +386,8 @@ class Runner:
 
 def _layers_within(llama_cpp: Any, model_path: str, budget: int, n_ctx: int) -> int:
     """Layers of the model that fit the node's GPU budget, from the file's own metadata."""
+    if budget <= 0:
+        return 0
     meta = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False).metadata
     arch = meta.get("general.architecture", "")
     n_layers = int(meta.get(f"{arch}.block_count", 0))

@@ -28,8 +28,11 @@ class CpuCap(Protocol):
     def detach(self, pid: int) -> None:
         """Release a runner that is leaving; it must be left running."""
 
-    def set_share(self, share: float, threads: int) -> None:
-        """Limit everything attached to `share` of the machine."""
+    def set_share(self, share: float, threads: int, busy: int = 1) -> None:
+        """Limit everything attached to `share` of the machine, `busy` runners working at once."""
+
+    def runner_threads(self, pid: int, threads: int) -> None:
+        """The runner `pid` now computes with `threads` threads."""
 
     def close(self) -> None:
         """Release every process and remove what was created."""
@@ -47,7 +50,10 @@ class NoCap:
     def detach(self, pid: int) -> None:
         pass
 
-    def set_share(self, share: float, threads: int) -> None:
+    def set_share(self, share: float, threads: int, busy: int = 1) -> None:
+        pass
+
+    def runner_threads(self, pid: int, threads: int) -> None:
         pass
 
     def close(self) -> None:

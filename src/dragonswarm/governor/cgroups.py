@@ -178,7 +178,11 @@ class CgroupCap:
     def detach(self, pid: int) -> None:
         pass  # an exited process leaves its group by itself
 
-    def set_share(self, share: float, threads: int) -> None:
+    def runner_threads(self, pid: int, threads: int) -> None:
+        pass  # the quota holds the group, whatever its threads
+
+    def set_share(self, share: float, threads: int, busy: int = 1) -> None:
+        # One quota holds the whole group, however many runners work in it.
         quota = cfs_quota_us(share, self.n_cpus, PERIOD_US)
         if quota == self._quota:
             return
@@ -235,7 +239,7 @@ def _root_v2(h: Hierarchies, n_cpus: int) -> CgroupCap:
     (parent / "cgroup.subtree_control").write_text("+cpu")
     weigh(parent, n_cpus)
     _sweep_stale(parent)
-    return CgroupCap("cgroup-v2", h.v2_mount, parent / f"node-{os.getpid()}", n_cpus, v2=True)
+    return CgroupCap("cgroup-v2", h.v2_group or h.v2_mount, parent / f"node-{os.getpid()}", n_cpus, v2=True)
 
 
 def _root_v1(h: Hierarchies, n_cpus: int) -> CgroupCap:
@@ -245,7 +249,7 @@ def _root_v1(h: Hierarchies, n_cpus: int) -> CgroupCap:
     parent.mkdir(exist_ok=True)
     weigh(parent, n_cpus)
     _sweep_stale(parent)
-    return CgroupCap("cgroup-v1", h.v1_mount, parent / f"node-{os.getpid()}", n_cpus, v2=False)
+    return CgroupCap("cgroup-v1", h.v1_group or h.v1_mount, parent / f"node-{os.getpid()}", n_cpus, v2=False)
 
 
 def _delegated_v2(h: Hierarchies, n_cpus: int) -> CgroupCap:
@@ -253,6 +257,9 @@ def _delegated_v2(h: Hierarchies, n_cpus: int) -> CgroupCap:
     if h.v2_mount is None or group is None:
         raise CgroupUnavailable("no cgroup v2 hierarchy is mounted")
     try:
+        if "cpu" not in (h.v2_mount / "cgroup.controllers").read_text().split():
+            raise CgroupUnavailable("the cpu controller is not on the cgroup v2 hierarchy (it is bound to cgroup v1, "
+                                    "where only root may set quotas)")  # fmt: skip
         controllers = set((group / "cgroup.controllers").read_text().split())
         procs = [int(p) for p in (group / "cgroup.procs").read_text().split()]
     except OSError as exc:
@@ -270,18 +277,20 @@ def _delegated_v2(h: Hierarchies, n_cpus: int) -> CgroupCap:
         (group / "cgroup.subtree_control").write_text("+cpu")
         return CgroupCap("cgroup-v2-delegated", group, inner, n_cpus, v2=True, owned_base=True)
     except OSError:
-        with contextlib.suppress(OSError):
-            (group / "cgroup.procs").write_text(str(os.getpid()))
-            inner.rmdir()
+        # Back as we were, in the order the kernel allows: no controller handed down, then
+        # the node back in its scope, then the empty group removed.
+        for undo in (lambda: (group / "cgroup.subtree_control").write_text("-cpu"),
+                     lambda: (group / "cgroup.procs").write_text(str(os.getpid())), inner.rmdir):  # fmt: skip
+            with contextlib.suppress(OSError):
+                undo()
         raise
 
 
 def open_cgroup(n_cpus: int) -> tuple[CgroupCap | None, list[str]]:
     """The cgroup quota this process can hold, or None with the reasons each way failed."""
     h = read_hierarchies()
-    openers = [_delegated_v2]
-    if os.geteuid() == 0:
-        openers = [_root_v2, _root_v1]
+    # Root in a container may not own the hierarchy's root, but its own group is its to use.
+    openers = [_root_v2, _root_v1, _delegated_v2] if os.geteuid() == 0 else [_delegated_v2]
     reasons: list[str] = []
     for opener in openers:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -16,9 +17,10 @@ from dragonswarm.governor.policy import (
     OwnerPolicy,
     effective_share,
     gpu_budget,
-    gpu_owner_busy,
     held_owner_load,
     machine_contended,
+    mps_thread_percentage,
+    owner_on_gpu,
     threads_for,
 )
 from dragonswarm.governor.sampler import Sample, Sampler
@@ -26,6 +28,7 @@ from dragonswarm.governor.sampler import Sample, Sampler
 log = logging.getLogger("dragonswarm.governor")
 
 WorkKind = Literal["local", "remote"]
+MPS_PERCENTAGE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 
 class Governor:
@@ -50,7 +53,8 @@ class Governor:
         self.owner_load = 0.0  # held: the highest reading of the last `policy.hold_s`
         self.contended = False  # the last sample found the owner and us filling the machine
         self.gpu_owner_util = 0.0  # held like owner_load
-        self.gpu_in_use = False  # a runner has layers on the GPU: the owner's GPU use concerns us
+        # Whether a runner has layers on the GPU (so the owner's GPU use concerns us); the node sets it.
+        self.gpu_in_use: Callable[[], bool] = lambda: False
         self.active: Counter[WorkKind] = Counter()
         self._history: deque[tuple[float, float]] = deque()
         self._gpu_history: deque[tuple[float, float]] = deque()
@@ -71,7 +75,7 @@ class Governor:
 
     @property
     def gpu_owner_busy(self) -> bool:
-        return self.gpu_in_use and gpu_owner_busy(self.gpu_owner_util, self.gpu_policy)
+        return self.gpu_in_use() and owner_on_gpu(self.gpu_owner_util, self.gpu_policy)
 
     @property
     def owner_busy(self) -> bool:
@@ -93,7 +97,7 @@ class Governor:
 
     def apply(self) -> None:
         share, threads = self.current_share(), self.threads()
-        self.cap.set_share(share, threads)
+        self.cap.set_share(share, threads, busy=max(1, sum(self.active.values())))
         if threads != self._threads:
             self._threads = threads
             for listener in self._listeners:
@@ -116,6 +120,10 @@ class Governor:
 
     def detach(self, pid: int) -> None:
         self.cap.detach(pid)
+
+    def runner_threads(self, pid: int, threads: int) -> None:
+        """A runner now computes with `threads` threads (it takes up a change at its next step)."""
+        self.cap.runner_threads(pid, threads)
 
     def tick(self) -> None:
         s = self.last = self.sampler.sample()
@@ -146,12 +154,28 @@ class Governor:
         self.sampler.close()
 
     def gpu_budget(self) -> int | None:
-        """Video memory a runner loading now may fill, on the first GPU (llama.cpp's main GPU);
-        None without a GPU. While the owner uses the GPU, nothing new goes onto it."""
+        """Video memory a runner loading now may fill, on the first GPU (llama.cpp's main GPU).
+
+        None where NVML sees no GPU: then llama.cpp offloads what it can (Metal, ROCm, Vulkan,
+        or CUDA without NVML), as it would on its own, unless the GPU share is 0. While the
+        owner uses the GPU, nothing new goes onto it.
+        """
+        if self.gpu_share <= 0.0:
+            return 0
         gpus = self.last.gpus
-        if not gpus or gpu_owner_busy(self.gpu_owner_util, self.gpu_policy):
+        if not gpus:
             return None
-        return gpu_budget(gpus[0].mem_total, gpus[0].owner_mem, self.gpu_share, self.gpu_policy)
+        if owner_on_gpu(self.gpu_owner_util, self.gpu_policy):
+            return 0
+        g = gpus[0]
+        return gpu_budget(g.mem_total, g.mem_used, g.ours_mem, self.gpu_share, self.gpu_policy)
+
+    def runner_env(self) -> dict[str, str] | None:
+        """The environment for a new runner: on a GPU machine, MPS's thread percentage at our GPU
+        share (unless the owner set one); None (inherit the node's) without a GPU."""
+        if not self.last.gpus or MPS_PERCENTAGE in os.environ:
+            return None
+        return {**os.environ, MPS_PERCENTAGE: str(mps_thread_percentage(self.gpu_share))}
 
     def status(self) -> dict[str, Any]:
         s = self.last

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 log = logging.getLogger("dragonswarm.governor")
 
 
@@ -71,7 +73,12 @@ class Nvml:
                         sample.ours_mem += used
                     else:
                         sample.owner_mem += used
-        sample.owner_util = self._owner_util(h, i, util, ours, bool(on_device & ours))
+        if any(not psutil.pid_exists(pid) for pid in on_device):
+            # NVML names processes by the host's pids, and we run in a container with pids of our
+            # own: ours cannot be told from the owner's, and we must not back off from ourselves.
+            sample.owner_util = None
+        else:
+            sample.owner_util = self._owner_util(h, i, util, ours, bool(on_device & ours))
         return sample
 
     def _owner_util(self, h: Any, i: int, util: float, ours: set[int], ours_on_device: bool) -> float | None:

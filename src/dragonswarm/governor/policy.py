@@ -16,9 +16,13 @@ class OwnerPolicy:
     # (a build between files, a page render) has gaps shorter than this; a shorter hold
     # would hand the cores back and take them away again at every gap.
     hold_s: float = 1.0
-    # The machine is full when this much of it is busy: the owner then gets only what we
-    # leave, so their reading says nothing about what they want. (1 - headroom / 2.)
-    full: float = 0.95
+
+    @property
+    def full(self) -> float:
+        """The machine is full when this much of it is busy: the owner then gets only what we
+        leave them, so their reading says nothing about what they want. Half the headroom
+        above where we settle (owner + room = 1 - headroom), so settling never reads as full."""
+        return 1.0 - self.headroom / 2
 
 
 def effective_share(configured: float, owner_load: float, policy: OwnerPolicy, *, contended: bool = False) -> float:
@@ -99,35 +103,53 @@ class GpuPolicy:
     reserve_bytes: int = 512 << 20  # video memory always left free for the owner's next allocation
 
 
-def gpu_owner_busy(owner_util: float | None, policy: GpuPolicy) -> bool:
+def owner_on_gpu(owner_util: float | None, policy: GpuPolicy) -> bool:
     """The owner is using the GPU (a game, a render). Unknown (NVML cannot split it) is not busy:
     our own use must not make us back off from ourselves."""
     return owner_util is not None and owner_util >= policy.noise
 
 
-def gpu_budget(mem_total: int, owner_mem: int, gpu_share: float, policy: GpuPolicy) -> int:
-    """Video memory we may fill: our share of the card, within what the owner leaves free."""
-    return max(0, min(int(gpu_share * mem_total), mem_total - owner_mem - policy.reserve_bytes))
+def gpu_budget(mem_total: int, mem_used: int, ours_mem: int, gpu_share: float, policy: GpuPolicy) -> int:
+    """Video memory a new model of ours may fill: what is left of our share of the card after
+    what our runners already hold, within the memory free now less a reserve for the owner."""
+    ours_left = int(gpu_share * mem_total) - ours_mem
+    free = mem_total - mem_used - policy.reserve_bytes
+    return max(0, min(ours_left, free))
 
 
 def gpu_layers(n_layers: int, model_bytes: int, budget: int, n_ctx: int) -> int:
-    """Layers to offload so that weights, KV cache and buffers fit the budget (0: all on the CPU).
+    """llama.cpp's `n_gpu_layers` for weights, KV cache and buffers to fit the budget (0: the CPU only).
 
     The weights are taken as evenly spread over the layers; the KV cache and compute
-    buffers as `ram_needed` counts them.
+    buffers as `ram_needed` counts them. When all of it fits, one more than the layers:
+    llama.cpp then offloads the output layer too.
     """
     if n_layers <= 0 or model_bytes <= 0 or budget <= 0:
         return 0
-    overhead = min(n_ctx * 64 * 1024, model_bytes)
     per_layer = model_bytes / n_layers
-    return max(0, min(n_layers, int((budget - overhead) // per_layer)))
+    fit = int((budget - kv_estimate(n_ctx, model_bytes)) // per_layer)
+    return n_layers + 1 if fit >= n_layers else max(0, fit)
+
+
+def mps_thread_percentage(gpu_share: float) -> int:
+    """CUDA MPS's cap on the share of the GPU's multiprocessors one client may use, for our share.
+
+    Only where an MPS daemon runs (the owner's choice; it needs setting up by an admin): then
+    it bounds how much of the GPU our kernels may occupy at once. Without MPS it has no effect.
+    """
+    return max(1, min(100, round(gpu_share * 100)))
 
 
 def ram_needed(model_bytes: int, n_ctx: int, margin_bytes: int) -> int:
     """RAM a model needs when loaded: weights, KV cache and compute buffers, plus margin.
 
     The KV cache estimate is deliberately generous (256 KiB per context token would be
-    a 7B f16 model); small models are dominated by their weights anyway.
+    a 7B f16 model).
     """
-    kv_and_buffers = min(n_ctx * 64 * 1024, model_bytes)
-    return model_bytes + kv_and_buffers + margin_bytes
+    return model_bytes + kv_estimate(n_ctx, model_bytes) + margin_bytes
+
+
+def kv_estimate(n_ctx: int, model_bytes: int) -> int:
+    """KV cache and compute buffers of a loaded model, generously: 64 KiB per context token,
+    never more than the weights (small models are dominated by their weights anyway)."""
+    return min(n_ctx * 64 * 1024, model_bytes)

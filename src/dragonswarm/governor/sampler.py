@@ -15,9 +15,11 @@ from dragonswarm.governor.gpus import GpuSample, Nvml
 
 # Under `dragon up` our tree holds other nodes whose runners we do not attach ourselves;
 # a walk of the whole process table finds them. It reads every /proc entry, so it is done
-# only this often, or sooner when others' load looks like the owner's.
+# only this often, or sooner when others' load looks like the owner's. A node on its own
+# never walks: its runners are its children, attached as they start.
 RESCAN_S = 2.0
 RESCAN_SUSPECT_S = 0.5
+SUSPECT_LOAD = 0.05
 
 
 @dataclass
@@ -72,11 +74,12 @@ class Sampler:
         self.root = psutil.Process(root_pid or os.getpid())
         self.cpus = list(cpus) if cpus is not None else allowed_cpus()
         self.n_cpus = n_cpus or len(self.cpus)
-        self._tree: dict[int, psutil.Process] = {}
+        self._walk = self.root.pid != os.getpid()  # the tree of `dragon up`, not just our own
+        self._tree: dict[int, psutil.Process] = {self.root.pid: self.root}
         self._rescanned = 0.0
-        self._rescan()
-        self._last_time = time.monotonic()
-        self._last_busy = self._machine_busy()
+        if self._walk:
+            self._rescan()
+        self._last_busy, self._last_elapsed = self._machine_times()
         self._last_ours = self._tree_cpu()
         self._nvml = Nvml.open()
 
@@ -93,16 +96,24 @@ class Sampler:
         self._tree = {p.pid: self._tree.get(p.pid, p) for p in procs}
         self._rescanned = time.monotonic()
 
-    def _machine_busy(self) -> float:
+    def _machine_times(self) -> tuple[float, float]:
+        """(busy, elapsed) CPU seconds of our cores since boot, from the same kernel counters.
+
+        The window is measured by the counters themselves, not by our clock: a node held to its
+        own quota may be paused between reading them and reading a clock, which would make a
+        full machine look partly idle.
+        """
         per_cpu = psutil.cpu_times(percpu=True)
-        busy = 0.0
+        busy = elapsed = 0.0
         for core in self.cpus:
             if core < len(per_cpu):
                 t = per_cpu[core]
                 # Linux counts guest time inside user time already, so it is not added again.
                 # Steal time is the hypervisor's, not the owner's: it must not shrink our share.
-                busy += t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
-        return busy
+                work = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+                busy += work
+                elapsed += work + t.idle + getattr(t, "iowait", 0.0) + getattr(t, "steal", 0.0)
+        return busy, elapsed
 
     def _tree_cpu(self) -> float:
         total, gone = self._read_tree()
@@ -123,15 +134,15 @@ class Sampler:
         return total, gone
 
     def sample(self) -> Sample:
-        now = time.monotonic()
-        if now - self._rescanned >= RESCAN_S:
+        if self._walk and time.monotonic() - self._rescanned >= RESCAN_S:
             self._rescan()
-        busy = self._machine_busy()
+        busy, elapsed = self._machine_times()
         ours = self._tree_cpu()
-        wall = max(1e-3, now - self._last_time) * len(self.cpus)
+        now = time.monotonic()
+        wall = max(1e-3, elapsed - self._last_elapsed)  # CPU-seconds of our cores in the window
         cpu_total = min(1.0, max(0.0, (busy - self._last_busy) / wall))
         cpu_ours = min(cpu_total, max(0.0, (ours - self._last_ours) / wall))
-        if cpu_total - cpu_ours >= 0.05 and now - self._rescanned >= RESCAN_SUSPECT_S:
+        if self._walk and cpu_total - cpu_ours >= SUSPECT_LOAD and now - self._rescanned >= RESCAN_SUSPECT_S:
             # Others look busy: first make sure they are not processes of ours we have not met.
             known = set(self._tree)
             self._rescan()
@@ -141,7 +152,7 @@ class Sampler:
                 except psutil.Error:
                     continue
             cpu_ours = min(cpu_total, max(0.0, (ours - self._last_ours) / wall))
-        self._last_time, self._last_busy, self._last_ours = now, busy, ours
+        self._last_elapsed, self._last_busy, self._last_ours = elapsed, busy, ours
         mem = psutil.virtual_memory()
         return Sample(
             at=time.time(),

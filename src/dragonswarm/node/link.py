@@ -248,8 +248,13 @@ class SwarmLink:
 
     async def _heartbeats(self, ws: ClientConnection) -> None:
         while True:
-            self._leave_the_owners_gpu()
-            await self._send(ws, dump(self.heartbeat()))
+            try:
+                self._leave_the_owners_gpu()
+                beat = self.heartbeat()
+            except Exception:  # a failed reading must not silence the node: the orchestrator would drop it
+                log.exception("building a heartbeat failed; retrying at the next beat")
+            else:
+                await self._send(ws, dump(beat))
             await asyncio.sleep(self.heartbeat_s)
 
     def _leave_the_owners_gpu(self) -> None:

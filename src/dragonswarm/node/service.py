@@ -75,12 +75,16 @@ class ModelSlot:
             runner = RunnerProcess(
                 self.spec.name, self.spec.path, self.settings.n_ctx, self.governor.threads(),
                 self.settings.logs_dir / f"runner-{self.spec.name}.log", self.stats, self.governor.gpu_budget(),
+                self.governor.runner_env(), self.governor.runner_threads,
             )  # fmt: skip
             log.info("loading model %s from %s", self.spec.name, self.spec.path)
-            await runner.start(on_spawn=lambda pid: self.governor.attach(pid, runner=True))
+            try:
+                await runner.start(on_spawn=lambda pid: self.governor.attach(pid, runner=True))
+            except BaseException:
+                if runner.pid is not None:
+                    self.governor.detach(runner.pid)
+                raise
             runner.set_threads(self.governor.threads())  # the share may have moved while it loaded
-            if runner.info.get("gpu_layers"):
-                self.governor.gpu_in_use = True
             self.runner = runner
             self._supervisor = asyncio.create_task(self._supervise(runner), name=f"supervise-{self.spec.name}")
             return runner
@@ -89,7 +93,7 @@ class ModelSlot:
         """Restart a runner that crashed, with backoff, so the model stays warm."""
         started = time.monotonic()
         await runner.exited.wait()
-        if runner.pid is not None:
+        if runner.pid is not None:  # a crash: released from the cap (a no-op after unload)
             self.governor.detach(runner.pid)
         if runner.stopping or self.runner is not runner:
             return
@@ -108,6 +112,8 @@ class ModelSlot:
         async with self._start_lock:
             runner, self.runner = self.runner, None
             if runner is not None:
+                if runner.pid is not None:  # released first: a suspended runner would exit slowly
+                    self.governor.detach(runner.pid)
                 await runner.stop()
                 log.info("unloaded model %s", self.spec.name)
 
@@ -139,6 +145,7 @@ class NodeService:
         self.governor = governor
         self.slots = {m.spec.name: ModelSlot(m, settings, governor) for m in models}
         governor.on_threads(self._threads_changed)
+        governor.gpu_in_use = lambda: any(slot.gpu_layers() for slot in self.slots.values())
         self._idle_task: asyncio.Task[None] | None = None
         self._identify_task: asyncio.Task[None] | None = None
         self.identified = asyncio.Event()  # every model that can be served has its sha256
@@ -186,8 +193,8 @@ class NodeService:
             await slot.lock.acquire()
         finally:
             slot.waiting -= 1
-        self.governor.job_started(kind)
         try:
+            self.governor.job_started(kind)
             runner = await slot.ensure_runner()
             for index, gen in enumerate(gens):
                 job = run_job(ids[index] if ids else uuid.uuid4().hex, gen)
@@ -197,8 +204,10 @@ class NodeService:
                         return
         finally:
             slot.last_used = time.monotonic()
-            self.governor.job_finished(kind)
-            slot.lock.release()
+            try:
+                self.governor.job_finished(kind)
+            finally:  # whatever the cap did, the next request must get the model
+                slot.lock.release()
 
     async def _unload_idle(self) -> None:
         while True:

@@ -4,10 +4,11 @@
 from an OpenAI request, the orchestrator sends it to a worker inside a `run` message,
 and the runner carries it out. Defined once here, so no layer can drop a field.
 
-Runner wire format, one JSON object per line. Node -> runner: `run` (a job: an id, a
-thread count and a `Generation`), `cancel` (stop a job at its next check), `exit`.
-Runner -> node: `ready` once loaded, then per job `start`, `text`..., then `done` or
-`error`; `fatal` if the model cannot be loaded at all.
+Runner wire format, one JSON object per line. Node -> runner: `run` (a job: an id and a
+`Generation`), `threads` (the thread count in force, taken up between two steps, also
+mid-job), `cancel` (stop a job at its next check), `exit`. Runner -> node: `ready` once
+loaded, then per job `start`, `text`..., then `done` or `error`; `threads` when it has
+changed its thread count; `fatal` if the model cannot be loaded at all.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, Validati
 
 from dragonswarm.protocol.runner import Generation
 
-VERSION = 2  # 2: models named by sha256, fragments carry a whole Generation
+# 2: models named by sha256, fragments carry a whole Generation; 3: heartbeats carry the
+# network, the CPU cap in force and the owner's GPU use (an older orchestrator would refuse them).
+VERSION = 3
 NODE_HEADER = "X-Dragon-Node"  # the node's name, at the WebSocket handshake
 CREDENTIAL_PREFIX = "dnc_"  # a node credential, as opposed to an API key ("dsk_")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
