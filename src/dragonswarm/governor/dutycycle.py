@@ -45,11 +45,6 @@ class DutyCycleCap:
         self._thread = threading.Thread(target=self._loop, name="duty-cycle", daemon=True)
         self._thread.start()
 
-    @property
-    def running(self) -> bool:
-        """The cycle is alive (it ends only when closed)."""
-        return self._thread.is_alive()
-
     def attach(self, pid: int, *, runner: bool) -> None:
         if not runner:
             return  # never suspend the node itself: it must keep answering
