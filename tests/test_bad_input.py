@@ -136,6 +136,8 @@ def test_cli_rejects_bad_flags(tmp_path: Path) -> None:
         (["node", "--no-bundled-model", "--model", f"x={not_gguf}"], "not a GGUF file"),
         (["node", "--no-bundled-model", "--model", f"x={tmp_path}"], "directory"),
         (["node", "--no-bundled-model"], "no model to serve"),
+        (["node", "--gpu-share", "1.5"], "share must be in (0, 1]"),
+        (["node", "--gpu-share", "0", "--no-bundled-model"], "no model to serve"),  # 0 is a valid GPU share
         (["bogus"], "invalid choice"),
     ]
     for args, expected in cases:

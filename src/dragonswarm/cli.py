@@ -39,6 +39,13 @@ def _share(text: str) -> float:
     return value
 
 
+def _gpu_share(text: str) -> float:
+    """Like a CPU share, but 0 is allowed: it keeps every model on the CPU."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _share(text)
+
+
 def _duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number, unit = text[:-1], text[-1:]
@@ -71,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--share", type=_share, help="share of the machine for work done for others (0.10)")
     node.add_argument("--cap-mechanism", choices=["auto", "cgroup", "duty", "none"],
                       help="how the share is enforced (default auto: cgroup quota, else affinity + duty cycle)")
-    node.add_argument("--gpu-share", type=_share,
-                      help="share of the GPU's memory for model layers (default: --local-share)")
+    node.add_argument("--gpu-share", type=_gpu_share,
+                      help="share of the GPU's memory for model layers, 0 for none (default: --local-share)")
     node.add_argument("--idle-unload", type=float, dest="idle_unload_s", metavar="SECONDS",
                       help="unload a model unused this long (default 600)")  # fmt: skip
     node.add_argument("--n-ctx", type=int, help="context length in tokens (default 4096)")
