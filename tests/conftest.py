@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from tests.volunteer import start_volunteer_node, volunteer  # noqa: F401
+from tests.volunteer import delegated_scope, start_volunteer_node, volunteer  # noqa: F401
 
 from dragonswarm.devtools.tiny_model import TOOLS_TEMPLATE, write_tiny_model
 from dragonswarm.engines.models import bundled_coder, bundled_gemma

@@ -96,3 +96,28 @@ def test_share_across_one_mid_generation_never_leaves_the_runner_stopped(
     assert not reader.is_alive(), "the stream did not end"
     after = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 20})
     assert after.status_code == 200
+
+
+@pytest.mark.parametrize("mechanism", ["auto", "cgroup"])
+def test_a_delegated_cgroup_v2_scope_holds_the_share(delegated_scope: Path,
+                                                     start_volunteer_node: Callable[..., NodeProcess],
+                                                     tiny_model: Path, mechanism: str) -> None:  # fmt: skip
+    """Not root, in a scope of its own (what `systemd-run --user --scope -p Delegate=yes` gives a
+    desktop user): the node holds the share with a cgroup quota, and leaves the scope as it found it."""
+    share = 0.25
+    node = start_volunteer_node("--local-share", str(share), "--cap-mechanism", mechanism, "--n-ctx", "32768",
+                                model=tiny_model, env={"DRAGON_OWNER_NOISE": "1.0"},
+                                cgroup=delegated_scope)  # fmt: skip
+    governor = node.status()["governor"]
+    assert governor["mechanism"] == "cgroup-v2-delegated", governor
+    inner = delegated_scope / "dragon"  # the node leaves the scope itself: it hands the controller down
+    assert (inner / "cpu.max").read_text().split() == [str(round(share * N_CPUS * 100_000)), "100000"]
+    assert (delegated_scope / "cgroup.subtree_control").read_text().split() == ["cpu"]
+    used = runner_cpu_fraction(node, 3.0, max_tokens=32000)
+    runner = node.model_status("tiny")["runner_pid"]
+    assert {node.proc.pid, runner} <= {int(p) for p in (inner / "cgroup.procs").read_text().split()}
+    assert used <= share + 0.06, f"runner used {used:.3f} of the machine at share {share}"
+    assert used >= share * 0.4, f"runner used only {used:.3f} at share {share}: was it running?"
+    node.stop()
+    assert not inner.exists(), "the node's group outlived it"
+    assert (delegated_scope / "cgroup.subtree_control").read_text().split() == []

@@ -269,6 +269,56 @@ def volunteer_session(user: pwd.struct_passwd, python: Path, root_dir: Path = SH
         shutil.rmtree(session)
 
 
+def _enter(cgroup: Path) -> Callable[[], None]:
+    """For `preexec_fn`: the child joins `cgroup` (a v2 group) before it execs, as root still."""
+
+    def enter() -> None:
+        (cgroup / "cgroup.procs").write_text("0")  # 0: the writing process itself
+
+    return enter
+
+
+@pytest.fixture
+def delegated_scope(volunteer: Volunteer) -> Iterator[Path]:
+    """A cgroup-v2 scope delegated to the volunteer, made as systemd makes one for
+    `systemd-run --user --scope -p Delegate=yes`: the cpu controller enabled in every group
+    above it, and the scope's folder with its cgroup.procs, cgroup.subtree_control and
+    cgroup.threads owned by the user. Needs root and the cpu controller on cgroup v2."""
+    root = Path("/sys/fs/cgroup")
+    if os.geteuid() != 0 or volunteer.user is None:
+        pytest.skip("delegating a cgroup scope to a volunteer needs root")
+    controllers = (root / "cgroup.controllers").read_text().split() if (root / "cgroup.controllers").exists() else []
+    if "cpu" not in controllers:
+        pytest.skip("the cpu controller is not on a cgroup v2 hierarchy here (on cgroup v1 only root may set "
+                    "quotas); scripts/test-in-vm runs this test in a virtual machine with cgroup v2")  # fmt: skip
+    slice_ = root / f"dragon-test-{os.getpid()}.slice"
+    scope = slice_ / "volunteer.scope"
+    try:
+        (root / "cgroup.subtree_control").write_text("+cpu")
+        slice_.mkdir()
+        (slice_ / "cgroup.subtree_control").write_text("+cpu")
+        scope.mkdir()
+    except OSError as exc:  # a container's read-only or non-root cgroup mount
+        with contextlib.suppress(OSError):
+            slice_.rmdir()
+        pytest.skip(f"cannot make a cgroup scope here: {exc}")
+    for path in (scope, scope / "cgroup.procs", scope / "cgroup.subtree_control", scope / "cgroup.threads"):
+        os.chown(path, volunteer.uid, volunteer.gid)
+    yield scope
+    # Whatever the node left behind: only processes this test started can be in the scope.
+    groups = sorted([scope, *(p for p in scope.rglob("*") if p.is_dir())], key=lambda p: -len(p.parts))
+    for group in groups:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(int(pid)).kill()
+    for group in [*groups, slice_]:
+        wait_for_empty = time.monotonic() + 10  # a killed process leaves its group a moment later
+        while group.exists() and time.monotonic() < wait_for_empty:
+            with contextlib.suppress(OSError):
+                group.rmdir()
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def start_volunteer_node(volunteer: Volunteer, tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     """Start `dragon node` as the volunteer with one model and the given flags; stopped at teardown.
@@ -280,7 +330,7 @@ def start_volunteer_node(volunteer: Volunteer, tmp_path: Path) -> Iterator[Calla
     nodes: list[NodeProcess] = []
 
     def start(*flags: str, model: Path, name: str = "tiny", env: dict[str, str] | None = None,
-              wait: bool = True) -> NodeProcess:  # fmt: skip
+              wait: bool = True, cgroup: Path | None = None) -> NodeProcess:  # fmt: skip
         port = free_port()
         home = volunteer.make_dir(f"node-{len(nodes)}-")
         log_path = tmp_path / f"volunteer-node-{len(nodes)}.log"
@@ -290,7 +340,7 @@ def start_volunteer_node(volunteer: Volunteer, tmp_path: Path) -> Iterator[Calla
         with log_path.open("wb") as log:
             # cwd: the test's own may be unreadable to the user, and would shadow the source on sys.path
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=volunteer.env(env),
-                                    cwd=volunteer.home)  # fmt: skip
+                                    cwd=volunteer.home, preexec_fn=_enter(cgroup) if cgroup else None)  # fmt: skip
         node = NodeProcess(proc, port, home, log_path)
         nodes.append(node)
         if wait:
