@@ -153,3 +153,24 @@ def test_client_leaving_the_queue_frees_its_place(start_node: Callable[..., Node
     busy.join(60)
     status = node.model_status("tiny")
     assert status["jobs"]["completed"] == 2  # the warm-up and the long one; the leaver never ran
+
+
+def test_a_client_that_leaves_while_a_long_prompt_is_read_keeps_the_runner(
+        start_node: Callable[..., NodeProcess], coder_model: Path) -> None:  # fmt: skip
+    """At a small share one 512-token batch of the prompt takes far longer than the 5 s the
+    node waits for a cancel: llama.cpp must stop within the batch, or the runner is killed
+    and the owner's next request waits for the model to load again."""
+    node = start_node("--model", f"coder={coder_model}", "--local-share", "0.05", "--cap-mechanism", "duty",
+                      env={"DRAGON_OWNER_NOISE": "1.0"})  # fmt: skip
+    node.client.post("/v1/completions", json={"model": "coder", "prompt": "def", "max_tokens": 1}).raise_for_status()
+    pid = node.model_status("coder")["runner_pid"]
+    prompt = " ".join(f"item_{i} = compute({i}, cache[{i % 7}])" for i in range(150))  # about 2,000 tokens
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(node.api + "/completions", json={"model": "coder", "prompt": prompt, "max_tokens": 8,
+                                                    "cache_prompt": False}, timeout=2.0)  # fmt: skip
+    # The node waits 5 s for the runner to confirm, then kills it: give it twice that.
+    status = wait_until(lambda: (s := node.model_status("coder"))["jobs"]["cancelled"] == 1 and s, 10,
+                        "the runner to confirm the cancel")  # fmt: skip
+    assert status["runner_pid"] == pid and psutil.pid_exists(pid), "a cancel killed a healthy runner"
+    out = node.client.post("/v1/completions", json={"model": "coder", "prompt": "def", "max_tokens": 2})
+    assert out.status_code == 200 and node.model_status("coder")["runner_pid"] == pid

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--no-bundled-model", dest="bundled_model", action="store_false", default=None,
                       help="do not serve the packaged qwen2.5-coder-0.5b and gemma3-270m")  # fmt: skip
     node.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    node.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="NAME",
+                      help="a host name the local API answers to besides loopback and --host (repeatable)")  # fmt: skip
     node.add_argument("--api-port", type=int, help="port of the local API (default 8701)")
     node.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
     node.add_argument("--local-share", type=_share, help="share of the machine for the owner's requests (0.80)")
@@ -184,8 +186,7 @@ def cmd_node(args: argparse.Namespace) -> None:
     settings: NodeSettings = _settings(args, [
         "models", "bundled_model", "host", "api_port", "home", "local_share", "share", "cap_mechanism", "gpu_share",
         "idle_unload_s", "n_ctx", "max_queue", "default_max_tokens", "log_level", "name", "orchestrator", "key", "ca",
-        "insecure",
-        "api_key"])  # fmt: skip
+        "insecure", "api_key", "allowed_hosts"])  # fmt: skip
     _setup_logging(settings.log_level)
     if bool(settings.orchestrator) != bool(settings.key):
         raise ConfigError("joining a swarm needs both --orchestrator URL and a node key (--key or DRAGON_KEY)")

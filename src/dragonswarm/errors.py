@@ -89,7 +89,7 @@ class Unauthorized(DragonError):
 
 
 class Forbidden(DragonError):
-    """A valid key whose role does not allow this endpoint."""
+    """A valid key whose role does not allow this endpoint, or a request from a name or site refused."""
 
     status = 403
     type = "invalid_request_error"

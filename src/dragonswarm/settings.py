@@ -1,7 +1,8 @@
 """Settings for the node and the orchestrator, built once in the CLI and passed down.
 
-Precedence: command-line flag > environment (`DRAGON_*`) > `$DRAGON_HOME/config.toml`
-> default. Nothing here reads the environment at import time.
+Precedence: command-line flag > environment (`DRAGON_*`) > the program's table (`[node]`
+or `[orchestrator]`) of `config.toml` in its home (`--home`, else `$DRAGON_HOME`, else
+~/.dragonswarm) > default. Nothing here reads the environment at import time.
 """
 
 from __future__ import annotations
@@ -9,17 +10,13 @@ from __future__ import annotations
 import os
 import re
 import socket
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dragonswarm.errors import ConfigError
 
@@ -73,8 +70,58 @@ def default_node_name() -> str:
     return name or "node"
 
 
+CONFIG_TABLES = ("node", "orchestrator")
+
+
+def config_table(text: str, table: str, fields: set[str], where: str) -> dict[str, Any]:
+    """One program's table of a `config.toml` (plain text in, settings out).
+
+    Each program reads its own table, so that a node's `insecure = true` never turns the
+    orchestrator sharing its home to plain HTTP. Keys outside a table, unknown tables and
+    unknown settings are errors, never silently ignored.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    loose = [key for key, value in data.items() if not isinstance(value, dict)]
+    if loose:
+        raise ConfigError(f"{where}: {', '.join(loose)} must be under a table, [node] or [orchestrator]")
+    unknown_tables = sorted(set(data) - set(CONFIG_TABLES))
+    if unknown_tables:
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown_tables)}; use [node] or [orchestrator]")
+    values: dict[str, Any] = data.get(table, {})
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) in [{table}]: {', '.join(unknown)}")
+    return values
+
+
+class _TableSource(PydanticBaseSettingsSource):
+    """`[table]` of `config.toml` in the home in force: `--home`'s, else `$DRAGON_HOME`'s."""
+
+    def __init__(self, settings_cls: type[BaseSettings], table: str, home: Path):
+        super().__init__(settings_cls)
+        self.table = table
+        self.path = home / "config.toml"
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        raise NotImplementedError  # __call__ reads the whole table at once
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: {exc.strerror}") from None
+        return config_table(text, self.table, set(self.settings_cls.model_fields), str(self.path))
+
+
 class _FileSettings(BaseSettings):
-    """Flag > environment > `$DRAGON_HOME/config.toml` > default, for every program."""
+    """Flag > environment > the program's table of `config.toml` in its home > default."""
+
+    config_table: ClassVar[str]
 
     @classmethod
     def settings_customise_sources(
@@ -85,14 +132,16 @@ class _FileSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=default_home() / "config.toml")
-        return (init_settings, env_settings, toml)
+        given = init_settings()  # the CLI's flags: its --home names the config file
+        home = Path(given["home"]).expanduser() if given.get("home") else default_home()
+        return (init_settings, env_settings, _TableSource(settings_cls, cls.config_table, home))
 
 
 class NodeSettings(_FileSettings):
     """Everything `dragon node` needs."""
 
     model_config = SettingsConfigDict(env_prefix="DRAGON_", extra="ignore")
+    config_table = "node"
 
     home: Path = Field(default_factory=default_home)
     name: str = Field(default_factory=default_node_name, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -108,6 +157,8 @@ class NodeSettings(_FileSettings):
     swarm_pid: int | None = None
     host: str = "127.0.0.1"
     api_port: int = Field(8701, ge=0, le=65535)
+    # Host names the local API answers to besides loopback and --host (web/hosts.py).
+    allowed_hosts: list[str] = Field(default_factory=list)
     models: list[ModelSpec] = Field(default_factory=list)
     bundled_model: bool = True  # serve the packaged qwen2.5-coder-0.5b and gemma3-270m
 
@@ -172,6 +223,7 @@ class OrchestratorSettings(_FileSettings):
     """Everything `dragon orchestrator` needs."""
 
     model_config = SettingsConfigDict(env_prefix="DRAGON_ORCHESTRATOR_", extra="ignore")
+    config_table = "orchestrator"
 
     home: Path = Field(default_factory=default_home)
     host: str = "127.0.0.1"

@@ -271,13 +271,31 @@ class Runner:
         return 0
 
     def evaluate(self, job_id: str, tokens: list[int]) -> bool:
-        """Evaluate tokens a batch at a time; False if the job was cancelled meanwhile."""
-        step = self.llm.n_batch
-        for i in range(0, len(tokens), step):
-            if self.checkpoint(job_id):
-                return False
-            self.llm.eval(tokens[i : i + step])
-        return True
+        """Evaluate tokens a batch at a time; False if the job was cancelled meanwhile.
+
+        At a small share one batch can take minutes, longer than the node waits for a
+        cancel before it kills the runner: while the prompt is read, llama.cpp asks this
+        job's cancel flag between two operations of its graph, and stops within one. Not
+        while generating: a Python call per operation would cost every token time, and a
+        cancel is seen between two tokens there anyway.
+        """
+        lib, ctx = self._lib, self.llm._ctx.ctx
+        abort = lib.ggml_abort_callback(lambda _data: self.is_cancelled(job_id))
+        lib.llama_set_abort_callback(ctx, abort, None)
+        try:
+            step = self.llm.n_batch
+            for i in range(0, len(tokens), step):
+                if self.checkpoint(job_id):
+                    return False
+                try:
+                    self.llm.eval(tokens[i : i + step])
+                except RuntimeError:  # llama_decode returned 2: aborted, the batch's cache cells undone
+                    if self.is_cancelled(job_id):
+                        return False
+                    raise
+            return True
+        finally:
+            lib.llama_set_abort_callback(ctx, lib.ggml_abort_callback(), None)  # a null callback: none
 
     def is_cancelled(self, job_id: str) -> bool:
         return job_id in self.cancelled or "*" in self.cancelled

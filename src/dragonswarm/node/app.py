@@ -27,6 +27,7 @@ from dragonswarm.node.service import LocalModel, NodeService
 from dragonswarm.settings import NodeSettings
 from dragonswarm.tls import client_context
 from dragonswarm.web.errors import BodyLimit, dragon_error_response, install_error_handlers
+from dragonswarm.web.hosts import CheckHost, HostPolicy
 
 log = logging.getLogger("dragonswarm.node")
 
@@ -65,6 +66,7 @@ def create_app(service: NodeService) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(RequireKey, key=settings.api_key.get_secret_value())
+    app.add_middleware(CheckHost, policy=HostPolicy.for_bind(settings.host, settings.allowed_hosts))  # outermost
     return app
 
 
