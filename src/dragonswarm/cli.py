@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--home", help="data directory: keys, node registry (default $DRAGON_HOME or ~/.dragonswarm)")
     orch.add_argument("--max-queue", type=int, help="fragments that may wait before 429 (default 1024)")
     orch.add_argument("--max-queue-per-user", type=int, help="fragments one key may have waiting (default 256)")
+    orch.add_argument("--max-node-capacity", type=int, metavar="N",
+                      help="fragments one node may run at once, whatever it claims (default 1)")  # fmt: skip
     orch.add_argument("--fragment-timeout", type=float, dest="fragment_timeout_s", metavar="SECONDS",
                       help="a request not finished after this long ends with 504 (default 600)")  # fmt: skip
     orch.add_argument("--rate-rpm", type=int, help="requests per minute per key, 0 for no limit (default 600)")
@@ -232,7 +234,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
     from dragonswarm.orchestrator.app import run_orchestrator
 
     names = ["host", "port", "home", "max_queue", "max_queue_per_user", "fragment_timeout_s", "log_level",
-             "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure"]  # fmt: skip
+             "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure", "max_node_capacity"]  # fmt: skip
     settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
     if not settings.insecure:

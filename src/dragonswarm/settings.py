@@ -236,6 +236,8 @@ class OrchestratorSettings(_FileSettings):
     stall_timeout_s: float = Field(30.0, gt=0.0)  # a worker silent this long is given up on
     max_attempts: int = Field(4, ge=1)  # workers a fragment may try before it fails
     heartbeat_s: float = Field(1.0, gt=0.0)
+    # Fragments one node may run at once, whatever it claims: a runner serves one sequence.
+    max_node_capacity: int = Field(1, ge=1, le=64)
     stale_after_s: float = Field(3.5, gt=0.0)  # no heartbeat this long: not given new work
     gone_after_s: float = Field(15.0, gt=0.0)  # ... this long: connection closed, work moved
 

@@ -60,9 +60,10 @@ class Nvml:
     def _device(self, i: int, ours: set[int]) -> GpuSample:
         nv = self.pynvml
         h = nv.nvmlDeviceGetHandleByIndex(i)
-        util = nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0
+        util = min(1.0, nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
         mem = nv.nvmlDeviceGetMemoryInfo(h)
-        sample = GpuSample(i, str(nv.nvmlDeviceGetName(h)), util, int(mem.used), int(mem.total))
+        # Within the bounds of the heartbeat's GPU record (protocol/swarm.py GpuRecord).
+        sample = GpuSample(i, str(nv.nvmlDeviceGetName(h))[:128], util, int(mem.used), int(mem.total))
         on_device: set[int] = set()
         for getter in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
             with contextlib.suppress(nv.NVMLError):

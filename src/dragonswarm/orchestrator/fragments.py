@@ -9,11 +9,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dragonswarm.protocol.runner import Event, Generation
-from dragonswarm.protocol.swarm import RunFragment
+from dragonswarm.protocol.swarm import JobEvent, RunFragment
 from dragonswarm.scheduler.affinity import prefix_keys
 
 if TYPE_CHECKING:
     from dragonswarm.orchestrator.registry import NodeConn
+
+# The longest text one token may stand for: llama.cpp vocabularies hold pieces of a few
+# dozen characters at most (runs of spaces or dashes); this leaves a wide margin.
+MAX_TOKEN_CHARS = 256
+IDLE_TEXT_EVENTS = 4  # text events of one attempt that may add no token (a runner needs one)
 
 
 @dataclass(eq=False)
@@ -51,6 +56,9 @@ class Fragment:
     text: list[str] = field(default_factory=list)  # streamed to the client so far
     tokens: int = 0  # completion tokens streamed so far, over every attempt
     base_tokens: int = 0  # ... by attempts before the current one
+    base_chars: int = 0  # characters of text by attempts before the current one
+    attempt_tokens: int = 0  # the current attempt's token count, as its last text event said
+    idle_events: int = 0  # ... and its text events that added no token
     prompt_tokens: int | None = None
     cached_tokens: int = 0  # ... of which the current worker took from its KV cache
     last_event: float = field(default_factory=time.monotonic)
@@ -69,6 +77,30 @@ class Fragment:
 
     def remaining_tokens(self) -> int:
         return self.gen.max_tokens - self.tokens
+
+    def overrun(self, ev: JobEvent) -> str | None:
+        """Why an event is more than this attempt asked for, if it is: more tokens than its
+        max_tokens, more text than that many tokens can be, or text events that add no
+        token. A worker's events are thus bounded by the tokens asked of it, not by how fast
+        it can send them: a fast model is no flood, and no node can make the orchestrator
+        handle (or a request keep, for failover) more than the work justifies."""
+        asked = self.gen.max_tokens - self.base_tokens
+        count = ev.completion_tokens or 0
+        if count > asked:
+            return f"job {ev.job}: {count} tokens, {asked} asked for"
+        if ev.ev != "text":
+            return None
+        chars = sum(map(len, self.text)) - self.base_chars + len(ev.text or "")
+        if chars > asked * MAX_TOKEN_CHARS:
+            return f"job {ev.job}: {chars} characters of text for {asked} tokens"
+        if count < self.attempt_tokens:
+            return f"job {ev.job}: its token count went back from {self.attempt_tokens} to {count}"
+        if count == self.attempt_tokens:  # a runner sends one such event: the text it held back at the end
+            self.idle_events += 1
+            if self.idle_events > IDLE_TEXT_EVENTS:
+                return f"job {ev.job}: {self.idle_events} text events that add no token"
+        self.attempt_tokens = count
+        return None
 
     def message(self) -> RunFragment:
         """What the worker receives: its own fragment, continued after what was streamed."""

@@ -92,6 +92,7 @@ class NodeConn:
             "local_share": self.hello.local_share,
             "cpus": self.hello.cpus,
             "ram_total": self.hello.ram_total,
+            "capacity": self.hello.capacity,  # as granted: what the node claimed, within policy
             "running": len(self.jobs),
             "served": self.served,
         }

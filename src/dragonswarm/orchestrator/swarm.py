@@ -191,6 +191,8 @@ class Swarm:
         f.exclude.add(failed)
         f.attempt += 1
         f.base_tokens = f.tokens
+        f.base_chars = sum(map(len, f.text))
+        f.attempt_tokens = f.idle_events = 0
         if f.attempt >= self.settings.max_attempts:
             self._finish(f, error="runner_failed", message=f"{f.attempt} workers failed this request; last: {reason}")
             return
@@ -214,6 +216,8 @@ class Swarm:
                 return  # a late answer to a Cancel that crossed the job's own `done`
             raise ProtocolError(f"event for job {ev.job!r}, which this node does not hold")
         f.last_event = time.monotonic()
+        if ev.ev in ("text", "done") and (over := f.overrun(ev)):
+            raise ProtocolError(over)  # a worker sending more than it was asked for is cut off
         match ev.ev:
             case "start":
                 f.cached_tokens = ev.cached_tokens or 0

@@ -103,6 +103,8 @@ async def swarm_socket(ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await ws.close(CLOSE_PROTOCOL, str(exc)[:120] or "expected hello")
         return
+    # What the node claims is a ceiling, not a grant: it runs what policy allows.
+    hello = hello.model_copy(update={"capacity": min(hello.capacity, swarm.settings.max_node_capacity)})
     if swarm.registry.claimed(hello.name, time.monotonic()):
         log.warning("refused a second live connection for node %s", hello.name)
         await ws.close(CLOSE_CONFLICT, f"node {hello.name} is already connected")

@@ -60,6 +60,19 @@ class Hello(_Message):
     capacity: int = Field(default=1, ge=1, le=64)  # fragments it runs at once
 
 
+class GpuRecord(_Message):
+    """One GPU as a node reports it: the fields of `governor.gpus.GpuSample`, bounded."""
+
+    index: int = Field(ge=0, le=255)
+    name: str = Field(max_length=128)
+    util: float = Field(ge=0.0, le=1.0)
+    mem_used: int = Field(ge=0)
+    mem_total: int = Field(ge=0)
+    ours_mem: int = Field(default=0, ge=0)
+    owner_mem: int = Field(default=0, ge=0)
+    owner_util: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
 class Heartbeat(_Message):
     type: Literal["heartbeat"] = "heartbeat"
     cpu_total: float = Field(ge=0.0, le=1.0)
@@ -67,7 +80,7 @@ class Heartbeat(_Message):
     owner_load: float = Field(ge=0.0, le=1.0)
     owner_busy: bool
     ram_available: int = Field(ge=0)
-    gpus: list[dict[str, Any]] = Field(default_factory=list, max_length=16)
+    gpus: list[GpuRecord] = Field(default_factory=list, max_length=16)
     share_in_force: float = Field(ge=0.0, le=1.0)
     local_busy: int = Field(ge=0)  # runners serving the owner's own requests now
     loaded: list[str] = Field(default_factory=list, max_length=64)
