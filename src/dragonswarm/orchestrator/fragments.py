@@ -54,6 +54,7 @@ class Fragment:
     node: NodeConn | None = None
     exclude: set[str] = field(default_factory=set)  # nodes that failed it (or handed it over)
     text: list[str] = field(default_factory=list)  # streamed to the client so far
+    chars: int = 0  # ... its length
     tokens: int = 0  # completion tokens streamed so far, over every attempt
     base_tokens: int = 0  # ... by attempts before the current one
     base_chars: int = 0  # characters of text by attempts before the current one
@@ -90,7 +91,7 @@ class Fragment:
             return f"job {ev.job}: {count} tokens, {asked} asked for"
         if ev.ev != "text":
             return None
-        chars = sum(map(len, self.text)) - self.base_chars + len(ev.text or "")
+        chars = self.chars - self.base_chars + len(ev.text or "")
         if chars > asked * MAX_TOKEN_CHARS:
             return f"job {ev.job}: {chars} characters of text for {asked} tokens"
         if count < self.attempt_tokens:

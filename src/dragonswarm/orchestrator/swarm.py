@@ -191,7 +191,7 @@ class Swarm:
         f.exclude.add(failed)
         f.attempt += 1
         f.base_tokens = f.tokens
-        f.base_chars = sum(map(len, f.text))
+        f.base_chars = f.chars
         f.attempt_tokens = f.idle_events = 0
         if f.attempt >= self.settings.max_attempts:
             self._finish(f, error="runner_failed", message=f"{f.attempt} workers failed this request; last: {reason}")
@@ -227,6 +227,7 @@ class Swarm:
             case "text":
                 if ev.text or ev.logprobs:
                     f.text.append(ev.text or "")
+                    f.chars += len(ev.text or "")
                     f.tokens = f.base_tokens + (ev.completion_tokens or 0)
                     event: Event = {"ev": "text", "text": ev.text or ""}
                     if ev.logprobs:
