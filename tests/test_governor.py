@@ -75,7 +75,8 @@ def test_the_runner_holds_its_share(start_node: Callable[..., NodeProcess], tiny
     assert used >= share * 0.4, f"runner used only {used:.3f} at share {share}: was it running?"
     runner = psutil.Process(node.model_status("tiny")["runner_pid"])
     # Below a duty of 1.0 the cycle stops it part of each 50 ms, by design: it must not stay stopped.
-    wait_until(lambda: runner.status() != psutil.STATUS_STOPPED, 0.5, "the runner to be resumed")
+    # Polled every 3 ms: polling once per period can keep landing in the stopped phase.
+    wait_until(lambda: runner.status() != psutil.STATUS_STOPPED, 0.5, "the runner to be resumed", interval=0.003)
     if governor["mechanism"] == "affinity+duty-cycle":
         assert len(runner.cpu_affinity()) == threads_for(share, governor["cpus"])
     out = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50})
