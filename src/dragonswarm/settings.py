@@ -121,7 +121,7 @@ class _TableSource(PydanticBaseSettingsSource):
 class _FileSettings(BaseSettings):
     """Flag > environment > the program's table of `config.toml` in its home > default."""
 
-    config_table: ClassVar[str]
+    toml_table: ClassVar[str]  # its table in config.toml
 
     @classmethod
     def settings_customise_sources(
@@ -134,14 +134,14 @@ class _FileSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         given = init_settings()  # the CLI's flags: its --home names the config file
         home = Path(given["home"]).expanduser() if given.get("home") else default_home()
-        return (init_settings, env_settings, _TableSource(settings_cls, cls.config_table, home))
+        return (init_settings, env_settings, _TableSource(settings_cls, cls.toml_table, home))
 
 
 class NodeSettings(_FileSettings):
     """Everything `dragon node` needs."""
 
     model_config = SettingsConfigDict(env_prefix="DRAGON_", extra="ignore")
-    config_table = "node"
+    toml_table = "node"
 
     home: Path = Field(default_factory=default_home)
     name: str = Field(default_factory=default_node_name, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -223,7 +223,7 @@ class OrchestratorSettings(_FileSettings):
     """Everything `dragon orchestrator` needs."""
 
     model_config = SettingsConfigDict(env_prefix="DRAGON_ORCHESTRATOR_", extra="ignore")
-    config_table = "orchestrator"
+    toml_table = "orchestrator"
 
     home: Path = Field(default_factory=default_home)
     host: str = "127.0.0.1"

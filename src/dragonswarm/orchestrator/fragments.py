@@ -58,8 +58,7 @@ class Fragment:
     tokens: int = 0  # completion tokens streamed so far, over every attempt
     base_tokens: int = 0  # ... by attempts before the current one
     base_chars: int = 0  # characters of text by attempts before the current one
-    attempt_tokens: int = 0  # the current attempt's token count, as its last text event said
-    idle_events: int = 0  # ... and its text events that added no token
+    idle_events: int = 0  # text events of the current attempt that added no token
     prompt_tokens: int | None = None
     cached_tokens: int = 0  # ... of which the current worker took from its KV cache
     last_event: float = field(default_factory=time.monotonic)
@@ -94,13 +93,13 @@ class Fragment:
         chars = self.chars - self.base_chars + len(ev.text or "")
         if chars > asked * MAX_TOKEN_CHARS:
             return f"job {ev.job}: {chars} characters of text for {asked} tokens"
-        if count < self.attempt_tokens:
-            return f"job {ev.job}: its token count went back from {self.attempt_tokens} to {count}"
-        if count == self.attempt_tokens:  # a runner sends one such event: the text it held back at the end
+        before = self.tokens - self.base_tokens  # the attempt's count, as its last text event said
+        if count < before:
+            return f"job {ev.job}: its token count went back from {before} to {count}"
+        if count == before:  # a runner sends one such event: the text it held back at the end
             self.idle_events += 1
             if self.idle_events > IDLE_TEXT_EVENTS:
                 return f"job {ev.job}: {self.idle_events} text events that add no token"
-        self.attempt_tokens = count
         return None
 
     def message(self) -> RunFragment:

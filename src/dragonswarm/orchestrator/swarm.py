@@ -192,7 +192,7 @@ class Swarm:
         f.attempt += 1
         f.base_tokens = f.tokens
         f.base_chars = f.chars
-        f.attempt_tokens = f.idle_events = 0
+        f.idle_events = 0
         if f.attempt >= self.settings.max_attempts:
             self._finish(f, error="runner_failed", message=f"{f.attempt} workers failed this request; last: {reason}")
             return
