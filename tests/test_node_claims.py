@@ -72,8 +72,15 @@ def test_capacity_is_what_policy_grants(start_orchestrator: Callable[..., Orches
         assert orch.nodes()["greedy"]["capacity"] == 1
 
 
-def test_a_flood_of_text_events_cuts_the_node_off(start_orchestrator: Callable[..., OrchestratorProcess],
-                                             tiny_model: Path) -> None:  # fmt: skip
+@pytest.mark.parametrize("event, cut", [
+    # Events that add no token: what a flood has to be once tokens are bounded by max_tokens.
+    ({"ev": "progress", "prompt_done": 1}, "progress events in"),
+    ({"ev": "text", "text": "a", "completion_tokens": 1}, "without the ids of its tokens"),
+    ({"ev": "text", "text": "a" * 1000, "ids": [1], "completion_tokens": 1}, "1000 characters of text for 1 tokens"),
+])  # fmt: skip
+def test_events_beyond_the_work_asked_cut_the_node_off(start_orchestrator: Callable[..., OrchestratorProcess],
+                                                      tiny_model: Path, event: dict[str, Any],
+                                                      cut: str) -> None:  # fmt: skip
     orch = start_orchestrator()
     body = {"model": "tiny", "prompt": "x", "max_tokens": 4000}
     with join(orch, "flooder", sha256_of(tiny_model)) as ws:
@@ -81,10 +88,9 @@ def test_a_flood_of_text_events_cuts_the_node_off(start_orchestrator: Callable[.
         asked.start()
         run = json.loads(ws.recv(timeout=30))
         assert run["type"] == "run"
-        # Text events that add no token: what a flood has to be once tokens are bounded by max_tokens.
-        event = json.dumps({"type": "event", "job": run["job"], "ev": "text", "text": "a", "completion_tokens": 1})
-        code, reason = closed_reason(ws, lambda: [ws.send(event) for _ in range(3000)])
-    assert code == 1008 and "text events that add no token" in reason, reason
+        message = json.dumps({"type": "event", "job": run["job"], **event})
+        code, reason = closed_reason(ws, lambda: [ws.send(message) for _ in range(300)])
+    assert code == 1008 and cut in reason, reason
     asked.join(60)
 
 
@@ -132,7 +138,8 @@ def _lie(orch: OrchestratorProcess, liar: Liar, start_node: Callable[..., NodePr
     start_node("--name", "honest", "--model", f"tiny={tiny_model}", swarm=orch)
     orch.wait_live("honest")
     time.sleep(1)  # its model's hash reaches the orchestrator with the next heartbeat
-    lie = {"type": "event", "job": run["job"], "ev": "text", "text": " lie" * 20, "completion_tokens": 20}
+    lie = {"type": "event", "job": run["job"], "ev": "text", "text": " lie" * 20, "ids": [7] * 20,
+           "completion_tokens": 20}  # fmt: skip
     code, reason = closed_reason(liar.ws, lambda: liar.ws.send(json.dumps(lie)))
     liar.stop.set()
     assert code == 1008 and "12 asked for" in reason, reason

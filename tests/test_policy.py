@@ -230,8 +230,29 @@ def test_stop_matcher_never_emits_text_that_may_become_a_stop() -> None:
 def test_text_stream_reassembles_utf8_split_across_tokens() -> None:
     euro = "€".encode()  # three bytes, one token each in a byte-level vocabulary
     s = TextStream([])
-    assert [s.feed(euro[:1]), s.feed(euro[1:2]), s.feed(euro[2:])] == ["", "", "€"]
+    assert [s.feed(euro[:1]), s.feed(euro[1:2]), s.feed(euro[2:])] == [("", 0), ("", 0), ("€", 3)]
     assert s.flush() == ""
+
+
+def test_text_stream_pieces_end_on_token_boundaries() -> None:
+    # A token holding the start of a stop string is held whole, even the part before it, so
+    # every piece sent is exactly the text of the tokens it counts: a failover's exact prefix.
+    s = TextStream(["\n\n"])
+    assert s.feed(b"one") == ("one", 1)
+    assert s.feed(b" two\n") == ("", 0)
+    assert s.feed(b"x") == (" two\nx", 3)
+    assert s.feed(b"\xe2\x82") == ("", 0)  # a character split over two tokens
+    assert s.feed(b"\xacy") == ("\u20acy", 5)
+    assert s.feed(b"end\n") == ("", 0)
+    assert s.flush() == "end\n"  # the end of the answer: what is held goes out
+
+
+def test_text_stream_stops_inside_a_token() -> None:
+    s = TextStream(["\n\n"])
+    assert s.feed(b"a\n") == ("", 0)
+    assert s.feed(b"\nb") == ("", 0)
+    assert s.stopped
+    assert s.flush() == "a"
 
 
 def test_completion_generations_order_seeds_and_limits() -> None:

@@ -36,14 +36,15 @@ def test_round_trip() -> None:
               cpus=4, ram_total=10, capacity=1),
         Heartbeat(cpu_total=0.5, cpu_ours=0.1, owner_load=0.4, owner_busy=True, ram_available=1, share_in_force=0.1,
                   local_busy=0, loaded=["m"]),
-        JobEvent(job="j-0", ev="text", text="héllo", completion_tokens=3),
+        JobEvent(job="j-0", ev="progress", prompt_done=512),
+        JobEvent(job="j-0", ev="text", text="héllo", ids=[5, 6, 7], completion_tokens=3),
         JobEvent(job="j-0", ev="text", text="a", logprobs=[Logprob(token="a", logprob=-0.5, bytes=[97],
                                                                    top=[("a", -0.5, [97]), ("b", -1.5, [98])])]),
         JobEvent(job="j-0", ev="done", finish_reason="stop", prompt_tokens=9, cached_tokens=7, completion_tokens=1),
     ]
     for message in messages:
         assert parse_node_message(dump(message)) == message
-    gen = Generation(messages=[{"role": "user", "content": "hi"}], prefix="so far", max_tokens=5, temperature=0.0,
+    gen = Generation(messages=[{"role": "user", "content": "hi"}], prefix_ids=[11, 12], max_tokens=5, temperature=0.0,
                      top_k=3, logit_bias={"7": -100.0}, json_schema={"type": "object"}, logprobs=2,
                      tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required")  # fmt: skip
     run = RunFragment(job="j-1", model="m", sha256=SHA, gen=gen)

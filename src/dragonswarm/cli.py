@@ -61,6 +61,15 @@ def _model(text: str) -> ModelSpec:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _timeouts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stall-timeout", type=float, dest="stall_timeout_s", metavar="SECONDS",
+                        help="a worker that makes no progress this long (no token, no prompt batch) is given up on "
+                        "and its work moves (default 30)")  # fmt: skip
+    parser.add_argument("--request-timeout", "--fragment-timeout", type=float, dest="request_timeout_s",
+                        metavar="SECONDS", help="a request still running after this long, waiting included, ends "
+                        "with 504 however fast it goes (default 1800)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dragon", description="Py Dragon Swarm: LLM inference on many ordinary machines.")
     parser.add_argument("--version", action="version", version=f"dragon {__version__}")
@@ -95,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--ca", help="the swarm's CA certificate, to verify the orchestrator (or DRAGON_CA)")
     node.add_argument("--insecure", action="store_true", default=None,
                       help="allow a plain http:// orchestrator (keys and prompts unencrypted)")  # fmt: skip
+    _timeouts(node)
     node.add_argument("--api-key", help="key required on the local API; needed when --host is not loopback "
                       "(better: DRAGON_API_KEY)")  # fmt: skip
 
@@ -106,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--max-queue-per-user", type=int, help="fragments one key may have waiting (default 256)")
     orch.add_argument("--max-node-capacity", type=int, metavar="N",
                       help="fragments one node may run at once, whatever it claims (default 1)")  # fmt: skip
-    orch.add_argument("--fragment-timeout", type=float, dest="fragment_timeout_s", metavar="SECONDS",
-                      help="a request not finished after this long ends with 504 (default 600)")  # fmt: skip
+    _timeouts(orch)
     orch.add_argument("--rate-rpm", type=int, help="requests per minute per key, 0 for no limit (default 600)")
     orch.add_argument("--rate-tpm", type=int, help="tokens per minute per key, 0 for no limit (default 2000000)")
     orch.add_argument("--max-tokens", type=int, help="the most max_tokens a request may ask per choice (4096)")
@@ -188,7 +197,7 @@ def cmd_node(args: argparse.Namespace) -> None:
     settings: NodeSettings = _settings(args, [
         "models", "bundled_model", "host", "api_port", "home", "local_share", "share", "cap_mechanism", "gpu_share",
         "idle_unload_s", "n_ctx", "max_queue", "default_max_tokens", "log_level", "name", "orchestrator", "key", "ca",
-        "insecure", "api_key", "allowed_hosts"])  # fmt: skip
+        "insecure", "api_key", "allowed_hosts", "stall_timeout_s", "request_timeout_s"])  # fmt: skip
     _setup_logging(settings.log_level)
     if bool(settings.orchestrator) != bool(settings.key):
         raise ConfigError("joining a swarm needs both --orchestrator URL and a node key (--key or DRAGON_KEY)")
@@ -233,8 +242,9 @@ def _bundled(models_dir: Path, taken: list[str]) -> list[ModelSpec]:
 def cmd_orchestrator(args: argparse.Namespace) -> None:
     from dragonswarm.orchestrator.app import run_orchestrator
 
-    names = ["host", "port", "home", "max_queue", "max_queue_per_user", "fragment_timeout_s", "log_level",
-             "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure", "max_node_capacity"]  # fmt: skip
+    names = ["host", "port", "home", "max_queue", "max_queue_per_user", "request_timeout_s", "stall_timeout_s",
+             "log_level", "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure",
+             "max_node_capacity"]  # fmt: skip
     settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
     if not settings.insecure:

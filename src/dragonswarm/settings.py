@@ -180,6 +180,11 @@ class NodeSettings(_FileSettings):
     gpu_share: float | None = Field(None, ge=0.0, le=1.0)
 
     idle_unload_s: float = Field(600.0, gt=0.0)
+    # A runner that makes no progress this long (no token, no prompt batch) is hung: it is
+    # restarted and its job fails (the swarm moves it on). A request that still runs after
+    # `request_timeout_s`, waiting included, ends with 504 however fast it goes.
+    stall_timeout_s: float = Field(30.0, gt=0.0)
+    request_timeout_s: float = Field(1800.0, gt=0.0)
     n_ctx: int = Field(4096, ge=64)
     ram_margin_mb: int = Field(512, ge=0)
 
@@ -232,8 +237,11 @@ class OrchestratorSettings(_FileSettings):
 
     max_queue: int = Field(1024, ge=1)  # fragments waiting, all users together
     max_queue_per_user: int = Field(256, ge=1)  # so one user's flood cannot fill it for everyone
-    fragment_timeout_s: float = Field(600.0, gt=0.0)  # queue + run: no request hangs longer
-    stall_timeout_s: float = Field(30.0, gt=0.0)  # a worker silent this long is given up on
+    # A fragment whose worker made no progress (no token; model loading and prompt reading
+    # report progress) for `stall_timeout_s` moves to another worker; a request that still
+    # runs after `request_timeout_s`, queueing included, ends with 504 however fast it goes.
+    request_timeout_s: float = Field(1800.0, gt=0.0)
+    stall_timeout_s: float = Field(30.0, gt=0.0)
     max_attempts: int = Field(4, ge=1)  # workers a fragment may try before it fails
     heartbeat_s: float = Field(1.0, gt=0.0)
     # Fragments one node may run at once, whatever it claims: a runner serves one sequence.

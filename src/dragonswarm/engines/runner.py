@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -145,11 +146,14 @@ class RunnerProcess:
             raise RunnerFailed(f"the runner for model {self.model_name!r} is not running")
         self.proc.stdin.write(encode(message))
 
-    async def run(self, job: RunJob) -> AsyncIterator[Event]:
+    async def run(self, job: RunJob, stall_s: float, deadline: float) -> AsyncIterator[Event]:
         """Run a job; yields its events up to and including `done` or `error`.
 
-        Leaving early (client gone, task cancelled) cancels the job in the runner and
-        waits until the runner confirms, so the next job never overlaps this one.
+        A runner that sends nothing for `stall_s` (it reports progress while it reads a
+        prompt) is hung: the job ends with `runner_stalled` and the runner is killed (its
+        supervisor starts it again). At `deadline` (monotonic) the job is cancelled and
+        ends with `timeout`. Leaving early (client gone, task cancelled) cancels the job
+        in the runner and waits until the runner confirms, so the next job never overlaps this one.
         """
         queue: asyncio.Queue[Event] = asyncio.Queue()
         job_id = job["id"]
@@ -158,11 +162,23 @@ class RunnerProcess:
         try:
             self._send(job)
             while True:
-                event = await queue.get()
+                left = deadline - time.monotonic()
+                try:
+                    event = await asyncio.wait_for(queue.get(), max(0.0, min(stall_s, left)))
+                except TimeoutError:
+                    if left <= stall_s:
+                        break  # the deadline: cancelled below like any job left early
+                    log.error("runner for %s made no progress for %.0f s; restarting it", self.model_name, stall_s)
+                    finished = True
+                    await self.kill()
+                    yield {"ev": "error", "id": job_id, "code": "runner_stalled",
+                           "message": f"the model made no progress for {stall_s:.0f} s"}  # fmt: skip
+                    return
                 finished = event.get("ev") in ("done", "error")
                 yield event
                 if finished:
                     return
+            yield {"ev": "error", "id": job_id, "code": "timeout", "message": "the request ran out of time"}
         finally:
             if not finished:
                 await asyncio.shield(self._cancel(job_id, queue))
@@ -179,6 +195,13 @@ class RunnerProcess:
         except TimeoutError:
             log.error("runner for %s ignored a cancel; killing it", self.model_name)
             await self.stop()
+
+    async def kill(self) -> None:
+        """End a hung child now (SIGKILL also ends a stopped one); its supervisor restarts it."""
+        if self.proc is not None and not self.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.exited.wait()
 
     async def stop(self) -> None:
         """Ask the child to exit, then make sure it has."""

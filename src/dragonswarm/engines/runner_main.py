@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -31,6 +32,7 @@ from dragonswarm.engines.textstream import TextStream
 from dragonswarm.governor.policy import gpu_layers
 from dragonswarm.protocol.runner import TOOL_CALL_OPEN, Generation, RunJob, TokenLogprob, decode, encode
 
+PROGRESS_EVERY_S = 1.0  # while reading a prompt: often enough for any stall timeout, rare enough to cost nothing
 PENALTY_LAST_N = 64  # tokens the repeat/presence/frequency penalties look back over, as llama.cpp's default
 
 
@@ -71,6 +73,8 @@ class Runner:
         self._cand = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.cancelled: set[str] = set()
+        self._progress_at = 0.0  # when the last progress event went out
+        self._progress_lock = threading.Lock()
         self.template = chat_template(self.llm.metadata)
         self.formatter = self._chat_formatter()
         fim = (llama_cpp.llama_vocab_fim_pre(self.vocab), llama_cpp.llama_vocab_fim_suf(self.vocab),
@@ -103,26 +107,15 @@ class Runner:
     def tokenize(self, text: str, bos: bool = False, special: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=bos, special=special) if text else []
 
-    def prompt_tokens(self, gen: Generation) -> tuple[list[int], list[int], list[str]]:
-        """The prompt as tokens, the failover prefix as tokens, and stop strings implied by the template.
-
-        The prefix (text a failed worker already streamed) comes after the prompt, so
-        generation continues the same answer.
-        """
+    def prompt_tokens(self, gen: Generation) -> tuple[list[int], list[str]]:
+        """The prompt as tokens, and stop strings implied by the template."""
+        if any(not 0 <= t < self.n_vocab for t in gen.prefix_ids):
+            raise JobError("invalid_request", f"prefix_ids names a token beyond this model's vocabulary "
+                           f"({self.n_vocab} tokens)")  # fmt: skip
         text, bos, stops = self._prompt_text(gen)
         if text is None:  # fill-in-the-middle: built from the model's FIM tokens
-            return self._fim_tokens(gen), self.tokenize(gen.prefix, special=False), stops
-        prompt = self.tokenize(text, bos=bos) or [self.llm.token_bos()]
-        if not gen.prefix:
-            return prompt, [], stops
-        # Tokenized with the prompt, not alone: a SentencePiece tokenizer puts a space before
-        # a text that starts on its own. Where the two merge at the seam, alone it must be.
-        whole = self.tokenize(text + gen.prefix, bos=bos)
-        tail = whole[len(prompt) :]
-        # ... and never with control tokens: text that merely spells one (`<|im_end|>`) stays text.
-        if whole[: len(prompt)] == prompt and not any(self._lib.llama_vocab_is_control(self.vocab, t) for t in tail):
-            return prompt, tail, stops
-        return prompt, self.tokenize(gen.prefix, special=False), stops
+            return self._fim_tokens(gen), stops
+        return self.tokenize(text, bos=bos) or [self.llm.token_bos()], stops
 
     def _prompt_text(self, gen: Generation) -> tuple[str | None, bool, list[str]]:
         """The prompt's text (None for fill-in-the-middle), whether a BOS goes first, and stops."""
@@ -280,11 +273,19 @@ class Runner:
         cancel is seen between two tokens there anyway.
         """
         lib, ctx = self._lib, self.llm._ctx.ctx
-        abort = lib.ggml_abort_callback(lambda _data: self.is_cancelled(job_id))
+        done = 0
+
+        def check(_data: Any) -> bool:
+            self.progress(job_id, done)  # a batch can take minutes at a small share: still reading
+            return self.is_cancelled(job_id)
+
+        abort = lib.ggml_abort_callback(check)
         lib.llama_set_abort_callback(ctx, abort, None)
         try:
             step = self.llm.n_batch
             for i in range(0, len(tokens), step):
+                done = i
+                self.progress(job_id, done)
                 if self.checkpoint(job_id):
                     return False
                 try:
@@ -296,6 +297,18 @@ class Runner:
             return True
         finally:
             lib.llama_set_abort_callback(ctx, lib.ggml_abort_callback(), None)  # a null callback: none
+
+    def progress(self, job_id: str, done: int) -> None:
+        """Tell the node the prompt is being read (at most once a second): a job that says
+        nothing for the stall timeout is taken for hung and moved to another worker."""
+        now = time.monotonic()
+        if now - self._progress_at < PROGRESS_EVERY_S:
+            return
+        with self._progress_lock:  # llama.cpp's worker threads may all call in at once
+            if now - self._progress_at < PROGRESS_EVERY_S:
+                return
+            self._progress_at = now
+            self.send({"ev": "progress", "id": job_id, "prompt_done": done})
 
     def is_cancelled(self, job_id: str) -> bool:
         return job_id in self.cancelled or "*" in self.cancelled
@@ -322,7 +335,8 @@ class Runner:
 
     def run(self, job_id: str, gen: Generation) -> None:
         lib, llm = self._lib, self.llm
-        tokens, prefix, template_stops = self.prompt_tokens(gen)
+        tokens, template_stops = self.prompt_tokens(gen)
+        prefix = gen.prefix_ids  # a failover's answer so far: evaluated, then continued
         tokens += prefix
         n_ctx = llm.n_ctx()
         n_prompt = len(tokens)
@@ -365,7 +379,8 @@ class Runner:
         """Evaluate the rest of the prompt, then sample until a stop; returns (finish reason, tokens)."""
         lib = self._lib
         stream = TextStream(gen.stop + template_stops)
-        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is still held back
+        held: list[int] = []  # tokens whose text is still held back
+        pending: list[TokenLogprob] = []  # ... their logprobs
         finish, count = "length", 0
         if not self.evaluate(job_id, todo):
             return "cancelled", 0
@@ -378,11 +393,12 @@ class Runner:
                 finish = "stop"
                 break
             count += 1
+            held.append(token)
             if gen.logprobs is not None:
                 pending.append(self.logprob(token, gen.logprobs))
-            text = stream.feed(self.piece(token))
-            if text:
-                self._send_text(job_id, text, count, pending)
+            text, whole = stream.feed(self.piece(token))
+            if whole:
+                self._send_text(job_id, text, count, held, pending, whole - (count - len(held)))
             if stream.stopped:
                 finish = "stop"
                 break
@@ -390,15 +406,19 @@ class Runner:
                 break
             self.llm.eval([token])
         tail = stream.flush()
-        if (tail or pending) and finish != "cancelled":
-            self._send_text(job_id, tail, count, pending)
+        if (tail or held) and finish != "cancelled":
+            self._send_text(job_id, tail, count, held, pending, len(held))
         return finish, count
 
-    def _send_text(self, job_id: str, text: str, count: int, pending: list[TokenLogprob]) -> None:
-        message: dict[str, Any] = {"ev": "text", "id": job_id, "text": text, "completion_tokens": count}
+    def _send_text(self, job_id: str, text: str, count: int, held: list[int], pending: list[TokenLogprob],
+                   n: int) -> None:  # fmt: skip
+        """Send `text` with the first `n` held tokens it is made of (and their logprobs)."""
+        message: dict[str, Any] = {"ev": "text", "id": job_id, "text": text, "ids": held[:n],
+                                   "completion_tokens": count}  # fmt: skip
+        del held[:n]
         if pending:
-            message["logprobs"] = list(pending)
-            pending.clear()
+            message["logprobs"] = pending[:n]
+            del pending[:n]
         self.send(message)
 
 

@@ -6,6 +6,7 @@ Pure and incremental, so a token costs O(its own length) however long the output
 from __future__ import annotations
 
 import codecs
+from collections import deque
 
 
 class StopMatcher:
@@ -48,19 +49,50 @@ def _longest_partial_suffix(buf: str, stops: list[str]) -> int:
 
 
 class TextStream:
-    """Bytes of tokens in, text pieces out, honouring stop strings."""
+    """Token bytes in, text pieces out, honouring stop strings; each piece ends on a token boundary.
+
+    `feed` returns the text now safe to emit and how many tokens it completes: a piece is
+    the exact text of those tokens, never part of one. So the ids sent with a piece are
+    the answer so far, token for token, and a failover continues from them exactly. Text
+    is only held back where a character spans two tokens or a token holds the start of
+    a stop string, until the token that completes it.
+    """
 
     def __init__(self, stops: list[str]):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopMatcher(stops)
+        self._tokens = 0  # tokens fed
+        self._decoded = 0  # characters decoded from them
+        self._released = 0  # ... of which the stop matcher let through
+        self._unsent = ""  # released text past the last token boundary it reaches
+        self._boundaries: deque[tuple[int, int]] = deque()  # (characters, tokens) where a token's text ends
 
     @property
     def stopped(self) -> bool:
         return self._stops.stopped
 
-    def feed(self, piece: bytes) -> str:
-        return self._stops.feed(self._decoder.decode(piece))
+    def feed(self, piece: bytes) -> tuple[str, int]:
+        """Add one token; return the text to emit now and the tokens that text completes."""
+        self._tokens += 1
+        text = self._decoder.decode(piece)
+        self._decoded += len(text)
+        if not self._decoder.getstate()[0]:  # no partial character pending: a token boundary
+            self._boundaries.append((self._decoded, self._tokens))
+        released = self._stops.feed(text)
+        self._released += len(released)
+        self._unsent += released
+        chars, tokens = 0, 0
+        while self._boundaries and self._boundaries[0][0] <= self._released:
+            chars, tokens = self._boundaries.popleft()
+        if not tokens:
+            return "", 0
+        cut = len(self._unsent) - (self._released - chars)
+        out, self._unsent = self._unsent[:cut], self._unsent[cut:]
+        return out, tokens
 
     def flush(self) -> str:
-        tail = self._stops.feed(self._decoder.decode(b"", final=True))
-        return tail + self._stops.flush()
+        """The end: everything still held that is not a stop string."""
+        tail = self._stops.feed(self._decoder.decode(b"", final=True)) + self._stops.flush()
+        out, self._unsent = self._unsent + tail, ""
+        self._boundaries.clear()
+        return out

@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from ssl import SSLContext
 from typing import Any
@@ -26,7 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from dragonswarm.errors import DragonError, RunnerFailed
 from dragonswarm.governor.network import NetworkMeter, Rates, RttTracker, held_busy, link_saturated, owner_bps
-from dragonswarm.node.service import NodeService
+from dragonswarm.node.service import ModelSlot, NodeService
 from dragonswarm.protocol.swarm import (
     NODE_HEADER,
     VERSION,
@@ -50,6 +51,7 @@ WS_PATH = "/v1/swarm"
 # A round trip every other heartbeat: often enough that a queue on the link shows within seconds,
 # rare enough that the pings are no traffic to speak of.
 PING_EVERY_BEATS = 2
+LOADING_TICK_S = 2.0  # progress while a model loads for a fragment; the runner reports its own after that
 
 
 def ws_url(base: str) -> str:
@@ -200,8 +202,8 @@ class SwarmLink:
     def _hello(self) -> Hello:
         s = self.service
         status = s.governor.status()
-        models = [ModelInfo(name=n, sha256=slot.sha256, tags=list(slot.spec.tags), loaded=slot.loaded)
-                  for n, slot in s.slots.items() if slot.sha256]  # fmt: skip
+        models = [ModelInfo(name=n, sha256=slot.sha256, tags=list(slot.spec.tags), loaded=slot.loaded,
+                            n_ctx=s.settings.n_ctx) for n, slot in s.slots.items() if slot.sha256]  # fmt: skip
         return Hello(v=VERSION, name=self.name, models=models, share=s.settings.share, capacity=1,
                      local_share=s.settings.local_share, cpus=status["cpus"], ram_total=status["ram_total"])
 
@@ -295,12 +297,15 @@ class SwarmLink:
         async def send(ev: str, **fields: Any) -> None:
             await self._send(ws, dump(JobEvent(job=f.job, ev=ev, **fields)))  # type: ignore[arg-type]
 
+        ticks: asyncio.Task[None] | None = None
         try:
             slot = self.service.slot(f.model)
             if slot.sha256 != f.sha256:  # another file under the same name: its answer would differ
                 raise RunnerFailed(f"this node's {f.model!r} is another file than the one asked for",
                                    code="model_mismatch")  # fmt: skip
+            ticks = asyncio.create_task(self._while_loading(slot, send), name=f"loading-{f.job}")
             async for _, event in self.service.run_jobs(slot, [f.gen], kind="remote", ids=[f.job]):
+                ticks.cancel()
                 fields = {k: v for k, v in event.items() if k not in ("ev", "id")}
                 await send(event["ev"], **fields)
         except DragonError as exc:
@@ -317,6 +322,19 @@ class SwarmLink:
                 await send("error", code="internal_error", message=f"the worker failed: {type(exc).__name__}")
         except websockets.WebSocketException:
             pass  # the connection is gone; the orchestrator moves the fragment elsewhere
+        finally:
+            if ticks is not None:
+                ticks.cancel()
+
+    async def _while_loading(self, slot: ModelSlot, send: Callable[..., Awaitable[None]]) -> None:
+        """Tell the orchestrator the model is loading, which may outlast its stall timeout at a
+        small share. Only then: a job waiting behind the owner's request makes no progress,
+        and the orchestrator rightly moves it to a worker that is free."""
+        with contextlib.suppress(websockets.WebSocketException):
+            while True:
+                await asyncio.sleep(LOADING_TICK_S)
+                if slot.loading:
+                    await send("progress")
 
     def _cancel_all(self) -> None:
         for task in list(self._jobs.values()):

@@ -14,7 +14,7 @@ from typing import Any
 
 from dragonswarm.engines.models import model_sha256
 from dragonswarm.engines.runner import RunnerProcess
-from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded
+from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded, Timeout
 from dragonswarm.governor.governor import Governor, WorkKind
 from dragonswarm.governor.policy import ram_needed
 from dragonswarm.protocol.runner import Event, Generation, run_job
@@ -59,6 +59,11 @@ class ModelSlot:
     @property
     def loaded(self) -> bool:
         return self.runner is not None and self.runner.alive
+
+    @property
+    def loading(self) -> bool:
+        """A runner is being started for this model now."""
+        return self._start_lock.locked() and not self.loaded
 
     async def ensure_runner(self) -> RunnerProcess:
         async with self._start_lock:
@@ -139,6 +144,11 @@ class ModelSlot:
         }
 
 
+def _loop_time(deadline: float) -> float:
+    """A `time.monotonic()` deadline on the event loop's clock."""
+    return asyncio.get_running_loop().time() + deadline - time.monotonic()
+
+
 class NodeService:
     def __init__(self, settings: NodeSettings, governor: Governor, models: list[LocalModel]):
         self.settings = settings
@@ -184,13 +194,21 @@ class NodeService:
         """Run the generations of one request in order on the model's runner.
 
         Yields (index, event). A request waits its turn behind a bounded queue;
-        when the queue is full it is refused at once with Overloaded (429).
+        when the queue is full it is refused at once with Overloaded (429). It ends by
+        `request_timeout_s` with a 504, waiting included, and a runner that makes no
+        progress for `stall_timeout_s` is restarted (the job fails with `runner_stalled`).
         """
-        if slot.lock.locked() and slot.waiting >= self.settings.max_queue:
+        s = self.settings
+        deadline = time.monotonic() + s.request_timeout_s
+        if slot.lock.locked() and slot.waiting >= s.max_queue:
             raise Overloaded(f"model {slot.spec.name!r} is busy and its queue is full; retry shortly")
         slot.waiting += 1
         try:
-            await slot.lock.acquire()
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                await slot.lock.acquire()
+        except TimeoutError:
+            raise Timeout(f"model {slot.spec.name!r} stayed busy for the whole request timeout "
+                          f"({s.request_timeout_s:.0f} s)") from None  # fmt: skip
         finally:
             slot.waiting -= 1
         try:
@@ -198,7 +216,7 @@ class NodeService:
             runner = await slot.ensure_runner()
             for index, gen in enumerate(gens):
                 job = run_job(ids[index] if ids else uuid.uuid4().hex, gen)
-                async for event in runner.run(job):
+                async for event in runner.run(job, s.stall_timeout_s, deadline):
                     yield index, event
                     if event.get("ev") == "error":
                         return

@@ -6,19 +6,19 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from dragonswarm.orchestrator.registry import NodeConn
 from dragonswarm.protocol.runner import Event, Generation
 from dragonswarm.protocol.swarm import JobEvent, RunFragment
 from dragonswarm.scheduler.affinity import prefix_keys
 
-if TYPE_CHECKING:
-    from dragonswarm.orchestrator.registry import NodeConn
-
 # The longest text one token may stand for: llama.cpp vocabularies hold pieces of a few
 # dozen characters at most (runs of spaces or dashes); this leaves a wide margin.
 MAX_TOKEN_CHARS = 256
-IDLE_TEXT_EVENTS = 4  # text events of one attempt that may add no token (a runner needs one)
+# Progress events (model loading, prompt reading) keep a worker from being taken for hung;
+# a runner sends about one a second. More than this many, on average, is a flood.
+PROGRESS_PER_S = 2.0
+PROGRESS_BURST = 8
 
 
 @dataclass(eq=False)
@@ -48,20 +48,22 @@ class Fragment:
     request: Request
     index: int  # the choice index in the response
     gen: Generation
-    deadline: float
+    deadline: float  # monotonic: the request's overall cap, whatever progress it makes
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     attempt: int = 0
+    free_attempts: int = 0  # ... of which moved on for want of context: no failure of the worker
     node: NodeConn | None = None
     exclude: set[str] = field(default_factory=set)  # nodes that failed it (or handed it over)
-    text: list[str] = field(default_factory=list)  # streamed to the client so far
-    chars: int = 0  # ... its length
-    tokens: int = 0  # completion tokens streamed so far, over every attempt
-    base_tokens: int = 0  # ... by attempts before the current one
-    base_chars: int = 0  # characters of text by attempts before the current one
-    idle_events: int = 0  # text events of the current attempt that added no token
+    # The answer so far, token by token, as streamed to the client over every attempt: a
+    # failover continues from these ids, and the usage counted is their number.
+    ids: list[int] = field(default_factory=list)
+    base_tokens: int = 0  # ... of which attempts before the current one streamed
     prompt_tokens: int | None = None
     cached_tokens: int = 0  # ... of which the current worker took from its KV cache
-    last_event: float = field(default_factory=time.monotonic)
+    min_ctx: int = 0  # the context a worker needs for it (prompt + max_tokens), once a worker has read the prompt
+    placed: float = field(default_factory=time.monotonic)  # when the current attempt was placed
+    last_progress: float = field(default_factory=time.monotonic)  # ... and when it last made progress
+    idle_progress: int = 0  # progress events of this attempt since its last token
     orphaned_since: float | None = None  # queued while no connected node serves its model
     finished: bool = False
     keys: list[bytes] = field(init=False)  # its prompt's prefixes, for cache affinity
@@ -75,31 +77,48 @@ class Fragment:
         late events can never be mistaken for the new worker's."""
         return f"{self.id}-{self.attempt}"
 
+    @property
+    def tokens(self) -> int:
+        """Completion tokens streamed so far, over every attempt."""
+        return len(self.ids)
+
     def remaining_tokens(self) -> int:
         return self.gen.max_tokens - self.tokens
 
-    def overrun(self, ev: JobEvent) -> str | None:
-        """Why an event is more than this attempt asked for, if it is: more tokens than its
-        max_tokens, more text than that many tokens can be, or text events that add no
-        token. A worker's events are thus bounded by the tokens asked of it, not by how fast
-        it can send them: a fast model is no flood, and no node can make the orchestrator
-        handle (or a request keep, for failover) more than the work justifies."""
+    def placed_on(self, node: NodeConn, now: float) -> None:
+        self.node = node
+        self.placed = self.last_progress = now
+        self.idle_progress = 0
+
+    def next_attempt(self) -> None:
+        """The current worker failed: the next one continues after what was streamed."""
+        self.node = None
+        self.attempt += 1
+        self.base_tokens = self.tokens
+
+    def overrun(self, ev: JobEvent, now: float) -> str | None:
+        """Why an event is more than this attempt may send, if it is: more tokens than its
+        max_tokens, text events without their tokens or with more text than those tokens
+        can be, or progress events faster than a worker reads a prompt. A worker's events
+        are thus bounded by the work asked of it, not by how fast it can send them: no
+        node can make the orchestrator handle (or a request keep, for failover) more."""
         asked = self.gen.max_tokens - self.base_tokens
-        count = ev.completion_tokens or 0
-        if count > asked:
-            return f"job {ev.job}: {count} tokens, {asked} asked for"
+        if ev.ev == "progress":
+            self.idle_progress += 1
+            if self.idle_progress > PROGRESS_BURST + (now - self.placed) * PROGRESS_PER_S:
+                return f"job {ev.job}: {self.idle_progress} progress events in {now - self.placed:.0f} s"
+            return None
+        if ev.ev == "done" and (ev.completion_tokens or 0) > asked:
+            return f"job {ev.job}: {ev.completion_tokens} tokens, {asked} asked for"
         if ev.ev != "text":
             return None
-        chars = self.chars - self.base_chars + len(ev.text or "")
-        if chars > asked * MAX_TOKEN_CHARS:
-            return f"job {ev.job}: {chars} characters of text for {asked} tokens"
-        before = self.tokens - self.base_tokens  # the attempt's count, as its last text event said
-        if count < before:
-            return f"job {ev.job}: its token count went back from {before} to {count}"
-        if count == before:  # a runner sends one such event: the text it held back at the end
-            self.idle_events += 1
-            if self.idle_events > IDLE_TEXT_EVENTS:
-                return f"job {ev.job}: {self.idle_events} text events that add no token"
+        ids = ev.ids or []
+        if not ids:
+            return f"job {ev.job}: a text event without the ids of its tokens"
+        if self.tokens - self.base_tokens + len(ids) > asked:
+            return f"job {ev.job}: {self.tokens - self.base_tokens + len(ids)} tokens, {asked} asked for"
+        if len(ev.text or "") > len(ids) * MAX_TOKEN_CHARS:
+            return f"job {ev.job}: {len(ev.text or '')} characters of text for {len(ids)} tokens"
         return None
 
     def message(self) -> RunFragment:
@@ -107,5 +126,5 @@ class Fragment:
         assert self.request.sha256 is not None, "placed before its model file was chosen"
         gen = self.gen
         if self.attempt:
-            gen = gen.model_copy(update={"prefix": "".join(self.text), "max_tokens": self.remaining_tokens()})
+            gen = gen.model_copy(update={"prefix_ids": list(self.ids), "max_tokens": self.remaining_tokens()})
         return RunFragment(job=self.job_id, model=self.request.model, sha256=self.request.sha256, gen=gen)

@@ -13,14 +13,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dragonswarm.protocol.swarm import Heartbeat, Hello
 from dragonswarm.scheduler.placement import NodeState, PlacementIndex
 from dragonswarm.store.base import NodeRecord
-
-if TYPE_CHECKING:
-    from dragonswarm.orchestrator.fragments import Fragment
 
 
 def model_key(name: str, sha256: str) -> str:
@@ -39,7 +36,7 @@ class NodeConn:
     joined: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat: Heartbeat | None = None
-    jobs: dict[str, Fragment] = field(default_factory=dict)  # attempt id -> fragment it runs for us
+    jobs: set[str] = field(default_factory=set)  # the attempts (job ids) it runs for us
     # Jobs we cancelled or gave up on (-> when): the node holds its runner until it says done.
     draining: dict[str, float] = field(default_factory=dict)
     finished: deque[str] = field(default_factory=lambda: deque(maxlen=256))  # recently ended job ids
@@ -54,6 +51,11 @@ class NodeConn:
     def keys(self) -> dict[str, str]:
         """Model name -> its placement key."""
         return {m.name: model_key(m.name, m.sha256) for m in self.hello.models}
+
+    @cached_property
+    def n_ctx(self) -> dict[str, int]:
+        """Placement key -> the context that model runs with here (0: not said)."""
+        return {model_key(m.name, m.sha256): m.n_ctx for m in self.hello.models}
 
     @cached_property
     def models(self) -> frozenset[str]:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from dragonswarm.errors import ModelNotFound, NoCapacity, NoWorkers, Overloaded
+from dragonswarm.errors import ContextLengthExceeded, ModelNotFound, NoCapacity, NoWorkers, Overloaded
 from dragonswarm.orchestrator.fragments import Fragment, Request
 from dragonswarm.orchestrator.registry import NodeConn, Registry, model_key
 from dragonswarm.protocol.runner import Event, Generation
@@ -27,7 +27,7 @@ from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
 from dragonswarm.scheduler.placement import NodeState
 from dragonswarm.scheduler.ratelimit import RateLimiter
 from dragonswarm.settings import OrchestratorSettings
-from dragonswarm.store.base import Store
+from dragonswarm.store.base import NodeRecord, Store
 
 log = logging.getLogger("dragonswarm.orchestrator")
 
@@ -47,8 +47,10 @@ class Swarm:
         # Per process for now: with several replicas (the Redis store) the buckets move there.
         self.limiter = RateLimiter(settings.rate_rpm, settings.rate_tpm)
         self.requests: set[Request] = set()
+        self.running: dict[str, Fragment] = {}  # job id (a fragment's attempt) -> fragment, while a node holds it
         self.affinity = CacheAffinity()
         self._tasks: list[asyncio.Task[None]] = []
+        self._saves: set[asyncio.Task[None]] = set()  # node records being written
 
     # Requests
 
@@ -61,7 +63,8 @@ class Swarm:
             if self.registry.conns:
                 raise ModelNotFound(f"no node in the swarm serves {model!r} (models: {known})", param="model")
             raise NoWorkers("no node has joined the swarm yet; start one with 'dragon node --orchestrator ...'")
-        deadline = time.monotonic() + self.settings.fragment_timeout_s
+        _check_context(model, gens, serving)
+        deadline = time.monotonic() + self.settings.request_timeout_s
         req.fragments = [Fragment(req, i, gen, deadline) for i, gen in enumerate(gens)]
         if origin and any(c.name != origin for c in serving):
             for f in req.fragments:
@@ -115,12 +118,16 @@ class Swarm:
             self._place(item[1], full)
 
     def _exclude(self, f: Fragment, key: str) -> set[str]:
-        if not f.exclude:
+        if not f.exclude and not f.min_ctx:
             return f.exclude
-        # Exclusion is a preference: if every node that serves the model is excluded
-        # (say the only worker failed once), trying one of them again beats failing.
-        serving = {c.name for c in self.registry.serving_file(key)}
-        return f.exclude if serving - f.exclude else set()
+        serving = self.registry.serving_file(key)
+        # A worker whose context cannot hold prompt and answer is never asked.
+        small = {c.name for c in serving if 0 < c.n_ctx.get(key, 0) < f.min_ctx}
+        # The rest is a preference: if every node that serves the model is excluded (say
+        # the only worker failed once), trying one of them again beats failing.
+        if {c.name for c in serving} - small - f.exclude:
+            return f.exclude | small
+        return small
 
     def _choose(self, f: Fragment, full: set[str]) -> tuple[str, str] | None:
         """(node, model file) for the fragment: the node whose cache holds the longest prefix
@@ -153,9 +160,9 @@ class Swarm:
         f.request.sha256 = sha
         conn = self.registry.conns[name]
         self.affinity.record(name, model_key(f.request.model, sha), f.keys)
-        f.node = conn
-        f.last_event = time.monotonic()
-        conn.jobs[f.job_id] = f
+        f.placed_on(conn, time.monotonic())
+        conn.jobs.add(f.job_id)
+        self.running[f.job_id] = f
         req = f.request
         if name not in req.nodes:
             req.nodes.append(name)
@@ -167,7 +174,8 @@ class Swarm:
         return True
 
     def _release(self, conn: NodeConn, job_id: str) -> None:
-        conn.jobs.pop(job_id, None)
+        conn.jobs.discard(job_id)
+        self.running.pop(job_id, None)
         conn.draining.pop(job_id, None)
         conn.finished.append(job_id)
         self.registry.refresh(conn)
@@ -180,20 +188,23 @@ class Swarm:
         f.node = None
         if conn is None:
             return
-        if conn.jobs.pop(job_id, None) is not None and self.registry.conns.get(conn.name) is conn:
+        self.running.pop(job_id, None)
+        if job_id in conn.jobs and self.registry.conns.get(conn.name) is conn:
+            conn.jobs.discard(job_id)
             conn.draining[job_id] = time.monotonic()
             conn.send(dump(Cancel(job=job_id)))
+        conn.jobs.discard(job_id)
 
-    def _fail_over(self, f: Fragment, reason: str) -> None:
-        """Move a fragment to another worker, continuing after the text already streamed."""
+    def _fail_over(self, f: Fragment, reason: str, *, counts: bool = True) -> None:
+        """Move a fragment to another worker, continuing after the tokens already streamed.
+        One that does not count (a context too small) is not held against the attempts."""
         failed = f.node.name if f.node else "?"
         self._abandon(f)
         f.exclude.add(failed)
-        f.attempt += 1
-        f.base_tokens = f.tokens
-        f.base_chars = f.chars
-        f.idle_events = 0
-        if f.attempt >= self.settings.max_attempts:
+        f.next_attempt()
+        if not counts:
+            f.free_attempts += 1
+        if f.attempt - f.free_attempts >= self.settings.max_attempts:
             self._finish(f, error="runner_failed", message=f"{f.attempt} workers failed this request; last: {reason}")
             return
         if f.remaining_tokens() <= 0:
@@ -210,44 +221,53 @@ class Swarm:
             if ev.ev in ("done", "error"):
                 self._release(conn, ev.job)
             return
-        f = conn.jobs.get(ev.job)
+        f = self.running.get(ev.job) if ev.job in conn.jobs else None
         if f is None:
             if ev.job in conn.finished:
                 return  # a late answer to a Cancel that crossed the job's own `done`
             raise ProtocolError(f"event for job {ev.job!r}, which this node does not hold")
-        f.last_event = time.monotonic()
-        if ev.ev in ("text", "done") and (over := f.overrun(ev)):
+        now = time.monotonic()
+        if over := f.overrun(ev, now):
             raise ProtocolError(over)  # a worker sending more than it was asked for is cut off
+        if ev.ev != "progress":
+            f.idle_progress = 0
+        f.last_progress = now  # every event is progress: `overrun` bounds those that add nothing
         match ev.ev:
             case "start":
                 f.cached_tokens = ev.cached_tokens or 0
                 if f.prompt_tokens is None:
                     f.prompt_tokens = ev.prompt_tokens or 0
+                    f.min_ctx = f.prompt_tokens + (1 if f.gen.fit_context else f.gen.max_tokens)
                     self._emit(f, {"ev": "start", "prompt_tokens": f.prompt_tokens})
             case "text":
-                if ev.text or ev.logprobs:
-                    f.text.append(ev.text or "")
-                    f.chars += len(ev.text or "")
-                    f.tokens = f.base_tokens + (ev.completion_tokens or 0)
-                    event: Event = {"ev": "text", "text": ev.text or ""}
-                    if ev.logprobs:
-                        event["logprobs"] = [lp.model_dump() for lp in ev.logprobs]  # type: ignore[misc]
-                    self._emit(f, event)
+                f.ids.extend(ev.ids or ())
+                event: Event = {"ev": "text", "text": ev.text or ""}
+                if ev.logprobs:
+                    event["logprobs"] = [lp.model_dump() for lp in ev.logprobs]  # type: ignore[misc]
+                self._emit(f, event)
             case "done":
                 conn.served += 1
                 self._release(conn, ev.job)
                 if ev.finish_reason == "cancelled":  # the node stopped it, not us: move it
                     self._fail_over(f, "cancelled by the node")
                     return
-                f.tokens = f.base_tokens + (ev.completion_tokens or 0)
-                self._emit_done(f, ev.finish_reason or "stop")
+                self._emit_done(f, ev.finish_reason or "stop")  # the tokens counted are those relayed
             case "error":
                 self._release(conn, ev.job)
-                if ev.code in CLIENT_ERRORS:
+                if ev.code == "context_length_exceeded" and self._needs_more_context(f, conn):
+                    self._fail_over(f, f"its context is too small: {ev.message}", counts=False)
+                elif ev.code in CLIENT_ERRORS:
                     self._finish(f, error=ev.code or "invalid_request", message=ev.message or "invalid request",
                                  param=ev.param)  # fmt: skip
                 else:
                     self._fail_over(f, f"{ev.code}: {ev.message}")
+
+    def _needs_more_context(self, f: Fragment, conn: NodeConn) -> bool:
+        """A worker's context could not hold the fragment: True if another can, and it was
+        marked to need more than that worker's (else the request's own error stands)."""
+        key = model_key(f.request.model, f.request.sha256 or "")
+        f.min_ctx = max(f.min_ctx, conn.n_ctx.get(key, 0) + 1)
+        return any(c.n_ctx.get(key, 0) >= f.min_ctx for c in self.registry.serving_file(key))
 
     def _emit(self, f: Fragment, event: Event) -> None:
         if not f.request.closed:
@@ -277,10 +297,6 @@ class Swarm:
     def on_heartbeat(self, conn: NodeConn, hb: Heartbeat) -> None:
         before = self.registry.index.get(conn.name)
         self.registry.heartbeat(conn, hb)
-        now = time.monotonic()
-        for job_id in hb.running:  # loading a model or reading a long prompt sends no events
-            if (f := conn.jobs.get(job_id)) is not None:
-                f.last_event = now
         after = self.registry.index.get(conn.name)
         if (self.retries or len(self.queue)) and _has_room(after) and not _has_room(before):
             self.dispatch()  # it just got room: waiting work may fit
@@ -289,12 +305,12 @@ class Swarm:
         """A connection closed (or was replaced): every fragment it ran moves on."""
         if not self.registry.leave(conn) and not conn.jobs:
             return
-        with contextlib.suppress(Exception):  # the store being down must not stop failover
-            record = conn.record(time.monotonic(), self.settings.stale_after_s)
-            self.store.save_nodes([dataclasses.replace(record, state="gone")])
+        record = conn.record(time.monotonic(), self.settings.stale_after_s)
+        self._save_later([dataclasses.replace(record, state="gone")])
         self.affinity.forget(conn.name)
-        for f in list(conn.jobs.values()):
-            if not f.finished:
+        for job_id in list(conn.jobs):
+            f = self.running.get(job_id)
+            if f is not None and not f.finished:
                 self._fail_over(f, "connection lost")
         conn.jobs.clear()
         conn.draining.clear()
@@ -322,8 +338,9 @@ class Swarm:
                 self.node_left(conn)
                 continue
             self.registry.refresh(conn)  # live -> stale shows in placement
-            for f in list(conn.jobs.values()):
-                if now - f.last_event > s.stall_timeout_s:
+            for job_id in list(conn.jobs):
+                f = self.running.get(job_id)
+                if f is not None and now - f.last_progress > s.stall_timeout_s:
                     self._fail_over(f, f"no progress for {s.stall_timeout_s:.0f} s")
             for job_id, since in list(conn.draining.items()):
                 if now - since > s.stall_timeout_s:  # it never said done: stop counting it busy
@@ -337,11 +354,24 @@ class Swarm:
                     self.retries.remove(f)
             elif now > f.deadline:
                 self._finish(f, error="timeout", message=f"the request did not finish within "
-                             f"{s.fragment_timeout_s:.0f} s")  # fmt: skip
+                             f"{s.request_timeout_s:.0f} s")  # fmt: skip
                 self.queue.remove(f)
                 with contextlib.suppress(ValueError):
                     self.retries.remove(f)
         self.dispatch()
+
+    def _save_later(self, records: list[NodeRecord]) -> None:
+        """Write node records from a thread: the store may wait on a lock, the event loop must not."""
+
+        async def save() -> None:
+            try:
+                await asyncio.to_thread(self.store.save_nodes, records)
+            except Exception:  # the store being down must not stop failover
+                log.exception("saving node records failed")
+
+        task = asyncio.get_running_loop().create_task(save())
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
 
     def _unfinished(self) -> list[Fragment]:
         return [f for req in self.requests for f in req.fragments if not f.finished]
@@ -367,6 +397,7 @@ class Swarm:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await asyncio.gather(*self._saves, return_exceptions=True)
         with contextlib.suppress(Exception):
             self.store.save_nodes(self.registry.records())
 
@@ -374,5 +405,16 @@ class Swarm:
         return {"queued": len(self.queue), "retrying": len(self.retries), "users_waiting": self.queue.users()}
 
 
+def _check_context(model: str, gens: list[Generation], serving: list[NodeConn]) -> None:
+    """Refuse before any work what no worker's context can hold: the answer alone, plus
+    at least one prompt token, must fit the largest context a node runs the model with."""
+    largest = max((m.n_ctx for c in serving for m in c.hello.models if m.name == model), default=0)
+    asked = max((g.max_tokens for g in gens if not g.fit_context), default=0)
+    if largest and asked >= largest:
+        raise ContextLengthExceeded(f"max_tokens is {asked}, but the largest context any node runs {model!r} "
+                                    f"with is {largest} tokens, prompt included", param="max_tokens")  # fmt: skip
+
+
 def _has_room(node: NodeState | None) -> bool:
+
     return node is not None and node.live and not (node.owner_busy or node.net_busy) and node.assigned < node.capacity

@@ -7,7 +7,9 @@ and the runner carries it out. Defined once here, so no layer can drop a field.
 Runner wire format, one JSON object per line. Node -> runner: `run` (a job: an id and a
 `Generation`), `threads` (the thread count in force, taken up between two steps, also
 mid-job), `cancel` (stop a job at its next check), `exit`. Runner -> node: `ready` once
-loaded, then per job `start`, `text`..., then `done` or `error`; `threads` when it has
+loaded, then per job `progress` (while it reads the prompt, at most about once a second),
+`start`, `text`... (each with the ids of the tokens its text is made of), then `done`
+or `error`; `threads` when it has
 changed its thread count; `fatal` if the model cannot be loaded at all.
 """
 
@@ -34,7 +36,10 @@ class Generation(BaseModel):
     tool_choice: Literal["auto", "required"] = "auto"  # required: the output is forced into a call
     tool_name: str | None = None  # ... of this function
     json_schema: dict[str, Any] | None = None  # output must be JSON matching this schema ({}: any object)
-    prefix: str = ""  # continue after this text (failover): it is part of the answer already
+    # Failover: the tokens of the answer so far, from a worker on the same model file. The
+    # new worker evaluates them after the prompt and continues: the text goes on exactly
+    # where it stopped, as if one worker had written it all.
+    prefix_ids: list[int] = Field(default_factory=list, max_length=65536)
     max_tokens: int = Field(ge=1)
     fit_context: bool = False  # max_tokens is a default: shorten it to what the context leaves
     temperature: float = 1.0
@@ -72,9 +77,11 @@ class TokenLogprob(TypedDict):
 
 
 class Event(TypedDict, total=False):
-    ev: Literal["ready", "start", "text", "done", "error", "fatal", "threads"]
+    ev: Literal["ready", "progress", "start", "text", "done", "error", "fatal", "threads"]
     id: str
     text: str
+    ids: list[int]  # on `text`: the tokens whose text `text` is, exactly
+    prompt_done: int  # on `progress`: prompt tokens read so far
     logprobs: list[TokenLogprob]  # on `text`: one per token in it, when asked for
     finish_reason: str
     prompt_tokens: int

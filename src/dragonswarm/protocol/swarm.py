@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, Validati
 from dragonswarm.protocol.runner import Generation
 
 # 2: models named by sha256, fragments carry a whole Generation; 3: heartbeats carry the
-# network, the CPU cap in force and the owner's GPU use (an older orchestrator would refuse them).
-VERSION = 3
+# network, the CPU cap in force and the owner's GPU use (an older orchestrator would refuse them);
+# 4: text events carry token ids, failover continues from them, workers report progress.
+VERSION = 4
 NODE_HEADER = "X-Dragon-Node"  # the node's name, at the WebSocket handshake
 CREDENTIAL_PREFIX = "dnc_"  # a node credential, as opposed to an API key ("dsk_")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -43,6 +44,7 @@ class ModelInfo(_Message):
     sha256: str = Field(pattern=SHA256_PATTERN)
     tags: list[str] = Field(default_factory=list, max_length=16)
     loaded: bool = False
+    n_ctx: int = Field(default=0, ge=0)  # the context it runs with: the most tokens a fragment may span
 
 
 # Node -> orchestrator
@@ -114,12 +116,15 @@ class Logprob(_Message):
 
 
 class JobEvent(_Message):
-    """Progress of one fragment: `start`, `text`..., then `done` or `error`."""
+    """One fragment's course: `progress` while loading or reading the prompt, `start`,
+    `text`..., then `done` or `error`."""
 
     type: Literal["event"] = "event"
     job: str = Field(min_length=1, max_length=64)
-    ev: Literal["start", "text", "done", "error"]
+    ev: Literal["progress", "start", "text", "done", "error"]
     text: str | None = Field(default=None, max_length=65536)
+    ids: list[int] | None = Field(default=None, max_length=65536)  # on `text`: the tokens `text` is made of
+    prompt_done: int | None = Field(default=None, ge=0)  # on `progress`: prompt tokens read so far
     logprobs: list[Logprob] | None = Field(default=None, max_length=4096)  # one per token in `text`
     finish_reason: str | None = Field(default=None, max_length=32)
     prompt_tokens: int | None = Field(default=None, ge=0)
@@ -146,8 +151,8 @@ class Welcome(_Message):
 class RunFragment(_Message):
     """One fragment: what to generate for one choice, nothing else.
 
-    Its `gen.prefix` is text already streamed to the client by a worker that failed: the
-    new worker continues after it, so the client sees no gap and no repeat.
+    Its `gen.prefix_ids` are the tokens already streamed to the client by a worker that
+    failed: the new worker continues after them, so the client sees no gap and no repeat.
     """
 
     type: Literal["run"] = "run"

@@ -52,14 +52,16 @@ EVENT_ERRORS: dict[str, type[DragonError]] = {
     "unsupported_parameter": UnsupportedParameter,
     "model_not_found": ModelNotFound,
     "runner_failed": RunnerFailed,
+    "runner_stalled": RunnerFailed,  # a 503 like a crash: the runner was hung and is being restarted
     "timeout": Timeout,
     "no_workers": NoWorkers,
 }
 
 
 def error_from_event(event: Event) -> DragonError:
-    cls = EVENT_ERRORS.get(event.get("code", ""), DragonError)
-    return cls(event.get("message", "generation failed"), param=event.get("param"))
+    code = event.get("code", "")
+    cls = EVENT_ERRORS.get(code, DragonError)
+    return cls(event.get("message", "generation failed"), param=event.get("param"), code=code or None)
 
 
 @dataclass
