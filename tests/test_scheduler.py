@@ -378,39 +378,3 @@ def test_serve_locally_cases() -> None:
     assert not serve_locally(has_model=False, busy=False, owner_busy=False, linked=True)
     assert not serve_locally(has_model=True, busy=True, owner_busy=False, linked=True)
     assert not serve_locally(has_model=True, busy=False, owner_busy=True, linked=True)
-
-
-# Rate limits
-
-
-def test_rate_limit_requests_per_minute() -> None:
-    from dragonswarm.scheduler.ratelimit import RateLimiter
-
-    limits = RateLimiter(rpm=3, tpm=0)
-    assert [limits.admit("a", 10, now=0.0) for _ in range(3)] == [0, 0, 0]
-    assert limits.admit("a", 10, now=0.0) == 20  # one request back every 20 s
-    assert limits.admit("b", 10, now=0.0) == 0  # another key has its own budget
-    assert limits.admit("a", 10, now=20.0) == 0
-    assert limits.admit("a", 10, now=20.0) > 0
-
-
-def test_rate_limit_tokens_per_minute_with_refund() -> None:
-    from dragonswarm.scheduler.ratelimit import RateLimiter
-
-    limits = RateLimiter(rpm=0, tpm=600)
-    assert limits.admit("a", 500, now=0.0) == 0
-    wait = limits.admit("a", 500, now=0.0)
-    assert wait == 40  # 400 tokens short at 10 tokens/s
-    limits.refund("a", 450, now=0.0)  # the first request used only 50
-    assert limits.admit("a", 500, now=0.0) == 0
-    assert limits.admit("a", 10_000, now=0.0) > 0  # bigger than the limit: waits for a full bucket
-    assert limits.admit("a", 10_000, now=120.0) == 0  # ... and is admitted then, not refused forever
-
-
-def test_refused_request_is_not_charged() -> None:
-    from dragonswarm.scheduler.ratelimit import RateLimiter
-
-    limits = RateLimiter(rpm=2, tpm=100)
-    assert limits.admit("a", 90, now=0.0) == 0
-    assert limits.admit("a", 90, now=0.0) > 0  # tokens short: the request is refused...
-    assert limits.admit("a", 5, now=0.0) == 0  # ... and did not use up the second request
