@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--port", type=int, help="port (default 8700)")
     orch.add_argument("--home", help="data directory: keys, node registry (default $DRAGON_HOME or ~/.dragonswarm)")
     orch.add_argument("--max-queue", type=int, help="fragments that may wait before 429 (default 1024)")
-    orch.add_argument("--max-queue-per-user", type=int, help="fragments one key may have waiting (default 256)")
+    orch.add_argument("--max-queue-per-user", type=int,
+                      help="fragments one key may have waiting (default 256; less as more keys wait)")  # fmt: skip
     orch.add_argument("--max-node-capacity", type=int, metavar="N",
                       help="fragments one node may run at once, whatever it claims (default 1)")  # fmt: skip
     orch.add_argument("--fragment-timeout", type=float, dest="fragment_timeout_s", metavar="SECONDS",

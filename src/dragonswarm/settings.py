@@ -231,7 +231,9 @@ class OrchestratorSettings(_FileSettings):
     insecure: bool = False  # serve plain http: only with an explicit --insecure
 
     max_queue: int = Field(1024, ge=1)  # fragments waiting, all users together
-    max_queue_per_user: int = Field(256, ge=1)  # so one user's flood cannot fill it for everyone
+    # The most one user (key) may have waiting; less as more users wait (max_queue / users), and
+    # users already waiting keep one more user's share free (scheduler/fairqueue.py).
+    max_queue_per_user: int = Field(256, ge=1)
     fragment_timeout_s: float = Field(600.0, gt=0.0)  # queue + run: no request hangs longer
     stall_timeout_s: float = Field(30.0, gt=0.0)  # a worker silent this long is given up on
     max_attempts: int = Field(4, ge=1)  # workers a fragment may try before it fails
