@@ -16,6 +16,7 @@ from dragonswarm.orchestrator.auth import require
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_REVOKED, Swarm
+from dragonswarm.orchestrator.usage import usage_report
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Event, Generation
 from dragonswarm.scheduler.fragments import chat_generations, completion_generations, prompt_text, token_estimate
@@ -77,6 +78,14 @@ async def revoke_node(request: Request, name: str, key: Admin) -> dict[str, Any]
         conn.close(CLOSE_REVOKED, "revoked")
         swarm.node_left(conn)
     return {"name": name, "revoked": True, "was_connected": conn is not None}
+
+
+@router.get("/v1/usage")
+async def usage(request: Request, key: Annotated[KeyRecord, Depends(require("admin", what="read usage"))]
+                ) -> dict[str, Any]:  # fmt: skip
+    """Requests and tokens per key, in all and per model, since the store was made (read only)."""
+    store = swarm_of(request).store
+    return {"object": "list", "data": usage_report(store.list_keys(), store.list_usage(), time.time())}
 
 
 @router.post("/v1/completions", response_model=None)
