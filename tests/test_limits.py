@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import OrchestratorProcess
+from tests.conftest import OrchestratorProcess, wait_until
 
 from dragonswarm.store.sqlite import open_store
 
@@ -58,7 +60,7 @@ def test_rate_limit_per_key(swarm: Swarm) -> None:
     limited = post(orch, orch.keys["user"], body)
     assert limited.status_code == 429
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
-    assert 1 <= int(limited.headers["retry-after"]) <= 30
+    assert 1 <= int(limited.headers["retry-after"]) <= 60  # until the first request leaves the minute's window
     assert post(orch, orch.keys["user2"], body).status_code == 200  # per key
     assert served(orch) == before + 1  # the refused request never reached a worker
 
@@ -70,6 +72,10 @@ def test_token_rate_limit(swarm: Swarm) -> None:
     # 40 + 200 were charged; the used tokens stay charged, so another 240 does not fit.
     second = post(orch, orch.keys["user"], {"model": "tiny", "prompt": "x" * 40, "max_tokens": 200})
     assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
+    # A request bigger than the whole limit is not clamped to it, nor told to retry: it can never fit.
+    huge = post(orch, orch.keys["user2"], {"model": "tiny", "prompt": "x", "max_tokens": 300})
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "request_too_large", huge.text
+    assert "retry-after" not in huge.headers and "300 tokens per minute" in huge.json()["error"]["message"]
 
 
 def test_request_limits_are_enforced_before_any_work(swarm: Swarm) -> None:
@@ -122,3 +128,77 @@ def test_expired_and_revoked_keys_on_every_endpoint_and_the_websocket(swarm: Swa
                     ssl=orch.ssl, open_timeout=10)  # fmt: skip
         assert refused.value.response.status_code == 401
     assert orch.nodes()["w1"]["state"] == "live"  # the revoke endpoint was never reached
+
+
+def test_usage_report_per_key_and_model(swarm: Swarm) -> None:
+    orch = swarm(1, "--rate-rpm", "3")
+    body = {"model": "tiny", "prompt": "count me", "max_tokens": 3}
+    for _ in range(2):
+        assert post(orch, orch.keys["user"], body).status_code == 200
+    assert post(orch, orch.keys["user2"], body).status_code == 200
+    assert post(orch, orch.keys["user2"], {**body, "model": "nothing-serves-this"}).status_code == 404
+    assert [post(orch, orch.keys["user"], body).status_code for _ in range(2)] == [200, 429]  # 3 a minute
+    # The 404 was refused after admission, before any work: it is no request, and does not
+    # use up one of the three.
+    assert [post(orch, orch.keys["user2"], body).status_code for _ in range(3)] == [200, 200, 429]
+
+    def report() -> dict[str, dict[str, Any]]:
+        with orch.client("admin") as c:
+            r = c.get("/v1/usage")
+        assert r.status_code == 200, r.text
+        return {row["name"]: row for row in r.json()["data"]}
+
+    wait_until(lambda: report()["second user"]["requests"] == 3, 30, "the last request to be recorded")
+    rows = report()
+    assert list(rows) == ["test admin", "test user", "test node", "second user"]  # every key, oldest first
+    user, user2, admin = rows["test user"], rows["second user"], rows["test admin"]
+    assert user["role"] == "user" and user["state"] == "active" and user["requests"] == 3
+    assert user["prompt_tokens"] > 0 and 0 < user["completion_tokens"] <= 9
+    assert user["models"] == {"tiny": {name: user[name] for name in ("requests", "prompt_tokens", "completion_tokens")}}
+    assert user2["requests"] == 3  # the request for a model nobody serves was not served, so not counted
+    assert admin["requests"] == 0 and admin["models"] == {}
+    assert all(orch.keys[role] not in str(rows) for role in orch.keys)  # only the shown prefix, never a key
+
+    # Only an admin key may read it; anyone else gets the OpenAI error shape.
+    for role, status in (("user", 403), ("node", 403), (None, 401)):
+        with orch.client(role) as c:
+            refused = c.get("/v1/usage")
+        assert refused.status_code == status, (role, refused.text)
+        assert set(refused.json()["error"]) >= {"message", "type", "code"}
+        if status == 403:
+            assert refused.json()["error"]["code"] == "permission_denied"
+
+    # The CLI prints the same report, as a table or as JSON.
+    cli = [sys.executable, "-m", "dragonswarm.cli", "usage", "--url", orch.url, "--ca", str(orch.ca), "--home",
+           str(orch.home)]  # fmt: skip
+    table = subprocess.run([*cli, "--key", orch.keys["admin"]], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    header, *lines = table.stdout.splitlines()
+    assert header.split()[:5] == ["ID", "ROLE", "NAME", "STATE", "MODEL"]
+    user_line = next(line for line in lines if "test user" in line)
+    assert user_line.split()[-5:] == ["active", "tiny", "3", str(user["prompt_tokens"]), str(user["completion_tokens"])]
+    as_json = subprocess.run([*cli, "--key", orch.keys["admin"], "--json"], capture_output=True, text=True, timeout=60)
+    assert as_json.returncode == 0, as_json.stderr
+    assert {row["name"]: row for row in json.loads(as_json.stdout)} == report()
+    denied = subprocess.run([*cli, "--key", orch.keys["user"]], capture_output=True, text=True, timeout=60)
+    assert denied.returncode == 2 and "403" in denied.stderr and "may not read usage" in denied.stderr
+
+
+def test_usage_table_plain_values() -> None:
+    from dragonswarm.status import usage_table
+
+    counts = {"requests": 3, "prompt_tokens": 30, "completion_tokens": 9}
+    report = [
+        {"id": 1, "name": "admin", "role": "admin", "state": "active", "requests": 0, "prompt_tokens": 0,
+         "completion_tokens": 0, "models": {}},
+        {"id": 2, "name": "alice", "role": "user", "state": "revoked", "requests": 4, "prompt_tokens": 31,
+         "completion_tokens": 10, "models": {"gemma": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1},
+                                             "tiny": counts}},
+        {"id": 3, "name": "bob", "role": "user", "state": "active", **counts, "models": {"tiny": counts}},
+    ]  # fmt: skip
+    lines = [line.split() for line in usage_table(report).splitlines()]
+    assert lines[1] == ["1", "admin", "admin", "active", "-", "0", "0", "0"]
+    assert lines[2] == ["2", "user", "alice", "revoked", "all", "4", "31", "10"]
+    assert lines[3:5] == [["gemma", "1", "1", "1"], ["tiny", "3", "30", "9"]]
+    assert lines[5] == ["3", "user", "bob", "active", "tiny", "3", "30", "9"]
+    assert usage_table([]).startswith("no keys yet")

@@ -8,8 +8,10 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
+from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull, admission_room, fair_share
 from dragonswarm.scheduler.local import serve_locally
 from dragonswarm.scheduler.models import looks_like_code, pick_model
 from dragonswarm.scheduler.placement import RTT_UNKNOWN, NodeState, PlacementIndex, choose, rank, rtt_bucket
@@ -309,6 +311,91 @@ def test_remove() -> None:
     assert [got[1] for got in (q.pop(lambda _: True) for _ in range(3)) if got] == ["x", "y"]
 
 
+def flood(q: FairQueue[str], users: str, batch: int) -> None:
+    """Each user pushes `batch` items in turn until no one can push any more."""
+    pushed = True
+    while pushed:
+        pushed = False
+        for user in users:
+            try:
+                q.push_all(user, [user] * batch)
+                pushed = True
+            except QueueFull:
+                pass
+
+
+@pytest.mark.parametrize(("max_total", "max_per_user", "batch"), [(1024, 256, 8), (1024, 256, 1), (100, 100, 1),
+                                                                  (100, 100, 7), (12, 12, 1), (40, 5, 2)])  # fmt: skip
+def test_four_flooding_keys_cannot_turn_a_fifth_away(max_total: int, max_per_user: int, batch: int) -> None:
+    q: FairQueue[str] = FairQueue(max_total, max_per_user)
+    flood(q, "abcd", batch)
+    assert all(q.waiting(u) > 0 for u in "abcd")
+    with pytest.raises(QueueFull):
+        q.push_all("a", ["a"] * batch)  # the flooders are refused...
+    share = fair_share(max_total, max_per_user, 5)
+    assert q.room("e") == share  # ... while the newcomer finds its whole share free
+    q.push_all("e", ["e"] * min(batch, share))
+    # Served round robin as work drains, the flooders refill what is served; still they cannot
+    # take the newcomer's room again.
+    for _ in range(3):
+        for _ in range(5):
+            q.pop(lambda _: True)
+        flood(q, "abcd", batch)
+        assert q.room("f") >= fair_share(max_total, max_per_user, q.users() + 1)
+
+
+def test_a_lone_key_can_use_much_of_the_queue() -> None:
+    q: FairQueue[str] = FairQueue(max_total=1024, max_per_user=256)
+    flood(q, "a", 1)
+    assert q.waiting("a") == 256  # the per-key bound, as before
+    q = FairQueue(max_total=1024, max_per_user=1024)
+    flood(q, "a", 8)
+    assert q.waiting("a") == 512  # with no per-key bound: all but a second key's share
+    q.push_all("b", ["b"] * 8)  # which a second key then finds
+
+
+def test_a_keys_share_shrinks_as_keys_wait() -> None:
+    q: FairQueue[str] = FairQueue(max_total=100, max_per_user=100)
+    for user in "abcd":
+        q.push_all(user, [user])
+    assert q.room("a") == 100 // 4 - 1
+    with pytest.raises(QueueFull, match="at most 25 while 4 users share the queue"):
+        q.push_all("a", ["a"] * 25)
+    q.push_all("a", ["a"] * 24)
+    assert q.room("e") == 100 // 5  # a newcomer would share with five
+    with pytest.raises(QueueFull):
+        q.push_all("e", ["e"] * 21)
+
+
+def test_admission_room_plain_values() -> None:
+    # (own share left, room in the queue) for: held, total, users waiting after the push, max_total, max_per_user
+    assert admission_room(0, 0, 1, 100, 30) == (30, 100)  # a lone newcomer: its per-key bound
+    assert admission_room(10, 10, 1, 100, 100) == (90, 40)  # waiting already: leaves a second key's 50 free
+    assert admission_room(0, 90, 2, 100, 100) == (50, 10)  # a newcomer may use that room
+    assert admission_room(30, 90, 4, 100, 100) == (0, 0)  # over its share (won while fewer waited): nothing more
+    assert admission_room(0, 0, 500, 100, 100) == (1, 100)  # never less than one item each
+
+
+@settings(max_examples=200, deadline=None)
+@given(max_total=st.integers(5, 300), max_per_user=st.integers(1, 300),
+       ops=st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 8)), max_size=200))  # fmt: skip
+def test_waiting_keys_never_take_a_newcomers_room(max_total: int, max_per_user: int,
+                                                  ops: list[tuple[str, int]]) -> None:  # fmt: skip
+    q: FairQueue[str] = FairQueue(max_total, max_per_user)
+    for user, size in ops:
+        if size == 0:  # a worker took something
+            q.pop(lambda _: True)
+            continue
+        was_waiting = q.waiting(user) > 0
+        try:
+            q.push_all(user, [user] * size)
+        except QueueFull:
+            continue
+        assert len(q) <= max_total and q.waiting(user) <= max_per_user
+        if was_waiting:
+            assert q.room("newcomer") == fair_share(max_total, max_per_user, q.users() + 1)
+
+
 # --- pick_model ----------------------------------------------------------------------------------------
 
 SERVED = {"gemma": {"chat"}, "coder": {"code"}, "coder2": {"code", "chat"}, "plain": set()}
@@ -378,39 +465,3 @@ def test_serve_locally_cases() -> None:
     assert not serve_locally(has_model=False, busy=False, owner_busy=False, linked=True)
     assert not serve_locally(has_model=True, busy=True, owner_busy=False, linked=True)
     assert not serve_locally(has_model=True, busy=False, owner_busy=True, linked=True)
-
-
-# Rate limits
-
-
-def test_rate_limit_requests_per_minute() -> None:
-    from dragonswarm.scheduler.ratelimit import RateLimiter
-
-    limits = RateLimiter(rpm=3, tpm=0)
-    assert [limits.admit("a", 10, now=0.0) for _ in range(3)] == [0, 0, 0]
-    assert limits.admit("a", 10, now=0.0) == 20  # one request back every 20 s
-    assert limits.admit("b", 10, now=0.0) == 0  # another key has its own budget
-    assert limits.admit("a", 10, now=20.0) == 0
-    assert limits.admit("a", 10, now=20.0) > 0
-
-
-def test_rate_limit_tokens_per_minute_with_refund() -> None:
-    from dragonswarm.scheduler.ratelimit import RateLimiter
-
-    limits = RateLimiter(rpm=0, tpm=600)
-    assert limits.admit("a", 500, now=0.0) == 0
-    wait = limits.admit("a", 500, now=0.0)
-    assert wait == 40  # 400 tokens short at 10 tokens/s
-    limits.refund("a", 450, now=0.0)  # the first request used only 50
-    assert limits.admit("a", 500, now=0.0) == 0
-    assert limits.admit("a", 10_000, now=0.0) > 0  # bigger than the limit: waits for a full bucket
-    assert limits.admit("a", 10_000, now=120.0) == 0  # ... and is admitted then, not refused forever
-
-
-def test_refused_request_is_not_charged() -> None:
-    from dragonswarm.scheduler.ratelimit import RateLimiter
-
-    limits = RateLimiter(rpm=2, tpm=100)
-    assert limits.admit("a", 90, now=0.0) == 0
-    assert limits.admit("a", 90, now=0.0) > 0  # tokens short: the request is refused...
-    assert limits.admit("a", 5, now=0.0) == 0  # ... and did not use up the second request

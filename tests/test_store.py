@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dragonswarm.store.base import NodeRecord, Store, hash_key, new_key
+from dragonswarm.store.base import NodeRecord, Store, Usage, hash_key, new_key
 from dragonswarm.store.sqlite import SqliteStore, open_store
 
 
@@ -138,6 +138,15 @@ def test_usage_accumulates_per_key_over_models(store: SqliteStore) -> None:
     store.record_usage(1, "gemma", 1, 1)
     store.record_usage(2, "tiny", 100, 0)
     assert store.usage_by_key() == {1: (3, 18, 9), 2: (1, 100, 0)}
+
+
+def test_usage_is_listed_per_key_and_model(store: SqliteStore) -> None:
+    assert store.list_usage() == []
+    store.record_usage(2, "tiny", 100, 0)
+    store.record_usage(1, "tiny", 10, 5)
+    store.record_usage(1, "gemma", 1, 1)
+    store.record_usage(1, "tiny", 7, 3)
+    assert store.list_usage() == [Usage(1, "gemma", 1, 1, 1), Usage(1, "tiny", 2, 17, 8), Usage(2, "tiny", 1, 100, 0)]
 
 
 def test_negative_usage_is_refused(store: SqliteStore) -> None:

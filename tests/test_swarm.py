@@ -162,7 +162,7 @@ def test_orchestrator_restart_nodes_rejoin_keys_survive(start_orchestrator: Star
 
 
 ENDPOINTS = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-             ("GET", "/v1/nodes")]  # fmt: skip
+             ("GET", "/v1/nodes"), ("GET", "/v1/usage")]  # fmt: skip
 
 
 def test_auth_matrix(swarm: Callable[..., OrchestratorProcess]) -> None:
@@ -171,7 +171,8 @@ def test_auth_matrix(swarm: Callable[..., OrchestratorProcess]) -> None:
               "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                        "max_tokens": 2}}  # fmt: skip
     allowed = {"/v1/models": {"user", "node", "admin"}, "/v1/completions": {"user", "node", "admin"},
-               "/v1/chat/completions": {"user", "node", "admin"}, "/v1/nodes": {"admin"}}  # fmt: skip
+               "/v1/chat/completions": {"user", "node", "admin"}, "/v1/nodes": {"admin"},
+               "/v1/usage": {"admin"}}  # fmt: skip
     for method, path in ENDPOINTS:
         for label, headers in [("no key", {}), ("bad key", {"Authorization": "Bearer dsk_not-a-key"}),
                                ("bad scheme", {"Authorization": f"Basic {orch.keys['user']}"})]:  # fmt: skip

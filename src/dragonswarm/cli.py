@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--port", type=int, help="port (default 8700)")
     orch.add_argument("--home", help="data directory: keys, node registry (default $DRAGON_HOME or ~/.dragonswarm)")
     orch.add_argument("--max-queue", type=int, help="fragments that may wait before 429 (default 1024)")
-    orch.add_argument("--max-queue-per-user", type=int, help="fragments one key may have waiting (default 256)")
+    orch.add_argument("--max-queue-per-user", type=int,
+                      help="fragments one key may have waiting (default 256; less as more keys wait)")  # fmt: skip
     orch.add_argument("--max-node-capacity", type=int, metavar="N",
                       help="fragments one node may run at once, whatever it claims (default 1)")  # fmt: skip
     _timeouts(orch)
@@ -153,13 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
     status.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
 
+    usage = commands.add_parser("usage", help="requests and tokens each key has used, in all and per model")
+    usage.add_argument("--json", action="store_true", help="print the orchestrator's report as JSON")
+
     nodes = commands.add_parser("nodes", help="list the swarm's nodes, or revoke one")
     nodes_commands = nodes.add_subparsers(dest="nodes_command", required=True, metavar="ACTION", parser_class=_Parser)
     nodes_list = nodes_commands.add_parser("list", help="the nodes, as `dragon status` shows them")
     nodes_revoke = nodes_commands.add_parser("revoke", help="cut a node off now; it can never rejoin")
     nodes_revoke.add_argument("name")
     status.add_argument("--ca", help="the swarm's CA certificate (default: from swarm.json, or DRAGON_CA)")
-    for sub in (nodes_list, nodes_revoke):
+    for sub in (nodes_list, nodes_revoke, usage):
         sub.add_argument("--ca", help="the swarm's CA certificate (default: from swarm.json, or DRAGON_CA)")
         sub.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
         sub.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
@@ -355,6 +359,13 @@ def cmd_nodes(args: argparse.Namespace) -> None:
     print(f"node {result['name']} revoked{cut}; it cannot rejoin", file=sys.stderr)
 
 
+def cmd_usage(args: argparse.Namespace) -> None:
+    from dragonswarm.status import usage_table
+
+    report = _admin_request(args, "GET", "/v1/usage")["data"]
+    print(json.dumps(report, indent=2) if args.json else usage_table(report))
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from dragonswarm.engines.models import check_gguf
     from dragonswarm.up import run_up
@@ -380,7 +391,7 @@ def _setup_logging(level: str) -> None:
 
 
 COMMANDS = {"node": cmd_node, "orchestrator": cmd_orchestrator, "keys": cmd_keys, "status": cmd_status,
-            "nodes": cmd_nodes, "up": cmd_up, "certs": cmd_certs}
+            "nodes": cmd_nodes, "usage": cmd_usage, "up": cmd_up, "certs": cmd_certs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -236,7 +236,9 @@ class OrchestratorSettings(_FileSettings):
     insecure: bool = False  # serve plain http: only with an explicit --insecure
 
     max_queue: int = Field(1024, ge=1)  # fragments waiting, all users together
-    max_queue_per_user: int = Field(256, ge=1)  # so one user's flood cannot fill it for everyone
+    # The most one user (key) may have waiting; less as more users wait (max_queue / users), and
+    # users already waiting keep one more user's share free (scheduler/fairqueue.py).
+    max_queue_per_user: int = Field(256, ge=1)
     # A fragment whose worker made no progress (no token; model loading and prompt reading
     # report progress) for `stall_timeout_s` moves to another worker; a request that still
     # runs after `request_timeout_s`, queueing included, ends with 504 however fast it goes.

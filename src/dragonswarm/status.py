@@ -1,4 +1,4 @@
-"""Plain-text tables for the CLI: `dragon status` (nodes) and `dragon keys list` (pure formatting)."""
+"""Plain-text tables for the CLI: `dragon status` (nodes), `dragon keys list` and `dragon usage` (pure formatting)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,24 @@ def keys_table(keys: Sequence[KeyRecord], now: float) -> str:
         return "no keys yet: dragon keys create --role user|node|admin"
     rows = [("ID", "ROLE", "NAME", "PREFIX", "CREATED", "EXPIRES", "STATE")]
     for k in keys:
-        state = "revoked" if k.revoked else ("expired" if k.refusal(now) else "active")
         rows.append((str(k.id), k.role, k.name, k.prefix + "…", _when(k.created),
-                     _when(k.expires) if k.expires else "never", state))  # fmt: skip
+                     _when(k.expires) if k.expires else "never", k.state(now)))  # fmt: skip
     return _table(rows)
+
+
+def usage_table(report: list[dict[str, Any]]) -> str:
+    """One row per key with its totals (`GET /v1/usage`), then one per model when it used several."""
+    if not report:
+        return "no keys yet: dragon keys create --role user|node|admin"
+    rows = [("ID", "ROLE", "NAME", "STATE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS")]
+    for k in report:
+        models: dict[str, dict[str, int]] = k["models"]
+        model = next(iter(models)) if len(models) == 1 else ("all" if models else "-")
+        rows.append((str(k["id"]), k["role"], k["name"], k["state"], model, *_counts(k)))
+        if len(models) > 1:
+            rows.extend(("", "", "", "", name, *_counts(counts)) for name, counts in models.items())
+    return _table(rows)
+
+
+def _counts(counts: dict[str, Any]) -> tuple[str, str, str]:
+    return (str(counts["requests"]), str(counts["prompt_tokens"]), str(counts["completion_tokens"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
@@ -10,15 +11,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from dragonswarm.errors import NotFound, RateLimited
+from dragonswarm.errors import InvalidRequest, NotFound, RateLimited
 from dragonswarm.orchestrator.auth import require
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_REVOKED, Swarm
+from dragonswarm.orchestrator.usage import usage_report
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Event, Generation
 from dragonswarm.scheduler.fragments import chat_generations, completion_generations, prompt_text, token_estimate
 from dragonswarm.scheduler.models import pick_model
+from dragonswarm.scheduler.ratelimit import Charge, Refusal
 from dragonswarm.store.base import KeyRecord
 from dragonswarm.web.replies import Reply, respond
 
@@ -77,6 +80,14 @@ async def revoke_node(request: Request, name: str, key: Admin) -> dict[str, Any]
     return {"name": name, "revoked": True, "was_connected": conn is not None}
 
 
+@router.get("/v1/usage")
+async def usage(request: Request, key: Annotated[KeyRecord, Depends(require("admin", what="read usage"))]
+                ) -> dict[str, Any]:  # fmt: skip
+    """Requests and tokens per key, in all and per model, since the store was made (read only)."""
+    store = swarm_of(request).store
+    return {"object": "list", "data": usage_report(store.list_keys(), store.list_usage(), time.time())}
+
+
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, body: CompletionRequest, key: Inference) -> Response:
     return await _serve(request, key, body, completion_generations(body, swarm_of(request).settings.limits))
@@ -98,32 +109,37 @@ async def _serve(request: Request, key: KeyRecord, body: SamplingParams, gens: l
     # Only a node may say which node handed the request over (it is kept off that node).
     origin = request.headers.get("x-dragon-origin") if key.role == "node" else None
     estimate = token_estimate(gens)
-    wait = swarm.limiter.admit(str(key.id), estimate, time.monotonic())
-    if wait:
-        s = swarm.settings
-        raise RateLimited(f"rate limit reached for this key ({s.rate_rpm} requests and {s.rate_tpm} tokens "
-                          f"per minute); retry in {wait} s", retry_after=wait)  # fmt: skip
+    charge = swarm.limiter.admit(str(key.id), estimate, time.monotonic())
+    if isinstance(charge, Refusal):
+        if charge.wait is None:  # bigger than the limit itself: no wait would help, so no Retry-After
+            raise InvalidRequest(charge.reason, code="request_too_large")
+        raise RateLimited(charge.reason, retry_after=max(1, math.ceil(charge.wait)))
     req = SwarmRequest(user=f"key-{key.id}", model=model, origin=origin)
     reply = Reply.for_request(body, model, len(gens))
     reply.headers = lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}
     reply.route = req.route
-    return await respond(request, reply, _metered(swarm, key, model, estimate, swarm.run(req, gens)))
+    return await respond(request, reply, _metered(swarm, key, model, charge, swarm.run(req, gens)))
 
 
-async def _metered(swarm: Swarm, key: KeyRecord, model: str, estimate: int,
+async def _metered(swarm: Swarm, key: KeyRecord, model: str, charge: Charge,
                    events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
     """Pass events through; once the request ends, record the key's usage and give back
     the tokens charged at admission but not used."""
     prompt = completion = 0
+    began = False
     try:
         async for index, event in events:
+            began = True
             if event["ev"] == "done":
                 prompt += event.get("prompt_tokens", 0)
                 completion += event.get("completion_tokens", 0)
             yield index, event
     finally:
         await events.aclose()
-        swarm.limiter.refund(str(key.id), estimate - prompt - completion, time.monotonic())
+        if began:
+            swarm.limiter.refund(charge, prompt + completion)
+        else:  # refused before it began (queue full, no node serves the model): not a request at all
+            swarm.limiter.cancel(charge)
         if prompt or completion:
             try:  # the answer is already out: accounting that fails must not break it
                 swarm.store.record_usage(key.id, model, prompt, completion)

@@ -1,4 +1,12 @@
-"""A bounded per-user fair queue: round robin over users, first in first out within a user."""
+"""A bounded per-user fair queue: round robin over users, first in first out within a user.
+
+Admission is fair too. A fixed bound per user let a few flooding users fill the whole queue
+and turn every other user away. Here a user's bound shrinks as more users wait, and users
+already waiting must leave room free for one more user's share, so a user with nothing
+waiting always finds room: however many items the users already waiting push, they can
+never take the room a newcomer needs. (Only newcomers use that room; if many arrive at once
+while the queue is nearly full, the last may still wait until work drains it.)
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,22 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+def fair_share(max_total: int, max_per_user: int, users: int) -> int:
+    """The most items one user may hold while `users` users (counting it) have something waiting."""
+    return max(1, min(max_per_user, max_total // max(1, users)))
+
+
+def admission_room(held: int, total: int, users: int, max_total: int, max_per_user: int) -> tuple[int, int]:
+    """How many more items a user holding `held` may queue: (by its own share, by the room in the queue).
+
+    `users` counts the users waiting after the push, this one included. A user already waiting
+    must leave one more user's fair share free; a newcomer (held == 0) may use that room.
+    """
+    own = fair_share(max_total, max_per_user, users) - held
+    reserve = fair_share(max_total, max_per_user, users + 1) if held else 0
+    return max(0, own), max(0, max_total - reserve - total)
+
+
 class FairQueue(Generic[T]):
     """Items waiting per user, served round robin so one user's flood cannot starve the others."""
 
@@ -32,16 +56,19 @@ class FairQueue(Generic[T]):
         self._total = 0
 
     def push_all(self, user: str, items: Sequence[T]) -> None:
-        """Queue all of `items` for `user`, or none of them (raise QueueFull) when either bound would be exceeded."""
+        """Queue all of `items` for `user`, or none of them (raise QueueFull) when they exceed `room(user)`."""
         if not items:
             return
-        waiting = self.waiting(user)
-        if waiting + len(items) > self.max_per_user:
+        waiting, users = self.waiting(user), self._users_with(user)
+        own, free = admission_room(waiting, self._total, users, self.max_total, self.max_per_user)
+        if len(items) > own:
+            share = fair_share(self.max_total, self.max_per_user, users)
             raise QueueFull(f"too many requests waiting for this user: {waiting} waiting, {len(items)} more asked, "
-                            f"at most {self.max_per_user}")  # fmt: skip
-        if self._total + len(items) > self.max_total:
+                            f"at most {share} while {users} users share the queue")  # fmt: skip
+        if len(items) > free:
+            held = " (room is kept for users with nothing waiting)" if waiting else ""
             raise QueueFull(f"the queue is full: {self._total} waiting, {len(items)} more asked, "
-                            f"at most {self.max_total}")  # fmt: skip
+                            f"at most {self.max_total}{held}")  # fmt: skip
         queue = self._queues.get(user)
         if queue is None:
             queue = self._queues[user] = deque()
@@ -86,6 +113,15 @@ class FairQueue(Generic[T]):
         """How many items `user` has waiting."""
         queue = self._queues.get(user)
         return 0 if queue is None else len(queue)
+
+    def room(self, user: str) -> int:
+        """How many more items `user` may queue now."""
+        return min(admission_room(self.waiting(user), self._total, self._users_with(user), self.max_total,
+                                  self.max_per_user))  # fmt: skip
+
+    def _users_with(self, user: str) -> int:
+        """How many users would be waiting once `user` has something queued."""
+        return len(self._queues) + (user not in self._queues)
 
     def users(self) -> int:
         """How many users have something waiting."""

@@ -1,31 +1,63 @@
-"""Per-key rate limits: requests and tokens per minute, as token buckets (pure, no clock of its own).
+"""Per-key rate limits: requests and tokens per minute over a sliding window (pure, no clock of its own).
 
 A request is charged at admission: one request, and its token estimate (prompt plus the
-most it may generate). When it ends, the tokens it did not use are given back, so a key
-is held to what it really consumed while no request can overrun the limit mid-way.
+most it may generate). When it ends, `refund` lowers that charge to what it really used,
+so a key is held to what it consumed while no request can overrun the limit mid-way.
+
+Each key keeps a log of its admissions in the last `WINDOW_S` seconds, each with its
+charge net of refunds. A request is admitted only if the log plus the request fit both
+limits. That holds the limits over every window, not on average:
+
+    For any window [s, s + 60) let t be the last admission in it. Every earlier admission
+    in the window is younger than 60 s at t, so it was in the log when t was admitted,
+    at a charge no smaller than its final one (refunds only lower a charge, and never
+    below zero). t's own final charge is at most its estimate. So the window's admissions
+    sum, net of refunds, to at most what t's check allowed: the limit.
+
+A token bucket (refilling at limit/60 per second) cannot promise this: a full bucket plus
+a minute's refill admits twice the limit within 60 s.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
+WINDOW_S = 60.0
 
-@dataclass
-class Bucket:
-    capacity: float  # the per-minute limit
-    level: float
-    at: float  # when `level` was last brought up to date
 
-    def refill(self, now: float) -> None:
-        rate = self.capacity / 60.0
-        self.level = min(self.capacity, self.level + max(0.0, now - self.at) * rate)
-        self.at = now
+@dataclass(eq=False, slots=True)
+class Charge:
+    """One admitted request's place in its key's log: the handle `refund` takes."""
 
-    def wait_for(self, cost: float) -> float:
-        """Seconds until `cost` fits (0 if it fits now)."""
-        deficit = min(cost, self.capacity) - self.level
-        return 0.0 if deficit <= 0 else deficit / (self.capacity / 60.0)
+    key: str
+    at: float  # when it was admitted
+    tokens: int  # what it is charged now, net of refunds
+    logged: bool = True  # still counted in its key's window (False once older than the window)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request not admitted, and nothing charged for it."""
+
+    reason: str
+    wait: float | None  # seconds until it would fit; None when it never can (bigger than the limit)
+
+
+@dataclass(slots=True)
+class _Log:
+    """A key's admissions younger than the window, oldest first, and their sum net of refunds."""
+
+    charges: deque[Charge] = field(default_factory=deque)
+    tokens: int = 0
+    latest: float = float("-inf")  # the latest time seen: the window never moves back
+
+    def expire(self, now: float) -> None:
+        while self.charges and self.charges[0].at + WINDOW_S <= now:
+            old = self.charges.popleft()
+            old.logged = False
+            self.tokens -= old.tokens
 
 
 @dataclass
@@ -34,27 +66,84 @@ class RateLimiter:
 
     rpm: int
     tpm: int
-    _buckets: dict[tuple[str, str], Bucket] = field(default_factory=dict)
+    _logs: dict[str, _Log] = field(default_factory=dict)
+    _swept: float = float("-inf")
 
-    def _bucket(self, key: str, kind: str, capacity: int, now: float) -> Bucket:
-        bucket = self._buckets.get((key, kind))
-        if bucket is None:
-            bucket = self._buckets[(key, kind)] = Bucket(capacity, capacity, now)
-        bucket.refill(now)
-        return bucket
+    def admit(self, key: str, tokens: int, now: float) -> Charge | Refusal:
+        """Charge a request of at most `tokens` tokens, or say why not and for how long (charging nothing)."""
+        if tokens < 0:
+            raise ValueError("a token estimate cannot be negative")
+        if self.tpm and tokens > self.tpm:
+            return Refusal(f"this request may use up to {tokens} tokens, more than this key's limit of {self.tpm} "
+                           "tokens per minute: it can never be admitted; ask for fewer tokens", None)  # fmt: skip
+        if not self.rpm and not self.tpm:
+            return Charge(key, now, tokens, logged=False)  # no limit: nothing to remember
+        self._sweep(now)
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = _Log()
+        now = log.latest = max(now, log.latest)
+        log.expire(now)
+        wait = self._wait(log, tokens, now)
+        if wait > 0:
+            return Refusal(f"rate limit reached for this key ({self._limits()} per minute); "
+                           f"retry in {math.ceil(wait)} s", wait)  # fmt: skip
+        charge = Charge(key, now, tokens)
+        log.charges.append(charge)
+        log.tokens += tokens
+        return charge
 
-    def admit(self, key: str, tokens: int, now: float) -> int:
-        """Charge a request; 0 if admitted, else the whole seconds to wait (nothing is charged)."""
-        checks = [(kind, cap, cost) for kind, cap, cost in (("req", self.rpm, 1), ("tok", self.tpm, tokens)) if cap]
-        waits = [self._bucket(key, kind, cap, now).wait_for(cost) for kind, cap, cost in checks]
-        if any(w > 0 for w in waits):
-            return max(1, math.ceil(max(waits)))
-        for kind, cap, cost in checks:
-            self._bucket(key, kind, cap, now).level -= min(cost, cap)
-        return 0
+    def refund(self, charge: Charge, used: int) -> None:
+        """Lower a charge to the tokens the request really used: never below 0, never above what was charged."""
+        lowered = min(charge.tokens, max(0, used))
+        if charge.logged:
+            self._logs[charge.key].tokens -= charge.tokens - lowered
+        charge.tokens = lowered
 
-    def refund(self, key: str, tokens: int, now: float) -> None:
-        """Give back tokens charged at admission but not used."""
-        if self.tpm and tokens > 0:
-            bucket = self._bucket(key, "tok", self.tpm, now)
-            bucket.level = min(bucket.capacity, bucket.level + tokens)
+    def cancel(self, charge: Charge) -> None:
+        """Take back an admission whose request was refused before it began (queue full, no node
+        serves the model): a request that was never served counts for nothing, in either limit."""
+        if charge.logged:
+            log = self._logs[charge.key]
+            log.charges.remove(charge)
+            log.tokens -= charge.tokens
+            charge.logged = False
+        charge.tokens = 0
+
+    def _wait(self, log: _Log, tokens: int, now: float) -> float:
+        """Seconds until the oldest charges have left the window and the request fits; 0 if it fits now."""
+        # Only the passing of time frees room here (a refund may free it sooner): the answer is
+        # the exact time the limiting charge expires, so admitting at now + wait succeeds.
+        until = now
+        if self.rpm and len(log.charges) + 1 > self.rpm:
+            until = max(until, log.charges[len(log.charges) - self.rpm].at + WINDOW_S)
+        excess = log.tokens + tokens - self.tpm
+        if self.tpm and excess > 0:
+            for old in log.charges:
+                excess -= old.tokens
+                if excess <= 0:
+                    until = max(until, old.at + WINDOW_S)
+                    break
+        return until - now
+
+    def _limits(self) -> str:
+        return " and ".join(f"{n} {what}" for n, what in ((self.rpm, "requests"), (self.tpm, "tokens")) if n)
+
+    def _sweep(self, now: float) -> None:
+        """Forget keys idle for a whole window, so keys that stop calling do not hold memory."""
+        if now - self._swept < WINDOW_S:
+            return
+        self._swept = now
+        for key in list(self._logs):
+            log = self._logs[key]
+            log.expire(max(now, log.latest))
+            if not log.charges:
+                del self._logs[key]
+
+    def charged(self, key: str, now: float) -> tuple[int, int]:
+        """(requests, tokens) charged to `key` in the window ending at `now`."""
+        log = self._logs.get(key)
+        if log is None:
+            return (0, 0)
+        log.expire(max(now, log.latest))
+        return (len(log.charges), log.tokens)

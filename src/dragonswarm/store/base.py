@@ -36,6 +36,10 @@ class KeyRecord:
             return "this API key has expired"
         return None
 
+    def state(self, now: float) -> str:
+        """'active', 'expired' or 'revoked', as listings show it."""
+        return "revoked" if self.revoked is not None else ("expired" if self.refusal(now) else "active")
+
 
 @dataclass(frozen=True, slots=True)
 class NodeIdentity:
@@ -53,6 +57,17 @@ class NodeRecord:
     last_seen: float
     state: str  # "live" | "stale" | "gone"
     info: dict[str, Any]  # models, shares, last heartbeat figures (JSON-serialisable)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one key has used of one model, since the store was made."""
+
+    key_id: int
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
 
 
 def new_key() -> str:
@@ -129,6 +144,9 @@ class Store(Protocol):
 
     def usage_by_key(self) -> dict[int, tuple[int, int, int]]:
         """key_id -> (requests, prompt_tokens, completion_tokens), summed over models."""
+
+    def list_usage(self) -> list[Usage]:
+        """Every key's usage per model, by key id then model."""
 
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""

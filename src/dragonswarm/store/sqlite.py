@@ -26,6 +26,7 @@ from dragonswarm.store.base import (
     NodeRecord,
     Role,
     Store,
+    Usage,
     check_new_key,
     hash_key,
     key_prefix,
@@ -248,6 +249,13 @@ class SqliteStore:
                 "SELECT key_id, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM usage GROUP BY key_id"
             ).fetchall()
         return {key_id: (requests, prompt, completion) for key_id, requests, prompt, completion in rows}
+
+    def list_usage(self) -> list[Usage]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT key_id, model, requests, prompt_tokens, completion_tokens FROM usage ORDER BY key_id, model"
+            ).fetchall()
+        return [Usage(*row) for row in rows]
 
     def close(self) -> None:
         with self._lock:
