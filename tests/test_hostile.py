@@ -34,6 +34,8 @@ def join(orch: OrchestratorProcess, name: str, token: str, max_size: int | None 
                             "local_share": 0.8, "cpus": 1, "ram_total": 1}))  # fmt: skip
         welcome = json.loads(ws.recv(timeout=10))
         assert welcome["type"] == "welcome"
+        if welcome.get("credential"):  # a new name: kept (here: not at all) and confirmed
+            ws.send(json.dumps({"type": "confirm", "credential": welcome["credential"]}))
         yield ws
 
 
@@ -157,6 +159,11 @@ def test_node_identity_and_revocation(start_orchestrator: Start, start_node: Sta
     # The revoked machine still serves its own owner.
     local = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "mine", "max_tokens": 3})
     assert local.status_code == 200 and local.headers["x-dragon-nodes"] == serving
+    # ... and cannot hand its owner's requests to the swarm any more either.
+    handed = httpx.post(f"{orch.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
+                        headers={"Authorization": f"Bearer {credential_of(node)}", "X-Dragon-Node": serving},
+                        verify=orch.verify)  # fmt: skip
+    assert handed.status_code == 403 and "revoked" in handed.json()["error"]["message"], handed.text
     admin = {"Authorization": f"Bearer {orch.keys['admin']}"}
     missing = httpx.post(f"{orch.url}/v1/nodes/nobody/revoke", headers=admin, verify=orch.verify)
     assert missing.status_code == 404

@@ -43,7 +43,9 @@ def join(orch: OrchestratorProcess, name: str, sha256: str, capacity: int = 1) -
         ws.send(json.dumps({"type": "hello", "v": VERSION, "name": name, "share": 0.1, "local_share": 0.8, "cpus": 2,
                             "ram_total": 1 << 30, "capacity": capacity,
                             "models": [{"name": "tiny", "sha256": sha256, "loaded": True}]}))  # fmt: skip
-        assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+        welcome = json.loads(ws.recv(timeout=10))
+        assert welcome["type"] == "welcome"
+        ws.send(json.dumps({"type": "confirm", "credential": welcome["credential"]}))
         yield ws
 
 

@@ -177,13 +177,13 @@ def test_open_store_uses_state_db_under_home(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_file_header_says_wal_and_schema_version_2(store: SqliteStore, tmp_path: Path) -> None:
+def test_file_header_says_wal_and_schema_version_3(store: SqliteStore, tmp_path: Path) -> None:
     # Read from the SQLite file header (https://sqlite.org/fileformat.html) rather than
     # through sqlite3, which only store/ imports. Closing checkpoints the WAL into the file.
     store.close()
     header = (tmp_path / "home" / "state.db").read_bytes()[:100]
     assert header[18:20] == b"\x02\x02"  # read/write format 2 = WAL
-    assert int.from_bytes(header[60:64], "big") == 2  # PRAGMA user_version
+    assert int.from_bytes(header[60:64], "big") == 3  # PRAGMA user_version
 
 
 def test_threads_share_one_store(store: SqliteStore) -> None:
@@ -230,14 +230,20 @@ def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
 
 
 def test_node_identities(store: SqliteStore) -> None:
-    credential = store.create_identity("w1")
-    assert credential is not None
-    assert store.create_identity("w1") is None  # a name is admitted once
+    lost = store.offer_identity("w1")  # a welcome that never reached its node
+    credential = store.offer_identity("w1")  # ... so the node key asks again
+    assert lost is not None and credential is not None and lost != credential
+    assert not store.confirm_identity("w1", lost)  # the first offer is void
+    assert store.confirm_identity("w1", credential)
+    assert store.offer_identity("w1") is None  # bound: the node key can no longer speak for it
     found = store.find_identity("w1", credential)
-    assert found is not None and found.revoked is None
+    assert found is not None and found.revoked is None and found.confirmed is not None
     assert store.find_identity("w1", credential + "x") is None
     assert store.find_identity("w2", credential) is None
     assert store.revoke_identity("w1") and not store.revoke_identity("nobody")
     again = store.find_identity("w1", credential)
     assert again is not None and again.revoked is not None
     assert [i.name for i in store.list_identities()] == ["w1"]
+    assert store.offer_identity("w1") is None and not store.confirm_identity("w1", credential)  # revoked for good
+    assert store.forget_identity("w1") and not store.forget_identity("w1")
+    assert store.get_identity("w1") is None and store.offer_identity("w1") is not None  # the name is free again

@@ -170,8 +170,9 @@ def test_auth_matrix(swarm: Callable[..., OrchestratorProcess]) -> None:
     bodies = {"/v1/completions": {"model": "tiny", "prompt": "x", "max_tokens": 2},
               "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                        "max_tokens": 2}}  # fmt: skip
-    allowed = {"/v1/models": {"user", "node", "admin"}, "/v1/completions": {"user", "node", "admin"},
-               "/v1/chat/completions": {"user", "node", "admin"}, "/v1/nodes": {"admin"},
+    # The node key only joins: a node hands its owner's requests over with its own credential.
+    allowed = {"/v1/models": {"user", "admin"}, "/v1/completions": {"user", "admin"},
+               "/v1/chat/completions": {"user", "admin"}, "/v1/nodes": {"admin"},
                "/v1/usage": {"admin"}}  # fmt: skip
     for method, path in ENDPOINTS:
         for label, headers in [("no key", {}), ("bad key", {"Authorization": "Bearer dsk_not-a-key"}),

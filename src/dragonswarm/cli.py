@@ -157,13 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="requests and tokens each key has used, in all and per model")
     usage.add_argument("--json", action="store_true", help="print the orchestrator's report as JSON")
 
-    nodes = commands.add_parser("nodes", help="list the swarm's nodes, or revoke one")
+    nodes = commands.add_parser("nodes", help="list the swarm's nodes, revoke one, or free a name")
     nodes_commands = nodes.add_subparsers(dest="nodes_command", required=True, metavar="ACTION", parser_class=_Parser)
     nodes_list = nodes_commands.add_parser("list", help="the nodes, as `dragon status` shows them")
     nodes_revoke = nodes_commands.add_parser("revoke", help="cut a node off now; it can never rejoin")
     nodes_revoke.add_argument("name")
+    nodes_forget = nodes_commands.add_parser("forget", help="free a node's name: its credential and record are "
+                                             "deleted; a machine may join under it with the node key")  # fmt: skip
+    nodes_forget.add_argument("name")
     status.add_argument("--ca", help="the swarm's CA certificate (default: from swarm.json, or DRAGON_CA)")
-    for sub in (nodes_list, nodes_revoke, usage):
+    for sub in (nodes_list, nodes_revoke, nodes_forget, usage):
         sub.add_argument("--ca", help="the swarm's CA certificate (default: from swarm.json, or DRAGON_CA)")
         sub.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
         sub.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
@@ -353,6 +356,11 @@ def cmd_nodes(args: argparse.Namespace) -> None:
 
     if args.nodes_command == "list":
         print(nodes_table(_admin_request(args, "GET", "/v1/nodes")["data"]))
+        return
+    if args.nodes_command == "forget":
+        result = _admin_request(args, "POST", f"/v1/nodes/{args.name}/forget")
+        cut = " and cut off" if result["was_connected"] else ""
+        print(f"node {result['name']} forgotten{cut}; a machine may join under this name again", file=sys.stderr)
         return
     result = _admin_request(args, "POST", f"/v1/nodes/{args.name}/revoke")
     cut = " and cut off" if result["was_connected"] else ""

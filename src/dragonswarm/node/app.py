@@ -39,7 +39,7 @@ def create_app(service: NodeService) -> FastAPI:
         key = settings.key.get_secret_value()
         ssl = client_context(settings.ca) if settings.orchestrator.startswith("https://") else None
         link = SwarmLink(service, settings.orchestrator, key, ssl)
-        handoff = Handoff(settings.orchestrator, key, settings.name, ssl)
+        handoff = Handoff(settings.orchestrator, link.credential, settings.name, ssl, settings.request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -32,6 +32,7 @@ from dragonswarm.protocol.swarm import (
     NODE_HEADER,
     VERSION,
     Cancel,
+    Confirm,
     Heartbeat,
     Hello,
     JobEvent,
@@ -123,18 +124,26 @@ class SwarmLink:
         """Stay connected: reconnect with backoff for as long as the node runs."""
         await self.service.identified.wait()  # the swarm knows a model by its file's sha256
         failures = 0
+        fell_back = False  # to the node key, once, after the orchestrator stopped knowing our credential
         while True:
-            headers = {"Authorization": f"Bearer {self.credential() or self.key}", NODE_HEADER: self.name}
+            credential = self.credential()
+            headers = {"Authorization": f"Bearer {credential or self.key}", NODE_HEADER: self.name}
             try:
                 async with connect(ws_url(self.url), additional_headers=headers, max_size=self.max_message_bytes,
                                    open_timeout=10, ssl=self.ssl) as ws:  # fmt: skip
                     await self._session(ws)
-                    failures = 0
+                    failures, fell_back = 0, False
             except asyncio.CancelledError:
                 raise
             except websockets.InvalidStatus as exc:
                 status = exc.response.status_code
                 reason = _error_message(exc.response.body)
+                if status == 401 and credential and not fell_back:
+                    log.warning("the orchestrator does not know this node's credential (%s): it was forgotten, or "
+                                "the orchestrator's data was reset; joining once more with the node key", reason)
+                    self.credential_path.unlink(missing_ok=True)
+                    fell_back = True
+                    continue
                 log.error("the orchestrator refused this node (HTTP %d: %s)", status, reason)
                 if status == 403:
                     self.refused = reason
@@ -161,8 +170,9 @@ class SwarmLink:
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected welcome")
         self.heartbeat_s = welcome.heartbeat_s
-        if welcome.credential:
+        if welcome.credential:  # kept first, confirmed then: the name is ours only once we hold its credential
             self._save_credential(welcome.credential)
+            await self._send(ws, dump(Confirm(credential=welcome.credential)))
         self.connected = True
         log.info("joined the swarm at %s as %s", self.url, welcome.name)
         self._rtt = RttTracker()  # a new connection may take another path, with a floor of its own

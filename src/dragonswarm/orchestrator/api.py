@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -12,10 +13,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from dragonswarm.errors import InvalidRequest, NotFound, RateLimited
-from dragonswarm.orchestrator.auth import require
+from dragonswarm.orchestrator.auth import Caller, inference, require
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.registry import model_key
-from dragonswarm.orchestrator.swarm import CLOSE_REVOKED, Swarm
+from dragonswarm.orchestrator.swarm import CLOSE_FORGOTTEN, CLOSE_REVOKED, Swarm
 from dragonswarm.orchestrator.usage import usage_report
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Event, Generation
@@ -29,7 +30,7 @@ log = logging.getLogger("dragonswarm.orchestrator")
 
 router = APIRouter()
 
-Inference = Annotated[KeyRecord, Depends(require("user", "node", what="use the inference API"))]
+Inference = Annotated[Caller, Depends(inference)]
 Admin = Annotated[KeyRecord, Depends(require("admin", what="read the registry"))]
 
 
@@ -58,7 +59,7 @@ async def list_models(request: Request, key: Inference) -> dict[str, Any]:
 async def list_nodes(request: Request, key: Admin) -> dict[str, Any]:
     swarm = swarm_of(request)
     live = {r.name: r for r in swarm.registry.records()}
-    stored = {r.name: r for r in swarm.store.list_nodes() if r.name not in live}
+    stored = {r.name: r for r in await asyncio.to_thread(swarm.store.list_nodes) if r.name not in live}
     data = []
     for record in sorted([*live.values(), *stored.values()], key=lambda r: r.name):
         state = record.state if record.name in live else "gone"
@@ -71,13 +72,30 @@ async def list_nodes(request: Request, key: Admin) -> dict[str, Any]:
 async def revoke_node(request: Request, name: str, key: Admin) -> dict[str, Any]:
     """Revoke a node for good: its connection is cut now, its work moves, it cannot rejoin."""
     swarm = swarm_of(request)
-    if not swarm.store.revoke_identity(name):
+    if not await asyncio.to_thread(swarm.store.revoke_identity, name):
         raise NotFound(f"no node named {name!r} was ever admitted", param="name")
+    return {"name": name, "revoked": True, "was_connected": _cut(swarm, name, CLOSE_REVOKED, "revoked")}
+
+
+@router.post("/v1/nodes/{name}/forget")
+async def forget_node(request: Request, name: str, key: Admin) -> dict[str, Any]:
+    """Free a name: its credential and record are deleted, its connection (if any) is cut. A
+    machine that lost its credential (reinstalled, or a new machine taking the name) may then
+    join with the node key; the machine that held it, if it still runs, rejoins the same way."""
+    swarm = swarm_of(request)
+    if not await asyncio.to_thread(swarm.store.forget_identity, name):
+        raise NotFound(f"no node named {name!r} is known", param="name")
+    return {"name": name, "forgotten": True, "was_connected": _cut(swarm, name, CLOSE_FORGOTTEN, "forgotten")}
+
+
+def _cut(swarm: Swarm, name: str, code: int, reason: str) -> bool:
+    """End a node's connection now, if it has one; its work moves on."""
     conn = swarm.registry.conns.get(name)
-    if conn is not None:
-        conn.close(CLOSE_REVOKED, "revoked")
-        swarm.node_left(conn)
-    return {"name": name, "revoked": True, "was_connected": conn is not None}
+    if conn is None:
+        return False
+    conn.close(code, reason)
+    swarm.node_left(conn)
+    return True
 
 
 @router.get("/v1/usage")
@@ -89,50 +107,51 @@ async def usage(request: Request, key: Annotated[KeyRecord, Depends(require("adm
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(request: Request, body: CompletionRequest, key: Inference) -> Response:
-    return await _serve(request, key, body, completion_generations(body, swarm_of(request).settings.limits))
+async def completions(request: Request, body: CompletionRequest, caller: Inference) -> Response:
+    return await _serve(request, caller, body, completion_generations(body, swarm_of(request).settings.limits))
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(request: Request, body: ChatCompletionRequest, key: Inference) -> Response:
-    return await _serve(request, key, body, chat_generations(body, swarm_of(request).settings.limits))
+async def chat_completions(request: Request, body: ChatCompletionRequest, caller: Inference) -> Response:
+    return await _serve(request, caller, body, chat_generations(body, swarm_of(request).settings.limits))
 
 
 @router.post("/v1/embeddings", response_model=None)
-async def embeddings(request: Request, key: Inference) -> Response:
+async def embeddings(request: Request, caller: Inference) -> Response:
     raise NotFound("this server does not serve embeddings: it runs generative models only", code="not_supported")
 
 
-async def _serve(request: Request, key: KeyRecord, body: SamplingParams, gens: list[Generation]) -> Response:
+async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: list[Generation]) -> Response:
     swarm = swarm_of(request)
     model = pick_model(body.model, prompt_text(body), swarm.registry.model_tags()) or body.model
-    # Only a node may say which node handed the request over (it is kept off that node).
-    origin = request.headers.get("x-dragon-origin") if key.role == "node" else None
     estimate = token_estimate(gens)
-    charge = swarm.limiter.admit(str(key.id), estimate, time.monotonic())
+    charge = swarm.limiter.admit(caller.lane, estimate, time.monotonic())
     if isinstance(charge, Refusal):
         if charge.wait is None:  # bigger than the limit itself: no wait would help, so no Retry-After
             raise InvalidRequest(charge.reason, code="request_too_large")
         raise RateLimited(charge.reason, retry_after=max(1, math.ceil(charge.wait)))
-    req = SwarmRequest(user=f"key-{key.id}", model=model, origin=origin)
+    # A node handing its owner's request over is the request's origin: it is kept off that node.
+    req = SwarmRequest(user=caller.lane, model=model, origin=caller.node)
     reply = Reply.for_request(body, model, len(gens))
     reply.headers = lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}
     reply.route = req.route
-    return await respond(request, reply, _metered(swarm, key, model, charge, swarm.run(req, gens)))
+    return await respond(request, reply, _metered(swarm, caller, model, charge, swarm.run(req, gens)))
 
 
-async def _metered(swarm: Swarm, key: KeyRecord, model: str, charge: Charge,
+async def _metered(swarm: Swarm, caller: Caller, model: str, charge: Charge,
                    events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
     """Pass events through; once the request ends, record the key's usage and give back
-    the tokens charged at admission but not used."""
+    the tokens charged at admission but not used. Counted as the work goes (prompts as
+    they start, each token relayed), so a stream cut short costs what it used."""
     prompt = completion = 0
     began = False
     try:
         async for index, event in events:
             began = True
-            if event["ev"] == "done":
+            if event["ev"] == "start":
                 prompt += event.get("prompt_tokens", 0)
-                completion += event.get("completion_tokens", 0)
+            elif event["ev"] == "text":
+                completion += len(event.get("ids", ()))
             yield index, event
     finally:
         await events.aclose()
@@ -140,8 +159,9 @@ async def _metered(swarm: Swarm, key: KeyRecord, model: str, charge: Charge,
             swarm.limiter.refund(charge, prompt + completion)
         else:  # refused before it began (queue full, no node serves the model): not a request at all
             swarm.limiter.cancel(charge)
-        if prompt or completion:
+        if (prompt or completion) and caller.key is not None:
             try:  # the answer is already out: accounting that fails must not break it
-                swarm.store.record_usage(key.id, model, prompt, completion)
+                record = asyncio.to_thread(swarm.store.record_usage, caller.key.id, model, prompt, completion)
+                await asyncio.shield(record)  # recorded even when the request's task is being cancelled
             except Exception:
                 log.exception("recording usage failed")

@@ -1,17 +1,23 @@
 """Who is asking: every endpoint but /health needs a key, and the key's role must allow it.
 
 Fails closed: no key or an unknown key is 401, a known key with the wrong role 403.
-`admin` may do everything.
+`admin` may do everything. The inference API also takes a node's own credential (with its
+name in `X-Dragon-Node`): a node handing its owner's request over speaks as itself, so
+it has its own limits and queue lane, and a revoked node is refused there too.
+Lookups read the store, so they run in a thread: the event loop never waits on a lock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from fastapi import Request
 
 from dragonswarm.errors import Forbidden, Unauthorized
+from dragonswarm.protocol.swarm import CREDENTIAL_PREFIX, NODE_HEADER
 from dragonswarm.store.base import KeyRecord, Role, Store
 
 
@@ -38,12 +44,38 @@ def authenticate(store: Store, headers: Mapping[str, str], roles: tuple[Role, ..
     return record
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks for inference: a key, or a node speaking for itself with its credential."""
+
+    lane: str  # its rate limits and its lane in the fair queue: one per key, one per node
+    key: KeyRecord | None = None
+    node: str | None = None  # the node's name, authenticated: the origin of a hand-off
+
+
+def inference_caller(store: Store, headers: Mapping[str, str]) -> Caller:
+    token = bearer(headers) or ""
+    if not token.startswith(CREDENTIAL_PREFIX):
+        record = authenticate(store, headers, ("user",), "use the inference API")
+        return Caller(lane=f"key-{record.id}", key=record)
+    name = headers.get(NODE_HEADER.lower(), "")
+    identity = store.find_identity(name, token)
+    if identity is None:
+        raise Unauthorized(f"not a credential of node {name!r} (send the node's name in {NODE_HEADER})")
+    if identity.revoked is not None:
+        raise Forbidden(f"node {name!r} has been revoked")
+    return Caller(lane=f"node-{name}", node=name)
+
+
 def require(*roles: Role, what: str) -> Callable[[Request], Awaitable[KeyRecord]]:
     """A FastAPI dependency admitting keys of these roles (and admin)."""
 
-    # Async on purpose: the lookup is one indexed SQLite read (microseconds), cheaper than
-    # the thread hop FastAPI would make for a plain function on every request.
     async def dependency(request: Request) -> KeyRecord:
-        return authenticate(request.app.state.store, request.headers, roles, what)
+        return await asyncio.to_thread(authenticate, request.app.state.store, request.headers, roles, what)
 
     return dependency
+
+
+async def inference(request: Request) -> Caller:
+    """A FastAPI dependency: a user (or admin) key, or a node's own credential."""
+    return await asyncio.to_thread(inference_caller, request.app.state.store, request.headers)

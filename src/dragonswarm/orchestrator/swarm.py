@@ -35,6 +35,7 @@ log = logging.getLogger("dragonswarm.orchestrator")
 CLIENT_ERRORS = {"context_length_exceeded", "invalid_request", "unsupported_parameter"}
 CLOSE_STALE = 4000  # WebSocket close code for a node whose heartbeats stopped
 CLOSE_REVOKED = 4003  # ... for a node an admin revoked
+CLOSE_FORGOTTEN = 4004  # ... for a node whose name an admin freed
 
 
 class Swarm:
@@ -241,7 +242,7 @@ class Swarm:
                     self._emit(f, {"ev": "start", "prompt_tokens": f.prompt_tokens})
             case "text":
                 f.ids.extend(ev.ids or ())
-                event: Event = {"ev": "text", "text": ev.text or ""}
+                event: Event = {"ev": "text", "text": ev.text or "", "ids": ev.ids or []}
                 if ev.logprobs:
                     event["logprobs"] = [lp.model_dump() for lp in ev.logprobs]  # type: ignore[misc]
                 self._emit(f, event)

@@ -1,8 +1,10 @@
 """The orchestrator's end of a node's WebSocket: admit, greet, listen, and let go.
 
 A node is admitted before the handshake completes, by its own credential or, the first
-time, by a `node` (or `admin`) key; a refusal is a plain HTTP 400/401/403. After that, anything that breaks the protocol
-ends the connection with close code 1008, and its fragments move to other workers.
+time, by a `node` (or `admin`) key; a refusal is a plain HTTP 400/401/403. A name admitted
+by the node key is offered a credential in `welcome` and bound to it when the node
+`confirm`s it has kept it. After that, anything that breaks the protocol ends the
+connection with close code 1008, and its fragments move to other workers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dragonswarm.protocol.swarm import (
     NAME_PATTERN,
     NODE_HEADER,
     VERSION,
+    Confirm,
     Heartbeat,
     Hello,
     JobEvent,
@@ -54,11 +57,13 @@ class Admission:
 
 
 def admit(store: Store, headers: Mapping[str, str]) -> Admission:
-    """Who may open a node connection, decided before the handshake completes.
+    """Who may open a node connection, decided before the handshake completes (in a thread:
+    it reads and writes the store).
 
-    A node's own credential speaks for its name only. A node key admits a name nobody
-    holds yet, once: the new credential goes back in `welcome`, and from then on the
-    shared node key can no longer speak for that name. A revoked name never returns.
+    A node's own credential speaks for its name only. A node key may speak for a name
+    nobody holds: it is offered a new credential (replacing one offered before and never
+    confirmed), and once the node confirms it the node key can no longer speak for that
+    name. A revoked name never returns; a forgotten one is free again.
     """
     name = headers.get(NODE_HEADER.lower(), "")
     if not re.fullmatch(NAME_PATTERN, name):
@@ -70,23 +75,26 @@ def admit(store: Store, headers: Mapping[str, str]) -> Admission:
             raise Unauthorized(f"not a credential of node {name!r}")
         if identity.revoked is not None:
             raise Forbidden(f"node {name!r} has been revoked")
+        if identity.confirmed is None:  # its confirm was lost, but it came back holding the credential
+            store.confirm_identity(name, token)
         return Admission(name, None)
     authenticate(store, headers, ("node",), "join the swarm")
-    existing = store.get_identity(name)
-    if existing is not None:
-        state = "revoked" if existing.revoked is not None else "admitted with its own credential"
-        raise Forbidden(f"node {name!r} is already {state}; a node key cannot speak for it")
-    credential = store.create_identity(name)
-    if credential is None:  # admitted by a concurrent connection a moment ago
-        raise Forbidden(f"node {name!r} was just admitted by another connection")
+    credential = store.offer_identity(name)
+    if credential is None:
+        existing = store.get_identity(name)
+        if existing is None or existing.revoked is not None:
+            raise Forbidden(f"node {name!r} has been revoked; a node key cannot speak for it")
+        raise Forbidden(f"node {name!r} is held by a machine with its own credential; a node key cannot speak "
+                        "for it (an admin can free the name: dragon nodes forget NAME)")  # fmt: skip
     return Admission(name, credential)
 
 
 @router.websocket("/v1/swarm")
 async def swarm_socket(ws: WebSocket) -> None:
     swarm: Swarm = ws.app.state.swarm
+    store: Store = ws.app.state.store
     try:
-        admission = admit(ws.app.state.store, ws.headers)
+        admission = await asyncio.to_thread(admit, store, ws.headers)
     except DragonError as exc:
         await ws.send_denial_response(dragon_error_response(exc))
         return
@@ -99,20 +107,35 @@ async def swarm_socket(ws: WebSocket) -> None:
             raise ProtocolError(f"protocol version {hello.v} is not supported (this orchestrator speaks {VERSION})")
         if hello.name != admission.name:
             raise ProtocolError(f"hello names {hello.name!r} but the connection was admitted as {admission.name!r}")
+        # What the node claims is a ceiling, not a grant: it runs what policy allows.
+        hello = hello.model_copy(update={"capacity": min(hello.capacity, swarm.settings.max_node_capacity)})
+        if swarm.registry.claimed(hello.name, time.monotonic()):
+            log.warning("refused a second live connection for node %s", hello.name)
+            await ws.close(CLOSE_CONFLICT, f"node {hello.name} is already connected")
+            return
+        await ws.send_text(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=swarm.settings.heartbeat_s,
+                                        credential=admission.credential)))  # fmt: skip
+        if admission.credential is not None and not await _confirmed(ws, store, hello.name):
+            log.warning("node %s did not confirm its credential, another machine's did", hello.name)
+            await ws.close(CLOSE_CONFLICT, f"the name {hello.name} was just taken by another machine")
+            return
     except (ProtocolError, TimeoutError, WebSocketDisconnect, KeyError) as exc:
         with contextlib.suppress(Exception):
             await ws.close(CLOSE_PROTOCOL, str(exc)[:120] or "expected hello")
         return
-    # What the node claims is a ceiling, not a grant: it runs what policy allows.
-    hello = hello.model_copy(update={"capacity": min(hello.capacity, swarm.settings.max_node_capacity)})
-    if swarm.registry.claimed(hello.name, time.monotonic()):
-        log.warning("refused a second live connection for node %s", hello.name)
-        await ws.close(CLOSE_CONFLICT, f"node {hello.name} is already connected")
-        return
-    await _serve(ws, swarm, hello, admission.credential)
+    await _serve(ws, swarm, hello)
 
 
-async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, credential: str | None) -> None:
+async def _confirmed(ws: WebSocket, store: Store, name: str) -> bool:
+    """Wait for the node to confirm it has kept the credential its welcome offered; bind
+    the name to it then. Until it does, the name stays free for the node key to ask again."""
+    message = parse_node_message(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT_S))
+    if not isinstance(message, Confirm):
+        raise ProtocolError("a node offered a credential must confirm it first")
+    return await asyncio.to_thread(store.confirm_identity, name, message.credential)
+
+
+async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello) -> None:
     outbox: asyncio.Queue[str | None] = asyncio.Queue()
     closing: list[tuple[int, str]] = []
 
@@ -126,7 +149,6 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, credential: str | No
         replaced.close(CLOSE_CONFLICT, "replaced by a new connection")
         swarm.node_left(replaced)  # its work moves before the new connection can take any
     swarm.registry.join(conn)
-    conn.send(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=swarm.settings.heartbeat_s, credential=credential)))
     log.info("node %s joined (%s)", hello.name, ", ".join(m.name for m in hello.models))
     writer = asyncio.create_task(_write(ws, outbox), name=f"ws-writer-{hello.name}")
     reader = asyncio.create_task(_read(ws, swarm, conn), name=f"ws-reader-{hello.name}")
@@ -189,4 +211,4 @@ async def _read(ws: WebSocket, swarm: Swarm, conn: NodeConn) -> None:
                 conn.last_seen = time.monotonic()
                 swarm.on_event(conn, parsed)
             else:
-                raise ProtocolError("hello sent twice")
+                raise ProtocolError(f"{parsed.type} out of place")

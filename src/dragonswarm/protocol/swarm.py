@@ -3,7 +3,8 @@
 Every message is a JSON object with a `type`. The node opens the connection (so a
 volunteer's machine needs no inbound port), says `hello` with the protocol version,
 then sends `heartbeat`s about once a second and `event`s for the fragments it runs.
-The orchestrator answers `welcome`, then sends `run` (one fragment) and `cancel`.
+The orchestrator answers `welcome` (with a new credential the first time, which the node
+keeps and then `confirm`s), then sends `run` (one fragment) and `cancel`.
 Everything is validated here, strictly, in one place; anything else is a protocol
 error and ends the connection.
 """
@@ -60,6 +61,13 @@ class Hello(_Message):
     cpus: int = Field(ge=1)
     ram_total: int = Field(ge=0)
     capacity: int = Field(default=1, ge=1, le=64)  # fragments it runs at once
+
+
+class Confirm(_Message):
+    """The node has kept the credential its welcome carried: bind its name to it."""
+
+    type: Literal["confirm"] = "confirm"
+    credential: str = Field(min_length=1, max_length=128)
 
 
 class GpuRecord(_Message):
@@ -143,8 +151,9 @@ class Welcome(_Message):
     v: int
     name: str
     heartbeat_s: float = Field(gt=0.0)
-    # Sent once, when a node key admits a new machine: from then on the node proves who
-    # it is with this credential, and the shared node key can no longer speak for it.
+    # Sent when a node key admits a name nobody holds: the node keeps it and answers
+    # `confirm`; from then on it proves who it is with this credential, and the shared node
+    # key can no longer speak for that name.
     credential: str | None = None
 
 
@@ -167,7 +176,7 @@ class Cancel(_Message):
     job: str
 
 
-NodeMessage = Annotated[Hello | Heartbeat | JobEvent, Field(discriminator="type")]
+NodeMessage = Annotated[Hello | Confirm | Heartbeat | JobEvent, Field(discriminator="type")]
 OrchestratorMessage = Annotated[Welcome | RunFragment | Cancel, Field(discriminator="type")]
 
 _node_messages: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
@@ -185,8 +194,8 @@ def _parse(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
         raise ProtocolError(f"invalid message ({where}: {first['msg']})") from None
 
 
-def parse_node_message(raw: str | bytes) -> Hello | Heartbeat | JobEvent:
-    message: Hello | Heartbeat | JobEvent = _parse(_node_messages, raw)
+def parse_node_message(raw: str | bytes) -> Hello | Confirm | Heartbeat | JobEvent:
+    message: Hello | Confirm | Heartbeat | JobEvent = _parse(_node_messages, raw)
     return message
 
 

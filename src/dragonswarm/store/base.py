@@ -43,11 +43,16 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True)
 class NodeIdentity:
-    """A machine admitted to the swarm: its name and the hash of its own credential."""
+    """A machine admitted to the swarm: its name and the hash of its own credential.
+
+    A name is offered a credential first and bound to it only once the node confirms that
+    it holds it (`confirmed`); until then the shared node key may ask again, so a welcome
+    lost on the way, or a credential the node failed to write, never locks a name out."""
 
     name: str
     created: float
     revoked: float | None = None
+    confirmed: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +123,16 @@ class Store(Protocol):
     def revoke_key(self, ident: str) -> KeyRecord | None:
         """Revoke the key with this id or shown prefix; None if no single key matches."""
 
-    def create_identity(self, name: str) -> str | None:
-        """Admit a node name: its new credential (plaintext, once), or None if the name is taken."""
+    def offer_identity(self, name: str) -> str | None:
+        """A new credential for a name nobody holds yet (plaintext, once; it replaces one offered
+        before and never confirmed), or None if the name is bound or revoked."""
+
+    def confirm_identity(self, name: str, credential: str) -> bool:
+        """Bind the name to this credential, its node having shown it holds it; False if the
+        credential is not the one offered (another machine's offer replaced it)."""
+
+    def forget_identity(self, name: str) -> bool:
+        """Free a name (its identity and its record); False if nothing was kept under it."""
 
     def find_identity(self, name: str, credential: str) -> NodeIdentity | None:
         """The identity if `credential` is this name's, else None."""

@@ -34,7 +34,7 @@ from dragonswarm.store.base import (
     new_key,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
 
 SCHEMA = """
@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS identities (
 """
 
 
+# Version 3: a name is bound only once its node confirms the credential it was offered.
+SCHEMA_V3 = """
+ALTER TABLE identities ADD COLUMN confirmed REAL;
+UPDATE identities SET confirmed = created
+"""
+
+
 def open_store(home: Path) -> Store:
     """The store kept under a DRAGON_HOME."""
     return SqliteStore(home / "state.db")
@@ -114,7 +121,7 @@ class SqliteStore:
                 raise ConfigError(
                     f"{self.path} has schema version {version}, newer than this dragonswarm ({SCHEMA_VERSION})"
                 )
-            steps = [(1, SCHEMA), (2, SCHEMA_V2)]
+            steps = [(1, SCHEMA), (2, SCHEMA_V2), (3, SCHEMA_V3)]
             for target, script in steps:
                 if version < target:
                     for statement in script.split(";"):
@@ -183,23 +190,42 @@ class SqliteStore:
                 record = dataclasses.replace(record, revoked=now)
         return record
 
-    def create_identity(self, name: str) -> str | None:
+    def offer_identity(self, name: str) -> str | None:
         credential = new_credential()
         with self._write() as db:
-            cursor = db.execute("INSERT INTO identities (name, hash, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                                (name, hash_key(credential), time.time()))  # fmt: skip
+            cursor = db.execute(
+                "INSERT INTO identities (name, hash, created) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                " hash = excluded.hash, created = excluded.created WHERE confirmed IS NULL AND revoked IS NULL",
+                (name, hash_key(credential), time.time()),
+            )
             return credential if cursor.rowcount == 1 else None
+
+    def confirm_identity(self, name: str, credential: str) -> bool:
+        with self._write() as db:
+            row = db.execute("SELECT hash FROM identities WHERE name = ? AND revoked IS NULL", (name,)).fetchone()
+            if row is None or not hmac.compare_digest(row[0], hash_key(credential)):
+                return False
+            db.execute("UPDATE identities SET confirmed = COALESCE(confirmed, ?) WHERE name = ?", (time.time(), name))
+            return True
+
+    def forget_identity(self, name: str) -> bool:
+        with self._write() as db:
+            forgotten = db.execute("DELETE FROM identities WHERE name = ?", (name,)).rowcount
+            forgotten += db.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount
+            return forgotten > 0
 
     def find_identity(self, name: str, credential: str) -> NodeIdentity | None:
         with self._read() as db:
-            row = db.execute("SELECT name, created, revoked, hash FROM identities WHERE name = ?", (name,)).fetchone()
-        if row is None or not hmac.compare_digest(row[3], hash_key(credential)):
+            row = db.execute("SELECT name, created, revoked, confirmed, hash FROM identities WHERE name = ?",
+                             (name,)).fetchone()  # fmt: skip
+        if row is None or not hmac.compare_digest(row[4], hash_key(credential)):
             return None
-        return NodeIdentity(row[0], row[1], row[2])
+        return NodeIdentity(*row[:4])
 
     def get_identity(self, name: str) -> NodeIdentity | None:
         with self._read() as db:
-            row = db.execute("SELECT name, created, revoked FROM identities WHERE name = ?", (name,)).fetchone()
+            row = db.execute("SELECT name, created, revoked, confirmed FROM identities WHERE name = ?",
+                             (name,)).fetchone()  # fmt: skip
         return None if row is None else NodeIdentity(*row)
 
     def revoke_identity(self, name: str) -> bool:
@@ -210,7 +236,7 @@ class SqliteStore:
 
     def list_identities(self) -> list[NodeIdentity]:
         with self._read() as db:
-            rows = db.execute("SELECT name, created, revoked FROM identities ORDER BY name").fetchall()
+            rows = db.execute("SELECT name, created, revoked, confirmed FROM identities ORDER BY name").fetchall()
         return [NodeIdentity(*row) for row in rows]
 
     def save_nodes(self, nodes: Sequence[NodeRecord]) -> None:
