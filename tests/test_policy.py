@@ -27,7 +27,7 @@ from dragonswarm.governor.policy import (
     usable_cpus,
 )
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest
-from dragonswarm.scheduler.fragments import chat_generations, completion_generations
+from dragonswarm.scheduler.split import chat_generations, completion_generations
 from dragonswarm.settings import Limits, ModelSpec
 
 POLICY = OwnerPolicy(noise=0.10, headroom=0.10, min_share=0.05)

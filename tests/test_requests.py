@@ -14,7 +14,7 @@ from dragonswarm.errors import InvalidRequest, UnsupportedParameter
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest
 from dragonswarm.protocol.runner import Generation
 from dragonswarm.scheduler.affinity import CacheAffinity, prefix_keys
-from dragonswarm.scheduler.fragments import chat_generations, completion_generations, token_estimate
+from dragonswarm.scheduler.split import chat_generations, completion_generations, token_estimate
 from dragonswarm.settings import Limits
 from dragonswarm.web.tool_calls import ToolCallStream, parse_tool_calls
 

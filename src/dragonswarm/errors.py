@@ -6,6 +6,8 @@ They are translated to `{"error": {"message", "type", "code"}}` in one place
 
 from __future__ import annotations
 
+from dragonswarm.protocol.events import Event
+
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, object]:
     """The OpenAI error shape, for typed errors and for the framework's own alike."""
@@ -25,6 +27,13 @@ class DragonError(Exception):
         if code is not None:
             self.code = code
         self.param = param
+
+    def event(self) -> Event:
+        """This error as the `error` event that ends a generation's course."""
+        event: Event = {"ev": "error", "code": self.code, "message": self.message}
+        if self.param:
+            event["param"] = self.param
+        return event
 
     def to_dict(self) -> dict[str, object]:
         return error_body(self.message, self.type, self.code, self.param)

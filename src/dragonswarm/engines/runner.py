@@ -10,12 +10,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from dragonswarm.errors import RunnerFailed
-from dragonswarm.protocol.runner import Event, RunJob, SetThreads, decode, encode
+from dragonswarm.protocol.events import Event
+from dragonswarm.protocol.runner import RunJob, RunnerStatus, SetThreads, decode, encode
 
 log = logging.getLogger("dragonswarm.runner")
 
@@ -46,7 +47,7 @@ class RunnerProcess:
         self.info: dict[str, Any] = {}
         self._jobs: dict[str, asyncio.Queue[Event]] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._ready: asyncio.Future[Event] | None = None
+        self._ready: asyncio.Future[RunnerStatus] | None = None
         self.exited = asyncio.Event()
         self.stopping = False
         self.stats = stats  # the model's counters, kept across runner restarts
@@ -88,17 +89,12 @@ class RunnerProcess:
         assert self.proc and self.proc.stdout
         try:
             async for line in self.proc.stdout:
-                event: Event = decode(line)
-                kind = event.get("ev")
-                if kind in ("ready", "fatal"):
-                    if self._ready and not self._ready.done():
-                        self._ready.set_result(event)
+                message: Event | RunnerStatus = decode(line)
+                kind = message.get("ev")
+                if kind in ("ready", "fatal", "threads"):
+                    self._status(cast(RunnerStatus, message))
                     continue
-                if kind == "threads":
-                    self.threads_in_force = int(event.get("n", 0))
-                    if self.on_threads and self.pid is not None:
-                        self.on_threads(self.pid, self.threads_in_force)
-                    continue
+                event = cast(Event, message)
                 if kind in ("done", "error"):
                     self._count(event)
                 queue = self._jobs.get(event.get("id", ""))
@@ -108,6 +104,14 @@ class RunnerProcess:
             log.error("runner %s sent an unreadable message: %s", self.model_name, exc)
         finally:
             await self._on_exit()
+
+    def _status(self, status: RunnerStatus) -> None:
+        if status.get("ev") == "threads":
+            self.threads_in_force = int(status.get("n", 0))
+            if self.on_threads and self.pid is not None:
+                self.on_threads(self.pid, self.threads_in_force)
+        elif self._ready and not self._ready.done():
+            self._ready.set_result(status)
 
     async def _on_exit(self) -> None:
         if self.proc and self.proc.returncode is None:

@@ -30,7 +30,8 @@ from dragonswarm.engines.chat_templates import chat_template
 from dragonswarm.engines.grammars import json_grammar, tool_call_grammar
 from dragonswarm.engines.textstream import TextStream
 from dragonswarm.governor.policy import gpu_layers
-from dragonswarm.protocol.runner import TOOL_CALL_OPEN, Generation, RunJob, TokenLogprob, decode, encode
+from dragonswarm.protocol.events import TokenLogprob
+from dragonswarm.protocol.runner import TOOL_CALL_OPEN, Generation, RunJob, decode, encode
 
 PROGRESS_EVERY_S = 1.0  # while reading a prompt: often enough for any stall timeout, rare enough to cost nothing
 PENALTY_LAST_N = 64  # tokens the repeat/presence/frequency penalties look back over, as llama.cpp's default

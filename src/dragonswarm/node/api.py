@@ -18,9 +18,9 @@ from dragonswarm.node.link import SwarmLink
 from dragonswarm.node.service import NodeService
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Generation
-from dragonswarm.scheduler.fragments import chat_generations, completion_generations, prompt_text
 from dragonswarm.scheduler.local import serve_locally
 from dragonswarm.scheduler.models import pick_model
+from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text
 from dragonswarm.web.replies import Reply, respond, unless_disconnected
 
 router = APIRouter()

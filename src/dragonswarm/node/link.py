@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from dragonswarm.errors import DragonError, RunnerFailed
 from dragonswarm.governor.network import NetworkMeter, Rates, RttTracker, held_busy, link_saturated, owner_bps
 from dragonswarm.node.service import ModelSlot, NodeService
+from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.swarm import (
     NODE_HEADER,
     VERSION,
@@ -189,7 +190,8 @@ class SwarmLink:
                     if task:
                         task.cancel()
                     else:  # already over (or never started): say so, so it is not counted busy
-                        await self._send(ws, dump(JobEvent(job=message.job, ev="done", finish_reason="cancelled")))
+                        done: Event = {"ev": "done", "finish_reason": "cancelled"}
+                        await self._send(ws, dump(JobEvent.of(message.job, done)))
         finally:
             beats.cancel()
             pings.cancel()
@@ -304,8 +306,8 @@ class SwarmLink:
     async def _run(self, ws: ClientConnection, f: RunFragment) -> None:
         """Run one fragment at the work-for-others share and stream its events back."""
 
-        async def send(ev: str, **fields: Any) -> None:
-            await self._send(ws, dump(JobEvent(job=f.job, ev=ev, **fields)))  # type: ignore[arg-type]
+        async def send(event: Event) -> None:
+            await self._send(ws, dump(JobEvent.of(f.job, event)))
 
         ticks: asyncio.Task[None] | None = None
         try:
@@ -316,27 +318,27 @@ class SwarmLink:
             ticks = asyncio.create_task(self._while_loading(slot, send), name=f"loading-{f.job}")
             async for _, event in self.service.run_jobs(slot, [f.gen], kind="remote", ids=[f.job]):
                 ticks.cancel()
-                fields = {k: v for k, v in event.items() if k not in ("ev", "id")}
-                await send(event["ev"], **fields)
+                await send(event)
         except DragonError as exc:
             with contextlib.suppress(websockets.WebSocketException):
-                await send("error", code=exc.code, message=exc.message, param=exc.param)
+                await send(exc.event())
         except asyncio.CancelledError:
             # Tell the orchestrator the runner is free again; it counts us busy until then.
             with contextlib.suppress(websockets.WebSocketException):
-                await send("done", finish_reason="cancelled", completion_tokens=0)
+                await send({"ev": "done", "finish_reason": "cancelled", "completion_tokens": 0})
             raise
         except Exception as exc:  # anything else still ends the job with an answer, never silence
             log.exception("fragment %s failed", f.job)
             with contextlib.suppress(websockets.WebSocketException):
-                await send("error", code="internal_error", message=f"the worker failed: {type(exc).__name__}")
+                await send({"ev": "error", "code": "internal_error",
+                            "message": f"the worker failed: {type(exc).__name__}"})  # fmt: skip
         except websockets.WebSocketException:
             pass  # the connection is gone; the orchestrator moves the fragment elsewhere
         finally:
             if ticks is not None:
                 ticks.cancel()
 
-    async def _while_loading(self, slot: ModelSlot, send: Callable[..., Awaitable[None]]) -> None:
+    async def _while_loading(self, slot: ModelSlot, send: Callable[[Event], Awaitable[None]]) -> None:
         """Tell the orchestrator the model is loading, which may outlast its stall timeout at a
         small share. Only then: a job waiting behind the owner's request makes no progress,
         and the orchestrator rightly moves it to a worker that is free."""
@@ -344,7 +346,7 @@ class SwarmLink:
             while True:
                 await asyncio.sleep(LOADING_TICK_S)
                 if slot.loading:
-                    await send("progress")
+                    await send({"ev": "progress"})
 
     def _cancel_all(self) -> None:
         for task in list(self._jobs.values()):

@@ -17,7 +17,8 @@ from dragonswarm.engines.runner import RunnerProcess
 from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded, Timeout
 from dragonswarm.governor.governor import Governor, WorkKind
 from dragonswarm.governor.policy import ram_needed
-from dragonswarm.protocol.runner import Event, Generation, run_job
+from dragonswarm.protocol.events import Event
+from dragonswarm.protocol.runner import Generation, run_job
 from dragonswarm.settings import ModelSpec, NodeSettings
 
 log = logging.getLogger("dragonswarm.node")

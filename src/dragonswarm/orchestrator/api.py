@@ -18,11 +18,12 @@ from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_FORGOTTEN, CLOSE_REVOKED, Swarm
 from dragonswarm.orchestrator.usage import usage_report
+from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
-from dragonswarm.protocol.runner import Event, Generation
-from dragonswarm.scheduler.fragments import chat_generations, completion_generations, prompt_text, token_estimate
+from dragonswarm.protocol.runner import Generation
 from dragonswarm.scheduler.models import pick_model
-from dragonswarm.scheduler.ratelimit import Charge, Refusal
+from dragonswarm.scheduler.ratelimit import Charge, RateLimiter, Refusal
+from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text, token_estimate
 from dragonswarm.store.base import KeyRecord
 from dragonswarm.web.replies import Reply, respond
 
@@ -125,7 +126,8 @@ async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: l
     swarm = swarm_of(request)
     model = pick_model(body.model, prompt_text(body), swarm.registry.model_tags()) or body.model
     estimate = token_estimate(gens)
-    charge = swarm.limiter.admit(caller.lane, estimate, time.monotonic())
+    limiter: RateLimiter = request.app.state.limiter
+    charge = limiter.admit(caller.lane, estimate, time.monotonic())
     if isinstance(charge, Refusal):
         if charge.wait is None:  # bigger than the limit itself: no wait would help, so no Retry-After
             raise InvalidRequest(charge.reason, code="request_too_large")
@@ -135,10 +137,10 @@ async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: l
     reply = Reply.for_request(body, model, len(gens))
     reply.headers = lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}
     reply.route = req.route
-    return await respond(request, reply, _metered(swarm, caller, model, charge, swarm.run(req, gens)))
+    return await respond(request, reply, _metered(swarm, limiter, caller, model, charge, swarm.run(req, gens)))
 
 
-async def _metered(swarm: Swarm, caller: Caller, model: str, charge: Charge,
+async def _metered(swarm: Swarm, limiter: RateLimiter, caller: Caller, model: str, charge: Charge,
                    events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
     """Pass events through; once the request ends, record the key's usage and give back
     the tokens charged at admission but not used. Counted as the work goes (prompts as
@@ -156,9 +158,9 @@ async def _metered(swarm: Swarm, caller: Caller, model: str, charge: Charge,
     finally:
         await events.aclose()
         if began:
-            swarm.limiter.refund(charge, prompt + completion)
+            limiter.refund(charge, prompt + completion)
         else:  # refused before it began (queue full, no node serves the model): not a request at all
-            swarm.limiter.cancel(charge)
+            limiter.cancel(charge)
         if (prompt or completion) and caller.key is not None:
             try:  # the answer is already out: accounting that fails must not break it
                 record = asyncio.to_thread(swarm.store.record_usage, caller.key.id, model, prompt, completion)

@@ -13,8 +13,10 @@ from fastapi import FastAPI
 
 from dragonswarm import __version__
 from dragonswarm.orchestrator.api import router as api_router
+from dragonswarm.orchestrator.housekeeping import Housekeeping
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.orchestrator.ws import router as ws_router
+from dragonswarm.scheduler.ratelimit import RateLimiter
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.base import Store
 from dragonswarm.store.sqlite import open_store
@@ -31,13 +33,15 @@ KEEP_ALIVE_S = 75
 
 def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     swarm = Swarm(settings, store)
+    housekeeping = Housekeeping(swarm)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        swarm.start()
+        housekeeping.start()
         try:
             yield
         finally:
+            await housekeeping.close()
             await swarm.close()
             store.close()
 
@@ -45,6 +49,8 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     app = FastAPI(title="Py Dragon Swarm orchestrator", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.swarm = swarm
+    # Per process for now: with several replicas (the Redis store) the windows move there.
+    app.state.limiter = RateLimiter(settings.rate_rpm, settings.rate_tpm)
     app.state.store = store
     app.state.started = time.time()
     app.include_router(api_router)

@@ -8,7 +8,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from dragonswarm.orchestrator.registry import NodeConn
-from dragonswarm.protocol.runner import Event, Generation
+from dragonswarm.protocol.events import Event
+from dragonswarm.protocol.runner import Generation
 from dragonswarm.protocol.swarm import JobEvent, RunFragment
 from dragonswarm.scheduler.affinity import prefix_keys
 

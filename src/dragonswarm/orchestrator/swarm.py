@@ -1,31 +1,30 @@
-"""The swarm at work: queue fragments fairly, place them, merge their events, move them
-when a worker fails, and end every one by its deadline.
+"""The swarm at work: a request's fragments from admission to their last event.
 
-Decisions are the scheduler's pure functions (placement index, fair queue); this
-module only carries them out. Everything runs on one event loop, so the bookkeeping
-needs no locks; messages to nodes go through each connection's outbox.
+It hands fragments to the `Dispatcher` (queue and placement), starts each on its node,
+merges the nodes' events into each request's one stream, and moves a fragment to another
+worker when its worker fails, continuing after the tokens already streamed. What time
+alone decides (stalls, deadlines, silent nodes) is `Housekeeping`'s. Everything runs on
+one event loop, so the bookkeeping needs no locks; messages to nodes go through each
+connection's outbox, and the store is written from threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncGenerator
-from typing import Any
 
-from dragonswarm.errors import ContextLengthExceeded, ModelNotFound, NoCapacity, NoWorkers, Overloaded
+from dragonswarm.errors import ContextLengthExceeded, ModelNotFound, NoCapacity, NoWorkers
+from dragonswarm.orchestrator.dispatcher import Dispatcher
 from dragonswarm.orchestrator.fragments import Fragment, Request
 from dragonswarm.orchestrator.registry import NodeConn, Registry, model_key
-from dragonswarm.protocol.runner import Event, Generation
+from dragonswarm.protocol.events import Event
+from dragonswarm.protocol.runner import Generation
 from dragonswarm.protocol.swarm import Cancel, Heartbeat, JobEvent, ProtocolError, dump
-from dragonswarm.scheduler.affinity import CacheAffinity
-from dragonswarm.scheduler.fairqueue import FairQueue, QueueFull
+from dragonswarm.scheduler.fairqueue import FairQueue
 from dragonswarm.scheduler.placement import NodeState
-from dragonswarm.scheduler.ratelimit import RateLimiter
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.base import NodeRecord, Store
 
@@ -43,14 +42,10 @@ class Swarm:
         self.settings = settings
         self.store = store
         self.registry = Registry(settings.stale_after_s)
-        self.queue: FairQueue[Fragment] = FairQueue(settings.max_queue, settings.max_queue_per_user)
-        self.retries: deque[Fragment] = deque()  # fragments moving after a failure go first
-        # Per process for now: with several replicas (the Redis store) the buckets move there.
-        self.limiter = RateLimiter(settings.rate_rpm, settings.rate_tpm)
+        queue: FairQueue[Fragment] = FairQueue(settings.max_queue, settings.max_queue_per_user)
+        self.dispatcher = Dispatcher(self.registry, queue, self._start)
         self.requests: set[Request] = set()
         self.running: dict[str, Fragment] = {}  # job id (a fragment's attempt) -> fragment, while a node holds it
-        self.affinity = CacheAffinity()
-        self._tasks: list[asyncio.Task[None]] = []
         self._saves: set[asyncio.Task[None]] = set()  # node records being written
 
     # Requests
@@ -70,16 +65,12 @@ class Swarm:
         if origin and any(c.name != origin for c in serving):
             for f in req.fragments:
                 f.exclude.add(origin)  # it handed the request over because it could not run it
-        if origin and self._choose(req.fragments[0], set()) is None:
+        if origin and not self.dispatcher.free_now(req.fragments[0]):
             # An owner's request is only worth moving to a worker that is free now; queued
             # here, it would wait while its own machine could already be serving it.
             raise NoCapacity("no worker can take this request now; serve it locally")
-        try:
-            self.queue.push_all(req.user, req.fragments)
-        except QueueFull as exc:
-            raise Overloaded(exc.message, retry_after=exc.retry_after) from None
+        self.dispatcher.queue_all(req.user, req.fragments)
         self.requests.add(req)
-        self.dispatch()
         try:
             remaining = len(req.fragments)
             while remaining:
@@ -101,86 +92,34 @@ class Swarm:
                 continue
             f.finished = True
             if f.node is None:
-                self.queue.remove(f)
-                with contextlib.suppress(ValueError):
-                    self.retries.remove(f)
+                self.dispatcher.withdraw(f)
             else:
                 self._abandon(f)
 
     # Placement
 
-    def dispatch(self) -> None:
-        """Place every waiting fragment that some worker can take now."""
-        full: set[str] = set()  # models with no free node in this pass: skip their fragments fast
-        for f in list(self.retries):  # moved fragments first, any that fit (not only the head)
-            if self._place(f, full):
-                self.retries.remove(f)
-        while (item := self.queue.pop(lambda f: self._choose(f, full) is not None)) is not None:
-            self._place(item[1], full)
-
-    def _exclude(self, f: Fragment, key: str) -> set[str]:
-        if not f.exclude and not f.min_ctx:
-            return f.exclude
-        serving = self.registry.serving_file(key)
-        # A worker whose context cannot hold prompt and answer is never asked.
-        small = {c.name for c in serving if 0 < c.n_ctx.get(key, 0) < f.min_ctx}
-        # The rest is a preference: if every node that serves the model is excluded (say
-        # the only worker failed once), trying one of them again beats failing.
-        if {c.name for c in serving} - small - f.exclude:
-            return f.exclude | small
-        return small
-
-    def _choose(self, f: Fragment, full: set[str]) -> tuple[str, str] | None:
-        """(node, model file) for the fragment: the node whose cache holds the longest prefix
-        of its prompt if that node is free, else the placement index's best. Once a request
-        has a model file, every fragment of it stays on that file."""
-        req = f.request
-        index = self.registry.index
-        for sha in [req.sha256] if req.sha256 else self.registry.files(req.model):
-            key = model_key(req.model, sha)
-            if key in full:
-                continue
-            exclude = self._exclude(f, key)
-            for holder in self.affinity.holders(key, f.keys):
-                state = index.get(holder)
-                # Only a warm runner still holds its cache: a reloaded model starts empty.
-                if holder not in exclude and index.eligible(key, holder) and state and key in state.loaded:
-                    return holder, sha
-            name = index.choose(key, exclude)
-            if name is not None:
-                return name, sha
-            if not f.exclude:
-                full.add(key)  # nobody at all can take this model file now
-        return None
-
-    def _place(self, f: Fragment, full: set[str]) -> bool:
-        chosen = self._choose(f, full)
-        if chosen is None:
-            return False
-        name, sha = chosen
-        f.request.sha256 = sha
-        conn = self.registry.conns[name]
-        self.affinity.record(name, model_key(f.request.model, sha), f.keys)
+    def _start(self, f: Fragment, conn: NodeConn) -> None:
+        """Run a placed fragment on its node."""
         f.placed_on(conn, time.monotonic())
         conn.jobs.add(f.job_id)
         self.running[f.job_id] = f
         req = f.request
-        if name not in req.nodes:
-            req.nodes.append(name)
-        if f.attempt == 0 and name not in req.first_nodes:
-            req.first_nodes.append(name)
+        if conn.name not in req.nodes:
+            req.nodes.append(conn.name)
+        if f.attempt == 0 and conn.name not in req.first_nodes:
+            req.first_nodes.append(conn.name)
         conn.send(dump(f.message()))
         self.registry.refresh(conn)
-        log.debug("fragment %s attempt %d -> %s", f.id, f.attempt, name)
-        return True
+        log.debug("fragment %s attempt %d -> %s", f.id, f.attempt, conn.name)
 
-    def _release(self, conn: NodeConn, job_id: str) -> None:
+    def release(self, conn: NodeConn, job_id: str) -> None:
+        """The node is done with a job (or we stopped waiting for it to say so): its runner is free."""
         conn.jobs.discard(job_id)
         self.running.pop(job_id, None)
         conn.draining.pop(job_id, None)
         conn.finished.append(job_id)
         self.registry.refresh(conn)
-        self.dispatch()
+        self.dispatcher.dispatch()
 
     def _abandon(self, f: Fragment) -> None:
         """Detach a fragment from its worker and cancel it there; the worker stays counted
@@ -196,7 +135,7 @@ class Swarm:
             conn.send(dump(Cancel(job=job_id)))
         conn.jobs.discard(job_id)
 
-    def _fail_over(self, f: Fragment, reason: str, *, counts: bool = True) -> None:
+    def fail_over(self, f: Fragment, reason: str, *, counts: bool = True) -> None:
         """Move a fragment to another worker, continuing after the tokens already streamed.
         One that does not count (a context too small) is not held against the attempts."""
         failed = f.node.name if f.node else "?"
@@ -206,21 +145,20 @@ class Swarm:
         if not counts:
             f.free_attempts += 1
         if f.attempt - f.free_attempts >= self.settings.max_attempts:
-            self._finish(f, error="runner_failed", message=f"{f.attempt} workers failed this request; last: {reason}")
+            self.finish(f, error="runner_failed", message=f"{f.attempt} workers failed this request; last: {reason}")
             return
         if f.remaining_tokens() <= 0:
             self._emit_done(f, "length")
             return
         log.warning("fragment %s moves off %s (%s) after %d tokens", f.id, failed, reason, f.tokens)
-        self.retries.append(f)
-        self.dispatch()
+        self.dispatcher.retry(f)
 
     # Events from nodes
 
     def on_event(self, conn: NodeConn, ev: JobEvent) -> None:
         if ev.job in conn.draining:
             if ev.ev in ("done", "error"):
-                self._release(conn, ev.job)
+                self.release(conn, ev.job)
             return
         f = self.running.get(ev.job) if ev.job in conn.jobs else None
         if f is None:
@@ -242,26 +180,23 @@ class Swarm:
                     self._emit(f, {"ev": "start", "prompt_tokens": f.prompt_tokens})
             case "text":
                 f.ids.extend(ev.ids or ())
-                event: Event = {"ev": "text", "text": ev.text or "", "ids": ev.ids or []}
-                if ev.logprobs:
-                    event["logprobs"] = [lp.model_dump() for lp in ev.logprobs]  # type: ignore[misc]
-                self._emit(f, event)
+                self._emit(f, ev.event())
             case "done":
                 conn.served += 1
-                self._release(conn, ev.job)
+                self.release(conn, ev.job)
                 if ev.finish_reason == "cancelled":  # the node stopped it, not us: move it
-                    self._fail_over(f, "cancelled by the node")
+                    self.fail_over(f, "cancelled by the node")
                     return
                 self._emit_done(f, ev.finish_reason or "stop")  # the tokens counted are those relayed
             case "error":
-                self._release(conn, ev.job)
+                self.release(conn, ev.job)
                 if ev.code == "context_length_exceeded" and self._needs_more_context(f, conn):
-                    self._fail_over(f, f"its context is too small: {ev.message}", counts=False)
+                    self.fail_over(f, f"its context is too small: {ev.message}", counts=False)
                 elif ev.code in CLIENT_ERRORS:
-                    self._finish(f, error=ev.code or "invalid_request", message=ev.message or "invalid request",
+                    self.finish(f, error=ev.code or "invalid_request", message=ev.message or "invalid request",
                                  param=ev.param)  # fmt: skip
                 else:
-                    self._fail_over(f, f"{ev.code}: {ev.message}")
+                    self.fail_over(f, f"{ev.code}: {ev.message}")
 
     def _needs_more_context(self, f: Fragment, conn: NodeConn) -> bool:
         """A worker's context could not hold the fragment: True if another can, and it was
@@ -285,7 +220,7 @@ class Swarm:
         self._emit(f, {"ev": "done", "finish_reason": finish_reason, "prompt_tokens": f.prompt_tokens,
                        "cached_tokens": cached, "completion_tokens": f.tokens})  # fmt: skip
 
-    def _finish(self, f: Fragment, *, error: str, message: str, param: str | None = None) -> None:
+    def finish(self, f: Fragment, *, error: str, message: str, param: str | None = None) -> None:
         f.finished = True
         self._abandon(f)
         event: Event = {"ev": "error", "code": error, "message": message}
@@ -299,69 +234,26 @@ class Swarm:
         before = self.registry.index.get(conn.name)
         self.registry.heartbeat(conn, hb)
         after = self.registry.index.get(conn.name)
-        if (self.retries or len(self.queue)) and _has_room(after) and not _has_room(before):
-            self.dispatch()  # it just got room: waiting work may fit
+        d = self.dispatcher
+        if (d.retries or len(d.queue)) and _has_room(after) and not _has_room(before):
+            d.dispatch()  # it just got room: waiting work may fit
 
     def node_left(self, conn: NodeConn) -> None:
         """A connection closed (or was replaced): every fragment it ran moves on."""
         if not self.registry.leave(conn) and not conn.jobs:
             return
         record = conn.record(time.monotonic(), self.settings.stale_after_s)
-        self._save_later([dataclasses.replace(record, state="gone")])
-        self.affinity.forget(conn.name)
+        self.save_later([dataclasses.replace(record, state="gone")])
+        self.dispatcher.affinity.forget(conn.name)
         for job_id in list(conn.jobs):
             f = self.running.get(job_id)
             if f is not None and not f.finished:
-                self._fail_over(f, "connection lost")
+                self.fail_over(f, "connection lost")
         conn.jobs.clear()
         conn.draining.clear()
-        self.dispatch()
+        self.dispatcher.dispatch()
 
-    def _orphaned(self, f: Fragment, now: float) -> bool:
-        """Queued for a model (file) that no connected node serves any more, for a while."""
-        req = f.request
-        if f.node is not None or (self.registry.serving_file(model_key(req.model, req.sha256)) if req.sha256
-                                  else self.registry.serving(req.model)):  # fmt: skip
-            f.orphaned_since = None
-            return False
-        f.orphaned_since = f.orphaned_since or now
-        return now - f.orphaned_since > self.settings.stall_timeout_s
-
-    # Housekeeping: deadlines, stalls, stale nodes, saving the registry
-
-    def sweep(self) -> None:
-        now = time.monotonic()
-        s = self.settings
-        for conn in list(self.registry.conns.values()):
-            age = conn.age(now)
-            if age > s.gone_after_s:
-                conn.close(CLOSE_STALE, "no heartbeat")
-                self.node_left(conn)
-                continue
-            self.registry.refresh(conn)  # live -> stale shows in placement
-            for job_id in list(conn.jobs):
-                f = self.running.get(job_id)
-                if f is not None and now - f.last_progress > s.stall_timeout_s:
-                    self._fail_over(f, f"no progress for {s.stall_timeout_s:.0f} s")
-            for job_id, since in list(conn.draining.items()):
-                if now - since > s.stall_timeout_s:  # it never said done: stop counting it busy
-                    log.warning("node %s never finished cancelled job %s", conn.name, job_id)
-                    self._release(conn, job_id)
-        for f in self._unfinished():
-            if self._orphaned(f, now):
-                self._finish(f, error="no_workers", message=f"no node serves {f.request.model!r} any more")
-                self.queue.remove(f)
-                with contextlib.suppress(ValueError):
-                    self.retries.remove(f)
-            elif now > f.deadline:
-                self._finish(f, error="timeout", message=f"the request did not finish within "
-                             f"{s.request_timeout_s:.0f} s")  # fmt: skip
-                self.queue.remove(f)
-                with contextlib.suppress(ValueError):
-                    self.retries.remove(f)
-        self.dispatch()
-
-    def _save_later(self, records: list[NodeRecord]) -> None:
+    def save_later(self, records: list[NodeRecord]) -> None:
         """Write node records from a thread: the store may wait on a lock, the event loop must not."""
 
         async def save() -> None:
@@ -374,36 +266,14 @@ class Swarm:
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
 
-    def _unfinished(self) -> list[Fragment]:
+    def unfinished(self) -> list[Fragment]:
         return [f for req in self.requests for f in req.fragments if not f.finished]
 
-    async def _housekeeping(self) -> None:
-        last_save = 0.0
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                self.sweep()
-                if time.monotonic() - last_save > 2.0:
-                    last_save = time.monotonic()
-                    await asyncio.to_thread(self.store.save_nodes, self.registry.records())
-            except Exception:  # housekeeping must outlive one bad round
-                log.exception("housekeeping failed")
-
-    def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
-
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await asyncio.gather(*self._saves, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            self.store.save_nodes(self.registry.records())
 
-    def status(self) -> dict[str, Any]:
-        return {"queued": len(self.queue), "retrying": len(self.retries), "users_waiting": self.queue.users()}
+    def status(self) -> dict[str, int]:
+        return self.dispatcher.status()
 
 
 def _check_context(model: str, gens: list[Generation], serving: list[NodeConn]) -> None:

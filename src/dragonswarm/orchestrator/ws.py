@@ -152,7 +152,7 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello) -> None:
     log.info("node %s joined (%s)", hello.name, ", ".join(m.name for m in hello.models))
     writer = asyncio.create_task(_write(ws, outbox), name=f"ws-writer-{hello.name}")
     reader = asyncio.create_task(_read(ws, swarm, conn), name=f"ws-reader-{hello.name}")
-    swarm.dispatch()
+    swarm.dispatcher.dispatch()
     try:
         await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
         for task in (reader, writer):

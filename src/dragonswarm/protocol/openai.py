@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dragonswarm.protocol.runner import TokenLogprob
+from dragonswarm.protocol.events import TokenLogprob
 
 Stop = Annotated[list[str], Field(max_length=4)]
 # Accepted and without effect on the output: bookkeeping fields clients send.

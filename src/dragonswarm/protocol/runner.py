@@ -7,10 +7,10 @@ and the runner carries it out. Defined once here, so no layer can drop a field.
 Runner wire format, one JSON object per line. Node -> runner: `run` (a job: an id and a
 `Generation`), `threads` (the thread count in force, taken up between two steps, also
 mid-job), `cancel` (stop a job at its next check), `exit`. Runner -> node: `ready` once
-loaded, then per job `progress` (while it reads the prompt, at most about once a second),
-`start`, `text`... (each with the ids of the tokens its text is made of), then `done`
-or `error`; `threads` when it has
-changed its thread count; `fatal` if the model cannot be loaded at all.
+loaded, then each job's `protocol.events.Event`s with its id (`progress` while it reads
+the prompt, at most about once a second; `text` with the ids of the tokens its text is
+made of); `threads` when it has changed its thread count; `fatal` if the model cannot be
+loaded at all.
 """
 
 from __future__ import annotations
@@ -69,28 +69,12 @@ class SetThreads(TypedDict):
     n: int
 
 
-class TokenLogprob(TypedDict):
-    token: str
-    logprob: float
-    bytes: list[int]
-    top: list[tuple[str, float, list[int]]]  # the most likely tokens at this step
+class RunnerStatus(TypedDict, total=False):
+    """What the runner says about itself, besides its jobs' events."""
 
-
-class Event(TypedDict, total=False):
-    ev: Literal["ready", "progress", "start", "text", "done", "error", "fatal", "threads"]
-    id: str
-    text: str
-    ids: list[int]  # on `text`: the tokens whose text `text` is, exactly
-    prompt_done: int  # on `progress`: prompt tokens read so far
-    logprobs: list[TokenLogprob]  # on `text`: one per token in it, when asked for
-    finish_reason: str
-    prompt_tokens: int
-    cached_tokens: int  # on `start` and `done`: prompt tokens taken from the KV cache
-    completion_tokens: int
-    code: str
-    message: str
-    param: str
-    n_ctx: int
+    ev: Literal["ready", "fatal", "threads"]
+    message: str  # on `fatal`: why the model could not be loaded
+    n_ctx: int  # on `ready`: the context it runs with, and what it can do
     chat_template: bool
     fim: bool
     tools: bool

@@ -11,11 +11,12 @@ error and ends the connection.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
+from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.runner import Generation
 
 # 2: models named by sha256, fragments carry a whole Generation; 3: heartbeats carry the
@@ -124,8 +125,7 @@ class Logprob(_Message):
 
 
 class JobEvent(_Message):
-    """One fragment's course: `progress` while loading or reading the prompt, `start`,
-    `text`..., then `done` or `error`."""
+    """A `protocol.events.Event` of one fragment on the wire: the same fields, and its job."""
 
     type: Literal["event"] = "event"
     job: str = Field(min_length=1, max_length=64)
@@ -141,6 +141,14 @@ class JobEvent(_Message):
     code: str | None = Field(default=None, max_length=64)
     message: str | None = Field(default=None, max_length=4096)
     param: str | None = Field(default=None, max_length=64)  # the request field an error is about
+
+    @classmethod
+    def of(cls, job: str, event: Event) -> JobEvent:
+        fields: dict[str, Any] = {k: v for k, v in event.items() if k != "id"}  # the runner's id is the job
+        return cls(job=job, **fields)
+
+    def event(self) -> Event:
+        return cast(Event, self.model_dump(exclude_none=True, exclude={"type", "job"}))
 
 
 # Orchestrator -> node

@@ -23,6 +23,7 @@ from dragonswarm.errors import (
     Timeout,
     UnsupportedParameter,
 )
+from dragonswarm.protocol.events import Event, TokenLogprob
 from dragonswarm.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -40,7 +41,6 @@ from dragonswarm.protocol.openai import (
     text_logprobs,
     usage_chunk,
 )
-from dragonswarm.protocol.runner import Event, TokenLogprob
 from dragonswarm.web.errors import ClientGone
 from dragonswarm.web.tool_calls import ToolCallStream, parse_tool_calls
 
@@ -125,7 +125,7 @@ async def _collect(reply: Reply, rid: str, created: int, events: Events) -> dict
         async for index, event in stream:
             match event.get("ev"):
                 case "text":
-                    texts[index].append(event["text"])
+                    texts[index].append(event.get("text", ""))
                     logprobs[index].extend(event.get("logprobs", ()))
                 case "done":
                     finish[index] = event["finish_reason"]
@@ -175,7 +175,7 @@ async def _sse(reply: Reply, rid: str, created: int, events: Events) -> AsyncIte
                         if kind == "chat" or reply.echo:
                             yield chunk(index, reply.echo[index] if reply.echo else "", first=True)
                     case "text":
-                        text = calls[index].feed(event["text"]) if calls else event["text"]
+                        text = calls[index].feed(event.get("text", "")) if calls else event.get("text", "")
                         entries = event.get("logprobs")
                         if text or entries:
                             yield chunk(index, text, entries=entries or [])

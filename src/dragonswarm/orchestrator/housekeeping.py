@@ -1,0 +1,96 @@
+"""The swarm's clock: twice a second, what time alone decides.
+
+A node silent past `gone_after_s` is let go (its work moves); a fragment whose worker
+made no progress for `stall_timeout_s` moves to another; a job cancelled long ago and
+never confirmed stops counting its node busy; a request still running at its deadline,
+or waiting for a model no connected node serves, ends. Every two seconds the registry
+is saved, from a thread. The decisions are the small pure functions at the top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from dragonswarm.orchestrator.fragments import Fragment
+from dragonswarm.orchestrator.registry import model_key
+from dragonswarm.orchestrator.swarm import CLOSE_STALE, Swarm
+
+log = logging.getLogger("dragonswarm.orchestrator")
+
+SWEEP_S = 0.5
+SAVE_S = 2.0
+
+
+def stalled(f: Fragment, now: float, stall_s: float) -> bool:
+    """On a worker, and no progress from it (a token, a prompt batch, its model loading) for the stall timeout."""
+    return f.node is not None and now - f.last_progress > stall_s
+
+
+def orphaned(f: Fragment, served: bool, now: float, wait_s: float) -> bool:
+    """Waiting for a model (file) that no connected node has served for `wait_s`."""
+    if f.node is not None or served:
+        f.orphaned_since = None
+        return False
+    f.orphaned_since = f.orphaned_since or now
+    return now - f.orphaned_since > wait_s
+
+
+class Housekeeping:
+    def __init__(self, swarm: Swarm):
+        self.swarm = swarm
+        self._task: asyncio.Task[None] | None = None
+
+    def sweep(self) -> None:
+        swarm, s, now = self.swarm, self.swarm.settings, time.monotonic()
+        for conn in list(swarm.registry.conns.values()):
+            if conn.age(now) > s.gone_after_s:
+                conn.close(CLOSE_STALE, "no heartbeat")
+                swarm.node_left(conn)
+                continue
+            swarm.registry.refresh(conn)  # live -> stale shows in placement
+            for job_id in list(conn.jobs):
+                f = swarm.running.get(job_id)
+                if f is not None and stalled(f, now, s.stall_timeout_s):
+                    swarm.fail_over(f, f"no progress for {s.stall_timeout_s:.0f} s")
+            for job_id, since in list(conn.draining.items()):
+                if now - since > s.stall_timeout_s:  # it never said done: stop counting it busy
+                    log.warning("node %s never finished cancelled job %s", conn.name, job_id)
+                    swarm.release(conn, job_id)
+        for f in swarm.unfinished():
+            req = f.request
+            served = bool(swarm.registry.serving_file(model_key(req.model, req.sha256)) if req.sha256
+                          else swarm.registry.serving(req.model))  # fmt: skip
+            if orphaned(f, served, now, s.stall_timeout_s):
+                swarm.finish(f, error="no_workers", message=f"no node serves {req.model!r} any more")
+                swarm.dispatcher.withdraw(f)
+            elif now > f.deadline:
+                swarm.finish(f, error="timeout", message=f"the request did not finish within "
+                             f"{s.request_timeout_s:.0f} s")  # fmt: skip
+                swarm.dispatcher.withdraw(f)
+        swarm.dispatcher.dispatch()
+
+    async def _run(self) -> None:
+        last_save = 0.0
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                self.sweep()
+                if time.monotonic() - last_save > SAVE_S:
+                    last_save = time.monotonic()
+                    await asyncio.to_thread(self.swarm.store.save_nodes, self.swarm.registry.records())
+            except Exception:  # housekeeping must outlive one bad round
+                log.exception("housekeeping failed")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="housekeeping")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):  # the last word on every node, on the way out
+            await asyncio.to_thread(self.swarm.store.save_nodes, self.swarm.registry.records())
