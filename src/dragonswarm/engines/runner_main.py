@@ -264,8 +264,15 @@ class Runner:
         llm.reset()  # type: ignore[no-untyped-call]
         return 0
 
-    def evaluate(self, job_id: str, tokens: list[int]) -> bool:
-        """Evaluate tokens a batch at a time; False if the job was cancelled meanwhile.
+    def evaluate(self, job_id: str, tokens: list[int], singly_from: int) -> bool:
+        """Evaluate tokens a batch at a time, and those from `singly_from` on one at a time;
+        False if the job was cancelled meanwhile.
+
+        One at a time is how they were evaluated when they were generated: llama.cpp's
+        arithmetic differs between a batch and a single token (other kernels, other
+        rounding, logits apart by up to about 1), so a failover's answer so far, read as a
+        batch, can turn a greedy continuation onto another path. Read token by token, it
+        continues exactly as the first worker would have.
 
         At a small share one batch can take minutes, longer than the node waits for a
         cancel before it kills the runner: while the prompt is read, llama.cpp asks this
@@ -283,14 +290,16 @@ class Runner:
         abort = lib.ggml_abort_callback(check)
         lib.llama_set_abort_callback(ctx, abort, None)
         try:
-            step = self.llm.n_batch
-            for i in range(0, len(tokens), step):
+            i = 0
+            while i < len(tokens):
                 done = i
                 self.progress(job_id, done)
                 if self.checkpoint(job_id):
                     return False
+                step = 1 if i >= singly_from else min(self.llm.n_batch, singly_from - i)
                 try:
                     self.llm.eval(tokens[i : i + step])
+                    i += step
                 except RuntimeError:  # llama_decode returned 2: aborted, the batch's cache cells undone
                     if self.is_cancelled(job_id):
                         return False
@@ -366,7 +375,11 @@ class Runner:
                     lib.llama_sampler_accept(grammar, token)
             cached = self.reuse_cache(tokens, gen.cache_prompt)
             self.send({"ev": "start", "id": job_id, "prompt_tokens": n_prompt, "cached_tokens": cached})
-            finish, count = self.generate(job_id, gen, chain, grammar, tokens[cached:], max_tokens, template_stops)
+            # At temperature 0 the answer is determined: a failover's prefix is read as it was
+            # written, to continue it exactly; otherwise a batch is as good and much faster.
+            singly_from = max(0, n_prompt - len(prefix) - cached) if gen.temperature == 0.0 else n_prompt
+            finish, count = self.generate(job_id, gen, chain, grammar, tokens[cached:], singly_from, max_tokens,
+                                          template_stops)  # fmt: skip
         finally:
             lib.llama_sampler_free(chain)
             if grammar is not None:
@@ -375,15 +388,15 @@ class Runner:
         self.send({"ev": "done", "id": job_id, "finish_reason": finish, "prompt_tokens": n_prompt,
                    "cached_tokens": cached, "completion_tokens": count})  # fmt: skip
 
-    def generate(self, job_id: str, gen: Generation, chain: Any, grammar: Any, todo: list[int], max_tokens: int,
-                 template_stops: list[str]) -> tuple[str, int]:  # fmt: skip
+    def generate(self, job_id: str, gen: Generation, chain: Any, grammar: Any, todo: list[int], singly_from: int,
+                 max_tokens: int, template_stops: list[str]) -> tuple[str, int]:  # fmt: skip
         """Evaluate the rest of the prompt, then sample until a stop; returns (finish reason, tokens)."""
         lib = self._lib
         stream = TextStream(gen.stop + template_stops)
         held: list[int] = []  # tokens whose text is still held back
         pending: list[TokenLogprob] = []  # ... their logprobs
         finish, count = "length", 0
-        if not self.evaluate(job_id, todo):
+        if not self.evaluate(job_id, todo, singly_from):
             return "cancelled", 0
         while True:
             if self.checkpoint(job_id):
