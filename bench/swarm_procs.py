@@ -291,9 +291,10 @@ class Node:
         return True
 
 
-def start_node(procs: Processes, orch: Orchestrator, name: str, model: str, share: float,
-               local_share: float) -> Node:  # fmt: skip
-    """`dragon node` joined to `orch`, serving `model` (NAME=PATH) and no bundled model.
+def start_node(procs: Processes, orch: Orchestrator, name: str, model: str, share: float, local_share: float,
+               *flags: str, env: dict[str, str] | None = None) -> Node:  # fmt: skip
+    """`dragon node` joined to `orch`, serving `model` (NAME=PATH) and no bundled model;
+    `flags` and `env` are added to its command line and environment.
 
     DRAGON_SWARM_PID is this benchmark's pid: on one machine every swarm process is ours,
     so no node mistakes the others' CPU for its owner's.
@@ -301,8 +302,9 @@ def start_node(procs: Processes, orch: Orchestrator, name: str, model: str, shar
     port = free_port()
     args = ["node", "--name", name, "--home", str(procs.root / "nodes" / name), "--api-port", str(port),
             "--no-bundled-model", "--model", model, "--orchestrator", orch.url, "--share", str(share),
-            "--local-share", str(local_share), *(["--ca", str(orch.ca)] if orch.tls else ["--insecure"])]  # fmt: skip
-    env = {"DRAGON_KEY": orch.keys["node"], "DRAGON_SWARM_PID": str(os.getpid())}
+            "--local-share", str(local_share), *(["--ca", str(orch.ca)] if orch.tls else ["--insecure"]),
+            *flags]  # fmt: skip
+    env = {"DRAGON_KEY": orch.keys["node"], "DRAGON_SWARM_PID": str(os.getpid()), **(env or {})}
     return Node(name, f"http://127.0.0.1:{port}", procs.start(name, args, env))
 
 
