@@ -316,8 +316,7 @@ class Swarm:
         now = time.monotonic()
         s = self.settings
         for conn in list(self.registry.conns.values()):
-            age = conn.age(now)
-            if age > s.gone_after_s:
+            if conn.gone(now, s.stale_after_s, s.gone_after_s):  # by the cadence its last heartbeat allowed
                 conn.close(CLOSE_STALE, "no heartbeat")
                 self.node_left(conn)
                 continue

@@ -22,6 +22,7 @@ from dragonswarm.errors import DragonError, Forbidden, InvalidRequest, Unauthori
 from dragonswarm.orchestrator.auth import authenticate, bearer
 from dragonswarm.orchestrator.registry import NodeConn
 from dragonswarm.orchestrator.swarm import Swarm
+from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.swarm import (
     CREDENTIAL_PREFIX,
     NAME_PATTERN,
@@ -120,13 +121,15 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, credential: str | No
         closing.append((code, reason))
         outbox.put_nowait(None)
 
-    conn = NodeConn(hello=hello, send=outbox.put_nowait, close=close)
+    cadence = Cadence(swarm.settings.heartbeat_s, swarm.settings.idle_heartbeat_s)
+    conn = NodeConn(hello=hello, send=outbox.put_nowait, close=close, cadence=cadence)
     replaced = swarm.registry.conns.get(hello.name)
     if replaced is not None:  # a stale connection of the same node (say, a half-open TCP link)
         replaced.close(CLOSE_CONFLICT, "replaced by a new connection")
         swarm.node_left(replaced)  # its work moves before the new connection can take any
     swarm.registry.join(conn)
-    conn.send(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=swarm.settings.heartbeat_s, credential=credential)))
+    conn.send(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=cadence.heartbeat_s,
+                           idle_heartbeat_s=cadence.idle_heartbeat_s, credential=credential)))  # fmt: skip
     log.info("node %s joined (%s)", hello.name, ", ".join(m.name for m in hello.models))
     writer = asyncio.create_task(_write(ws, outbox), name=f"ws-writer-{hello.name}")
     reader = asyncio.create_task(_read(ws, swarm, conn), name=f"ws-reader-{hello.name}")

@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, Validati
 from dragonswarm.protocol.runner import Generation
 
 # 2: models named by sha256, fragments carry a whole Generation; 3: heartbeats carry the
-# network, the CPU cap in force and the owner's GPU use (an older orchestrator would refuse them).
-VERSION = 3
+# network, the CPU cap in force and the owner's GPU use (an older orchestrator would refuse them);
+# 4: `welcome` allows quiet nodes a longer heartbeat period (a v3 node, whose messages forbid unknown
+# fields, would take the new welcome for a broken one and retry forever; refused by version, it is told why).
+VERSION = 4
 NODE_HEADER = "X-Dragon-Node"  # the node's name, at the WebSocket handshake
 CREDENTIAL_PREFIX = "dnc_"  # a node credential, as opposed to an API key ("dsk_")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -138,6 +140,8 @@ class Welcome(_Message):
     v: int
     name: str
     heartbeat_s: float = Field(gt=0.0)
+    # A quiet node (nothing running, nothing changed) may report this rarely: see `protocol.cadence`.
+    idle_heartbeat_s: float | None = Field(default=None, gt=0.0)
     # Sent once, when a node key admits a new machine: from then on the node proves who
     # it is with this credential, and the shared node key can no longer speak for it.
     credential: str | None = None
