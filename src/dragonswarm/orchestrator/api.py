@@ -61,7 +61,7 @@ async def list_nodes(request: Request, key: Admin) -> dict[str, Any]:
         state = record.state if record.name in live else "gone"
         data.append({"name": record.name, "state": state, "first_seen": record.first_seen,
                      "last_seen": record.last_seen, **record.info})  # fmt: skip
-    return {"object": "list", "data": data, "queue": swarm.status()}
+    return {"object": "list", "data": data, "queue": swarm.status(), "loop": request.app.state.loop_lag.summary()}
 
 
 @router.post("/v1/nodes/{name}/revoke")

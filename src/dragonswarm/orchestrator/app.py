@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from dragonswarm import __version__
 from dragonswarm.orchestrator.api import router as api_router
+from dragonswarm.orchestrator.looplag import LoopLag
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.orchestrator.ws import router as ws_router
 from dragonswarm.settings import OrchestratorSettings
@@ -31,20 +32,24 @@ KEEP_ALIVE_S = 75
 
 def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     swarm = Swarm(settings, store)
+    loop_lag = LoopLag()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop_lag.start()
         swarm.start()
         try:
             yield
         finally:
             await swarm.close()
+            await loop_lag.close()
             store.close()
 
     # No open documentation pages: every endpoint but /health needs a key.
     app = FastAPI(title="Py Dragon Swarm orchestrator", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.swarm = swarm
+    app.state.loop_lag = loop_lag
     app.state.store = store
     app.state.started = time.time()
     app.include_router(api_router)
