@@ -108,3 +108,19 @@ def test_tags_are_the_union_of_the_remaining_nodes() -> None:
     assert dict(reg.model_tags()) == {"coder": ["code", "fim"], "chat": ["chat"]}
     reg.leave(a)
     assert dict(reg.model_tags()) == {"coder": ["code"], "chat": ["chat"]}
+
+
+def test_recheck_updates_placement_only_when_live_flips() -> None:
+    reg = Registry(stale_after=3.5)
+    a = conn("w0", [("tiny", SHAS[0], [])])
+    reg.join(a)
+    placed = reg.index.get("w0")
+    assert placed is not None and placed.live
+    reg.recheck(a, a.last_seen + 1.0)
+    assert reg.index.get("w0") is placed  # nothing changed: nothing rebuilt
+    reg.recheck(a, a.last_seen + 10.0)
+    assert reg.index.get("w0") is not None and not reg.index.get("w0").live  # type: ignore[union-attr]
+    assert reg.index.choose(model_key("tiny", SHAS[0])) is None
+    reg.leave(a)
+    reg.recheck(a, a.last_seen)  # a connection that left stays out
+    assert reg.index.get("w0") is None

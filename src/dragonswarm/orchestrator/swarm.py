@@ -320,7 +320,7 @@ class Swarm:
                 conn.close(CLOSE_STALE, "no heartbeat")
                 self.node_left(conn)
                 continue
-            self.registry.refresh(conn)  # live -> stale shows in placement
+            self.registry.recheck(conn, now)  # live -> stale shows in placement
             for f in list(conn.jobs.values()):
                 if now - f.last_event > s.stall_timeout_s:
                     self._fail_over(f, f"no progress for {s.stall_timeout_s:.0f} s")
