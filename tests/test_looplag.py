@@ -65,3 +65,6 @@ def test_admins_see_the_loop_lag(start_orchestrator: Callable[..., OrchestratorP
     found = wait_until(loop, 10, "loop-lag samples")
     assert set(found) == {"samples", "p50_ms", "p99_ms", "max_ms", "window_s"} and found["window_s"] == 60.0
     assert 0 <= found["p50_ms"] <= found["p99_ms"] <= found["max_ms"]
+    with orch.client("admin") as c:
+        summary = c.get("/v1/nodes", params={"summary": "true"}).json()
+    assert summary["states"] == {"live": 0, "stale": 0} and "data" not in summary and summary["loop"]["samples"] > 0

@@ -226,6 +226,14 @@ class Registry:
         appeared (since they were last served by nobody), tags in the order they were first given."""
         return self._tags
 
+    def states(self) -> dict[str, int]:
+        """How many connected nodes are live, and how many stale."""
+        now = time.monotonic()
+        counts = {"live": 0, "stale": 0}
+        for conn in self.conns.values():
+            counts[conn.state(now, self.stale_after)] += 1
+        return counts
+
     def records(self) -> list[NodeRecord]:
         now = time.monotonic()
         return [c.record(now, self.stale_after) for c in self.conns.values()]
