@@ -124,3 +124,19 @@ def test_recheck_updates_placement_only_when_live_flips() -> None:
     reg.leave(a)
     reg.recheck(a, a.last_seen)  # a connection that left stays out
     assert reg.index.get("w0") is None
+
+
+def test_a_record_follows_the_latest_heartbeat() -> None:
+    from dragonswarm.protocol.swarm import Heartbeat
+
+    a = conn("w0", [("tiny", SHAS[0], ["code"])])
+    figures = {"cpu_total": 0.1, "cpu_ours": 0.0, "owner_load": 0.1, "owner_busy": False, "ram_available": 1,
+               "share_in_force": 0.5, "local_busy": 0}  # fmt: skip
+    a.heartbeat = Heartbeat.model_validate(figures)
+    first = a.record(a.last_seen, 3.5).info
+    assert first["cpu_total"] == 0.1 and first["models"][0]["tags"] == ["code"] and "running" in first
+    a.heartbeat = Heartbeat.model_validate(figures | {"cpu_total": 0.7, "owner_busy": True})
+    a.jobs["j"] = None  # type: ignore[assignment]
+    second = a.record(a.last_seen, 3.5).info
+    assert (second["cpu_total"], second["owner_busy"], second["running"]) == (0.7, True, 1)
+    assert first["cpu_total"] == 0.1  # an earlier record is not changed by a later one

@@ -47,6 +47,7 @@ class NodeConn:
     served: int = 0
     left: asyncio.Event = field(default_factory=asyncio.Event)
     cadence: Cadence = field(default_factory=Cadence)  # the reporting periods its `welcome` allowed
+    _dumped: tuple[Heartbeat, dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -93,19 +94,28 @@ class NodeConn:
             rtt_ms=hb.rtt_ms if hb else None,
         )
 
-    def record(self, now: float, stale_after: float) -> NodeRecord:
-        info: dict[str, Any] = {
+    @cached_property
+    def _hello_info(self) -> dict[str, Any]:
+        # Dumped once: every node's record is built every 2 s, and the models' dump was most of it.
+        return {
             "models": [m.model_dump() for m in self.hello.models],
             "share": self.hello.share,
             "local_share": self.hello.local_share,
             "cpus": self.hello.cpus,
             "ram_total": self.hello.ram_total,
             "capacity": self.hello.capacity,  # as granted: what the node claimed, within policy
-            "running": len(self.jobs),
-            "served": self.served,
         }
+
+    def _heartbeat_info(self, hb: Heartbeat) -> dict[str, Any]:
+        # A quiet node's heartbeat outlives a few records: dump it once.
+        if self._dumped is None or self._dumped[0] is not hb:
+            self._dumped = (hb, hb.model_dump(exclude={"type", "running"}))
+        return self._dumped[1]
+
+    def record(self, now: float, stale_after: float) -> NodeRecord:
+        info: dict[str, Any] = {**self._hello_info, "running": len(self.jobs), "served": self.served}
         if self.heartbeat:
-            info.update(self.heartbeat.model_dump(exclude={"type", "running"}))
+            info.update(self._heartbeat_info(self.heartbeat))
         last_seen = time.time() - self.age(now)
         return NodeRecord(self.name, self.joined, last_seen, self.state(now, stale_after), info)
 
