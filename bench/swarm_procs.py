@@ -118,13 +118,14 @@ class Processes:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Started:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
+              module: str = "dragonswarm.cli") -> Started:  # fmt: skip
         log_path = self.root / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # DRAGON_HOME points at the temp dir, so no config.toml of this machine's user is read.
         full_env = {**os.environ, "DRAGON_HOME": str(self.root), **(env or {})}
         with log_path.open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "dragonswarm.cli", *args], stdout=log,
+            proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
                                     stderr=subprocess.STDOUT, env=full_env)  # fmt: skip
         started = Started(name, proc, log_path)
         self.started.append(started)
@@ -222,8 +223,11 @@ class Orchestrator:
         return True
 
 
-def start_orchestrator(procs: Processes, name: str, *flags: str) -> Orchestrator:
-    """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store."""
+def start_orchestrator(procs: Processes, name: str, *flags: str, env: dict[str, str] | None = None,
+                       module: str = "dragonswarm.cli") -> Orchestrator:  # fmt: skip
+    """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store
+    (`env`: more environment, say a PYTHONPATH that runs another commit's source; `module`: a
+    wrapper that runs the CLI with something added)."""
     home = procs.root / name
     store = open_store(home)
     try:
@@ -231,7 +235,7 @@ def start_orchestrator(procs: Processes, name: str, *flags: str) -> Orchestrator
     finally:
         store.close()
     port = free_port()
-    started = procs.start(name, ["orchestrator", "--home", str(home), "--port", str(port), *flags])
+    started = procs.start(name, ["orchestrator", "--home", str(home), "--port", str(port), *flags], env, module)
 
     def serving() -> tuple[str, Path | None] | None:
         """Its scheme and CA, from the first line it prints: https with a private CA unless --insecure."""

@@ -246,6 +246,9 @@ class OrchestratorSettings(_FileSettings):
     stall_timeout_s: float = Field(30.0, gt=0.0)
     max_attempts: int = Field(4, ge=1)  # workers a fragment may try before it fails
     heartbeat_s: float = Field(1.0, gt=0.0)
+    # A node with nothing running that changes nothing may report this rarely (the stale and gone
+    # times below stretch for it by the same factor): ten thousand idle nodes beat a fifth as often.
+    idle_heartbeat_s: float = Field(5.0, gt=0.0)
     # Fragments one node may run at once, whatever it claims: a runner serves one sequence.
     max_node_capacity: int = Field(1, ge=1, le=64)
     stale_after_s: float = Field(3.5, gt=0.0)  # no heartbeat this long: not given new work

@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from dragonswarm.errors import DragonError, RunnerFailed
 from dragonswarm.governor.network import NetworkMeter, Rates, RttTracker, held_busy, link_saturated, owner_bps
 from dragonswarm.node.service import ModelSlot, NodeService
+from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.swarm import (
     NODE_HEADER,
@@ -97,6 +98,7 @@ class SwarmLink:
         self.connected = False
         self.refused: str | None = None  # why the orchestrator refused us for good
         self.heartbeat_s = 1.0
+        self.idle_heartbeat_s: float | None = None  # a quiet node's period, when the orchestrator allows one
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._models: dict[str, str] = {}  # job -> model
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +173,7 @@ class SwarmLink:
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected welcome")
         self.heartbeat_s = welcome.heartbeat_s
+        self.idle_heartbeat_s = welcome.idle_heartbeat_s
         if welcome.credential:  # kept first, confirmed then: the name is ours only once we hold its credential
             self._save_credential(welcome.credential)
             await self._send(ws, dump(Confirm(credential=welcome.credential)))
@@ -261,6 +264,10 @@ class SwarmLink:
         return asdict(self._net)
 
     async def _heartbeats(self, ws: ClientConnection) -> None:
+        # Read every heartbeat_s, so a change goes out within one; sent only when `Cadence.due` says.
+        cadence = Cadence(self.heartbeat_s, self.idle_heartbeat_s)
+        last: Heartbeat | None = None
+        sent_at = 0.0
         while True:
             try:
                 self._leave_the_owners_gpu()
@@ -268,7 +275,11 @@ class SwarmLink:
             except Exception:  # a failed reading must not silence the node: the orchestrator would drop it
                 log.exception("building a heartbeat failed; retrying at the next beat")
             else:
-                await self._send(ws, dump(beat))
+                now = time.monotonic()
+                if cadence.due(last, beat, now - sent_at):
+                    beat = cadence.averaged(last, beat, now - sent_at)
+                    await self._send(ws, dump(beat))
+                    last, sent_at = beat, now
             await asyncio.sleep(self.heartbeat_s)
 
     def _leave_the_owners_gpu(self) -> None:

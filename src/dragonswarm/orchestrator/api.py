@@ -57,8 +57,11 @@ async def list_models(request: Request, key: Inference) -> dict[str, Any]:
 
 
 @router.get("/v1/nodes")
-async def list_nodes(request: Request, key: Admin) -> dict[str, Any]:
+async def list_nodes(request: Request, key: Admin, summary: bool = False) -> dict[str, Any]:
     swarm = swarm_of(request)
+    loop = request.app.state.loop_lag.summary()
+    if summary:  # counts only: with 10,000 nodes the full list holds the event loop for seconds
+        return {"object": "summary", "states": swarm.registry.states(), "queue": swarm.status(), "loop": loop}
     live = {r.name: r for r in swarm.registry.records()}
     stored = {r.name: r for r in await asyncio.to_thread(swarm.store.list_nodes) if r.name not in live}
     data = []
@@ -66,7 +69,7 @@ async def list_nodes(request: Request, key: Admin) -> dict[str, Any]:
         state = record.state if record.name in live else "gone"
         data.append({"name": record.name, "state": state, "first_seen": record.first_seen,
                      "last_seen": record.last_seen, **record.info})  # fmt: skip
-    return {"object": "list", "data": data, "queue": swarm.status()}
+    return {"object": "list", "data": data, "queue": swarm.status(), "loop": loop}
 
 
 @router.post("/v1/nodes/{name}/revoke")

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from dragonswarm import __version__
 from dragonswarm.orchestrator.api import router as api_router
 from dragonswarm.orchestrator.housekeeping import Housekeeping
+from dragonswarm.orchestrator.looplag import LoopLag
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.orchestrator.ws import router as ws_router
 from dragonswarm.scheduler.ratelimit import RateLimiter
@@ -34,15 +35,18 @@ KEEP_ALIVE_S = 75
 def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     swarm = Swarm(settings, store)
     housekeeping = Housekeeping(swarm)
+    loop_lag = LoopLag()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop_lag.start()
         housekeeping.start()
         try:
             yield
         finally:
             await housekeeping.close()
             await swarm.close()
+            await loop_lag.close()
             store.close()
 
     # No open documentation pages: every endpoint but /health needs a key.
@@ -51,6 +55,7 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     app.state.swarm = swarm
     # Per process for now: with several replicas (the Redis store) the windows move there.
     app.state.limiter = RateLimiter(settings.rate_rpm, settings.rate_tpm)
+    app.state.loop_lag = loop_lag
     app.state.store = store
     app.state.started = time.time()
     app.include_router(api_router)

@@ -46,11 +46,11 @@ class Housekeeping:
     def sweep(self) -> None:
         swarm, s, now = self.swarm, self.swarm.settings, time.monotonic()
         for conn in list(swarm.registry.conns.values()):
-            if conn.age(now) > s.gone_after_s:
+            if conn.gone(now, s.stale_after_s, s.gone_after_s):  # by the cadence its last heartbeat allowed
                 conn.close(CLOSE_STALE, "no heartbeat")
                 swarm.node_left(conn)
                 continue
-            swarm.registry.refresh(conn)  # live -> stale shows in placement
+            swarm.registry.recheck(conn, now)  # live -> stale shows in placement
             for job_id in list(conn.jobs):
                 f = swarm.running.get(job_id)
                 if f is not None and stalled(f, now, s.stall_timeout_s):

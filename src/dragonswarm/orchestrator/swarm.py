@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 
 from dragonswarm.errors import ContextLengthExceeded, ModelNotFound, NoCapacity, NoWorkers
 from dragonswarm.orchestrator.dispatcher import Dispatcher
@@ -276,7 +276,7 @@ class Swarm:
         return self.dispatcher.status()
 
 
-def _check_context(model: str, gens: list[Generation], serving: list[NodeConn]) -> None:
+def _check_context(model: str, gens: list[Generation], serving: Collection[NodeConn]) -> None:
     """Refuse before any work what no worker's context can hold: the answer alone, plus
     at least one prompt token, must fit the largest context a node runs the model with."""
     largest = max((m.n_ctx for c in serving for m in c.hello.models if m.name == model), default=0)

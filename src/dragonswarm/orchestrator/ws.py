@@ -24,6 +24,7 @@ from dragonswarm.errors import DragonError, Forbidden, InvalidRequest, Unauthori
 from dragonswarm.orchestrator.auth import authenticate, bearer
 from dragonswarm.orchestrator.registry import NodeConn
 from dragonswarm.orchestrator.swarm import Swarm
+from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.swarm import (
     CREDENTIAL_PREFIX,
     NAME_PATTERN,
@@ -113,7 +114,9 @@ async def swarm_socket(ws: WebSocket) -> None:
             log.warning("refused a second live connection for node %s", hello.name)
             await ws.close(CLOSE_CONFLICT, f"node {hello.name} is already connected")
             return
-        await ws.send_text(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=swarm.settings.heartbeat_s,
+        cadence = Cadence(swarm.settings.heartbeat_s, swarm.settings.idle_heartbeat_s)
+        await ws.send_text(dump(Welcome(v=VERSION, name=hello.name, heartbeat_s=cadence.heartbeat_s,
+                                        idle_heartbeat_s=cadence.idle_heartbeat_s,
                                         credential=admission.credential)))  # fmt: skip
         if admission.credential is not None and not await _confirmed(ws, store, hello.name):
             log.warning("node %s did not confirm its credential, another machine's did", hello.name)
@@ -123,7 +126,7 @@ async def swarm_socket(ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await ws.close(CLOSE_PROTOCOL, str(exc)[:120] or "expected hello")
         return
-    await _serve(ws, swarm, hello)
+    await _serve(ws, swarm, hello, cadence)
 
 
 async def _confirmed(ws: WebSocket, store: Store, name: str) -> bool:
@@ -135,7 +138,7 @@ async def _confirmed(ws: WebSocket, store: Store, name: str) -> bool:
     return await asyncio.to_thread(store.confirm_identity, name, message.credential)
 
 
-async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello) -> None:
+async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, cadence: Cadence) -> None:
     outbox: asyncio.Queue[str | None] = asyncio.Queue()
     closing: list[tuple[int, str]] = []
 
@@ -143,7 +146,7 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello) -> None:
         closing.append((code, reason))
         outbox.put_nowait(None)
 
-    conn = NodeConn(hello=hello, send=outbox.put_nowait, close=close)
+    conn = NodeConn(hello=hello, send=outbox.put_nowait, close=close, cadence=cadence)
     replaced = swarm.registry.conns.get(hello.name)
     if replaced is not None:  # a stale connection of the same node (say, a half-open TCP link)
         replaced.close(CLOSE_CONFLICT, "replaced by a new connection")

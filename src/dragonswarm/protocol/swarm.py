@@ -21,7 +21,8 @@ from dragonswarm.protocol.runner import Generation
 
 # 2: models named by sha256, fragments carry a whole Generation; 3: heartbeats carry the
 # network, the CPU cap in force and the owner's GPU use (an older orchestrator would refuse them);
-# 4: text events carry token ids, failover continues from them, workers report progress.
+# 4: text events carry token ids, failover continues from them, workers report progress; names are
+# confirmed; `welcome` allows quiet nodes a longer heartbeat period.
 VERSION = 4
 NODE_HEADER = "X-Dragon-Node"  # the node's name, at the WebSocket handshake
 CREDENTIAL_PREFIX = "dnc_"  # a node credential, as opposed to an API key ("dsk_")
@@ -159,6 +160,8 @@ class Welcome(_Message):
     v: int
     name: str
     heartbeat_s: float = Field(gt=0.0)
+    # A quiet node (nothing running, nothing changed) may report this rarely: see `protocol.cadence`.
+    idle_heartbeat_s: float | None = Field(default=None, gt=0.0)
     # Sent when a node key admits a name nobody holds: the node keeps it and answers
     # `confirm`; from then on it proves who it is with this credential, and the shared node
     # key can no longer speak for that name.

@@ -1,0 +1,51 @@
+"""`dragon orchestrator` with a loop-lag probe added, for `loop_bench`: the same probe for this
+change's orchestrator and for an older one, which has no monitor of its own.
+
+    python -m bench.loop_probe orchestrator ...    # LOOP_PROBE_FILE=path: "monotonic lag_s" lines
+
+Like `orchestrator.looplag`, it sleeps 20 ms and records how late it woke; it writes its samples
+once a second (a few kB), with the system-wide monotonic clock, so the benchmark can take any
+window of them (the join storm, the steady minute) after the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from dragonswarm.cli import main
+from dragonswarm.orchestrator.swarm import Swarm
+
+PERIOD_S = 0.02
+
+
+async def probe(path: str) -> None:
+    lines: list[str] = []
+    flushed = time.monotonic()
+    with open(path, "a") as f:
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(PERIOD_S)
+            now = time.monotonic()
+            lines.append(f"{now:.4f} {max(0.0, now - start - PERIOD_S):.5f}\n")
+            if now - flushed >= 1.0:
+                f.write("".join(lines))
+                f.flush()
+                lines.clear()
+                flushed = now
+
+
+def _start_with_probe(start: object, path: str) -> object:
+    def patched(self: Swarm) -> None:
+        start(self)  # type: ignore[operator]
+        self._tasks.append(asyncio.get_running_loop().create_task(probe(path), name="loop-probe"))
+
+    return patched
+
+
+if __name__ == "__main__":
+    # Swarm.start runs in the app's lifespan, on the server's loop, in every version of the orchestrator.
+    Swarm.start = _start_with_probe(Swarm.start, os.environ["LOOP_PROBE_FILE"])  # type: ignore[method-assign]
+    sys.exit(main(sys.argv[1:]))
