@@ -111,6 +111,7 @@ def test_the_orchestrator_waits_longer_for_a_quiet_node(start_orchestrator: Call
                                 "local_share": 0.8, "cpus": 1, "ram_total": 1}))  # fmt: skip
             welcome = json.loads(ws.recv(timeout=10))
             assert (welcome["heartbeat_s"], welcome["idle_heartbeat_s"]) == (0.2, 1.0)
+            ws.send(json.dumps({"type": "confirm", "credential": welcome["credential"]}))
             ws.send(hb.model_dump_json())
         wait_until(lambda: orch.nodes()["busy"]["state"] == "stale", 10, "the busy node to go stale")
         nodes = orch.nodes()

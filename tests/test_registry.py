@@ -136,7 +136,7 @@ def test_a_record_follows_the_latest_heartbeat() -> None:
     first = a.record(a.last_seen, 3.5).info
     assert first["cpu_total"] == 0.1 and first["models"][0]["tags"] == ["code"] and "running" in first
     a.heartbeat = Heartbeat.model_validate(figures | {"cpu_total": 0.7, "owner_busy": True})
-    a.jobs["j"] = None  # type: ignore[assignment]
+    a.jobs.add("j")
     second = a.record(a.last_seen, 3.5).info
     assert (second["cpu_total"], second["owner_busy"], second["running"]) == (0.7, True, 1)
     assert first["cpu_total"] == 0.1  # an earlier record is not changed by a later one
