@@ -126,6 +126,7 @@ def test_a_worker_that_sends_more_than_asked_is_cut_and_its_request_finishes_els
     # The same text the honest node gives on its own: nothing of the lie was kept.
     assert alone["choices"][0]["text"] == answer["choices"][0]["text"]
     wait_until(lambda: orch.nodes()["liar"]["state"] == "gone", 10, "the liar to be gone")
+    wait_until(lambda: "12 asked for" in orch.nodes()["liar"].get("cut_off", ""), 10, "the liar to be marked")
 
 
 def _lie(orch: OrchestratorProcess, liar: Liar, start_node: Callable[..., NodeProcess],

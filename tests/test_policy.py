@@ -20,6 +20,7 @@ from dragonswarm.governor.policy import (
     held_owner_load,
     machine_contended,
     mps_thread_percentage,
+    owner_active,
     owner_on_gpu,
     ram_needed,
     spread_cores,
@@ -292,3 +293,12 @@ def test_model_spec_parse(tmp_path: Path) -> None:
     for bad in ("noequals", "=path", "name=", "bad name=/x"):
         with pytest.raises(ConfigError):
             ModelSpec.parse(bad)
+
+
+def test_a_noise_of_one_turns_owner_detection_off() -> None:
+    # Readings are capped at 1.0: with `>=` alone, a machine filled by other programs still
+    # counted as an owner at work and throttled a node whose owner detection was off.
+    off = OwnerPolicy(noise=1.0, headroom=0.10, min_share=0.05)
+    assert not owner_active(1.0, off) and effective_share(1.0, 1.0, off, contended=True) == 1.0
+    assert not machine_contended(1.0, 1.0, off)
+    assert owner_active(0.10, POLICY) and not owner_active(0.09, POLICY)

@@ -20,6 +20,7 @@ from dragonswarm.governor.policy import (
     held_owner_load,
     machine_contended,
     mps_thread_percentage,
+    owner_active,
     owner_on_gpu,
     threads_for,
 )
@@ -71,7 +72,7 @@ class Governor:
     @property
     def cpu_owner_busy(self) -> bool:
         """The owner's other programs use more than background noise."""
-        return self.owner_load >= self.policy.noise
+        return owner_active(self.owner_load, self.policy)
 
     @property
     def gpu_owner_busy(self) -> bool:

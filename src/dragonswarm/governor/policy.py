@@ -25,6 +25,13 @@ class OwnerPolicy:
         return 1.0 - self.headroom / 2
 
 
+def owner_active(owner_load: float, policy: OwnerPolicy) -> bool:
+    """Others use more than background noise. A noise of 1.0 turns owner detection off (a
+    dedicated machine, a test or a benchmark on a shared one): a reading is capped at 1.0,
+    and a full machine must not then count as an owner at work."""
+    return policy.noise < 1.0 and owner_load >= policy.noise
+
+
 def effective_share(configured: float, owner_load: float, policy: OwnerPolicy, *, contended: bool = False) -> float:
     """The fraction of the machine we may use now, given what others are using.
 
@@ -34,7 +41,7 @@ def effective_share(configured: float, owner_load: float, policy: OwnerPolicy, *
     them: we drop to the floor at once, and their real demand shows in the next sample.
     Stepping down by what they got instead takes one sample per headroom step (seconds).
     """
-    if owner_load < policy.noise:
+    if not owner_active(owner_load, policy):
         return configured
     if contended:
         return min(configured, policy.min_share)
@@ -54,7 +61,7 @@ def held_owner_load(history: Sequence[tuple[float, float]], now: float, hold_s: 
 
 def machine_contended(cpu_total: float, owner_load: float, policy: OwnerPolicy) -> bool:
     """The owner is busy and the machine is full: we are taking CPU they would use."""
-    return owner_load >= policy.noise and cpu_total >= policy.full
+    return owner_active(owner_load, policy) and cpu_total >= policy.full
 
 
 def threads_for(share: float, n_cpus: int) -> int:

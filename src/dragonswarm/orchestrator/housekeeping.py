@@ -22,6 +22,9 @@ log = logging.getLogger("dragonswarm.orchestrator")
 
 SWEEP_S = 0.5
 SAVE_S = 2.0
+# A node kills a runner that ignores a cancel after 5 s, and gives it 3 s to exit: wait that
+# long for its `done` before counting the node free again (else its frozen runner gets new work).
+DRAIN_GRACE_S = 15.0
 
 
 def stalled(f: Fragment, now: float, stall_s: float) -> bool:
@@ -56,7 +59,7 @@ class Housekeeping:
                 if f is not None and stalled(f, now, s.stall_timeout_s):
                     swarm.fail_over(f, f"no progress for {s.stall_timeout_s:.0f} s")
             for job_id, since in list(conn.draining.items()):
-                if now - since > s.stall_timeout_s:  # it never said done: stop counting it busy
+                if now - since > max(s.stall_timeout_s, DRAIN_GRACE_S):  # it never said done: stop counting it busy
                     log.warning("node %s never finished cancelled job %s", conn.name, job_id)
                     swarm.release(conn, job_id)
         for f in swarm.unfinished():

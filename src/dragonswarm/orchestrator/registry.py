@@ -42,6 +42,7 @@ class NodeConn:
     draining: dict[str, float] = field(default_factory=dict)
     finished: deque[str] = field(default_factory=lambda: deque(maxlen=256))  # recently ended job ids
     served: int = 0
+    cut_off: str | None = None  # why we ended this connection, when it broke the protocol (kept in its record)
     left: asyncio.Event = field(default_factory=asyncio.Event)
     cadence: Cadence = field(default_factory=Cadence)  # the reporting periods its `welcome` allowed
     _dumped: tuple[Heartbeat, dict[str, Any]] | None = field(default=None, repr=False)
@@ -116,6 +117,8 @@ class NodeConn:
 
     def record(self, now: float, stale_after: float) -> NodeRecord:
         info: dict[str, Any] = {**self._hello_info, "running": len(self.jobs), "served": self.served}
+        if self.cut_off:
+            info["cut_off"] = self.cut_off
         if self.heartbeat:
             info.update(self._heartbeat_info(self.heartbeat))
         last_seen = time.time() - self.age(now)

@@ -163,6 +163,7 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, cadence: Cadence) ->
                 continue
             if isinstance(exc, ProtocolError):
                 log.warning("node %s broke the protocol: %s", hello.name, exc)
+                conn.cut_off = str(exc)[:500]  # marked in its record: `dragon nodes list`, GET /v1/nodes
                 closing.append((CLOSE_PROTOCOL, str(exc)[:120]))
             elif not isinstance(exc, WebSocketDisconnect):
                 log.error("connection of node %s failed", hello.name, exc_info=exc)
