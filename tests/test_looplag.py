@@ -68,3 +68,13 @@ def test_admins_see_the_loop_lag(start_orchestrator: Callable[..., OrchestratorP
     with orch.client("admin") as c:
         summary = c.get("/v1/nodes", params={"summary": "true"}).json()
     assert summary["states"] == {"live": 0, "stale": 0} and "data" not in summary and summary["loop"]["samples"] > 0
+
+
+def test_the_worst_recent_lag() -> None:
+    lag = LoopLag(period_s=0.02, window_s=60.0)
+    for when, late in ((1.0, 0.5), (5.0, 0.01), (9.0, 2.0), (10.0, 0.0)):
+        lag.record(when, late)
+    assert lag.worst_since(9.5) == 0.0
+    assert lag.worst_since(8.0) == 2.0
+    assert lag.worst_since(0.0) == 2.0
+    assert LoopLag().worst_since(0.0) == 0.0

@@ -292,14 +292,19 @@ class SwarmLink:
                 log.info("the owner is using the GPU: work for others on %s moved off this machine", name)
 
     async def _pings(self, ws: ClientConnection, rtt: RttTracker) -> None:
-        """Measure the round trip to the orchestrator every few heartbeats, by WebSocket ping."""
+        """Measure the round trip to the orchestrator every few heartbeats, by WebSocket ping:
+        at the quiet cadence while this node runs nothing for the swarm (the round trip matters
+        to the work placed here; ten thousand quiet nodes pinging every 2 s would be 5,000 pings
+        a second for the orchestrator)."""
         # A closed connection fails the ping or its pong; the session ends by itself then.
         with contextlib.suppress(websockets.ConnectionClosed):
             while True:
                 rtt.sent(time.monotonic())
                 await (await ws.ping())
                 rtt.received(time.monotonic())
-                await asyncio.sleep(self.heartbeat_s * PING_EVERY_BEATS)
+                quiet = not self._jobs and self.idle_heartbeat_s is not None
+                period = max(self.heartbeat_s, self.idle_heartbeat_s or 0.0) if quiet else self.heartbeat_s
+                await asyncio.sleep(period * PING_EVERY_BEATS)
 
     def _start_job(self, ws: ClientConnection, fragment: RunFragment) -> None:
         if fragment.job in self._jobs:

@@ -34,8 +34,8 @@ KEEP_ALIVE_S = 75
 
 def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     swarm = Swarm(settings, store)
-    housekeeping = Housekeeping(swarm)
     loop_lag = LoopLag()
+    housekeeping = Housekeeping(swarm, loop_lag)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

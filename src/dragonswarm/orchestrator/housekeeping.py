@@ -15,6 +15,7 @@ import logging
 import time
 
 from dragonswarm.orchestrator.fragments import Fragment
+from dragonswarm.orchestrator.looplag import LoopLag
 from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_STALE, Swarm
 
@@ -42,14 +43,18 @@ def orphaned(f: Fragment, served: bool, now: float, wait_s: float) -> bool:
 
 
 class Housekeeping:
-    def __init__(self, swarm: Swarm):
+    def __init__(self, swarm: Swarm, loop_lag: LoopLag | None = None):
         self.swarm = swarm
+        self.loop_lag = loop_lag
         self._task: asyncio.Task[None] | None = None
 
     def sweep(self) -> None:
         swarm, s, now = self.swarm, self.swarm.settings, time.monotonic()
+        # Heartbeats that arrived while this loop was busy are still unread: a node is not let
+        # go for our own lateness (that turns a busy minute into a reconnect storm).
+        late = self.loop_lag.worst_since(now - s.gone_after_s) if self.loop_lag else 0.0
         for conn in list(swarm.registry.conns.values()):
-            if conn.gone(now, s.stale_after_s, s.gone_after_s):  # by the cadence its last heartbeat allowed
+            if conn.gone(now - late, s.stale_after_s, s.gone_after_s):  # by the cadence its last beat allowed
                 conn.close(CLOSE_STALE, "no heartbeat")
                 swarm.node_left(conn)
                 continue

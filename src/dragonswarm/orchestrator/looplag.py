@@ -61,6 +61,15 @@ class LoopLag:
         since = (time.monotonic() if now is None else now) - self.window_s
         return summarize([lag for when, lag in self.samples if when >= since], self.window_s)
 
+    def worst_since(self, since: float) -> float:
+        """The longest lag (seconds) recorded since `since` (monotonic)."""
+        worst = 0.0
+        for when, lag in reversed(self.samples):
+            if when < since:
+                break
+            worst = max(worst, lag)
+        return worst
+
     async def run(self) -> None:
         while True:
             start = time.monotonic()
