@@ -7,7 +7,7 @@ small client speaking the real node protocol over its own TLS WebSocket (`websoc
 spread over a few load-generator processes. All N open their connections at once, say
 hello with a model or two, read `welcome`, and heartbeat at the cadence it gives: a quiet
 node (nothing runs there) every `idle_heartbeat_s`, and, like a real node, a WebSocket ping
-every 2 heartbeat periods to measure the round trip (`--no-pings` leaves them out).
+every 2 of its periods to measure the round trip (`--no-pings` leaves them out).
 
 Measured: time until all N are live (every node has read its welcome, then the
 orchestrator's `GET /v1/nodes` shows all live), the orchestrator's loop lag (its own
@@ -114,6 +114,8 @@ async def sim_node(name: str, i: int, cfg: dict[str, Any], ssl_ctx: Any, stats: 
                 welcome = json.loads(await asyncio.wait_for(ws.recv(), 300))
                 if welcome.get("type") != "welcome":
                     raise RuntimeError(f"expected welcome, got {welcome.get('type')}")
+                if welcome.get("credential") and cfg["version"] >= 4:  # kept, then confirmed, as a node does
+                    await ws.send(json.dumps({"type": "confirm", "credential": welcome["credential"]}))
                 credential = welcome.get("credential") or credential
                 if first:
                     first = False
@@ -124,7 +126,9 @@ async def sim_node(name: str, i: int, cfg: dict[str, Any], ssl_ctx: Any, stats: 
                 # welcome allows (the real node ticks each heartbeat_s and sends at the tick nearest it).
                 cadence = Cadence(welcome["heartbeat_s"], welcome.get("idle_heartbeat_s"))
                 period = cadence.period(quiet)
-                ping_every = welcome["heartbeat_s"] * PING_EVERY_BEATS if cfg["pings"] else None
+                # Pings as the node sends them: every 2 periods, a quiet node's own period since version 4.
+                ping_period = period if cfg["version"] >= 4 else welcome["heartbeat_s"]
+                ping_every = ping_period * PING_EVERY_BEATS if cfg["pings"] else None
                 reader = asyncio.create_task(_drain(ws))
                 try:
                     now = time.monotonic()
