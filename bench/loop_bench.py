@@ -320,7 +320,7 @@ def window(samples: list[tuple[float, ...]], start: float, end: float) -> dict[s
 
 
 def identity_cost(n: int = 1000) -> dict[str, float]:
-    """What a first join costs in the store, alone: the key lookup, the identity check and insert."""
+    """What a first join costs in the store, alone: the key lookup, the offer and the confirm."""
     from dragonswarm.store.sqlite import open_store
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -329,8 +329,9 @@ def identity_cost(n: int = 1000) -> dict[str, float]:
         t0 = time.perf_counter()
         for i in range(n):
             store.find_key(key)
-            store.get_identity(f"n{i}")
-            store.create_identity(f"n{i}")
+            credential = store.offer_identity(f"n{i}")
+            assert credential is not None
+            store.confirm_identity(f"n{i}", credential)
         per = (time.perf_counter() - t0) / n
         store.close()
     return {"per_first_join_ms": round(per * 1000, 3), "for_10000_s": round(per * 10_000, 2)}

@@ -16,9 +16,9 @@ import sys
 import time
 
 from dragonswarm.cli import main
-from dragonswarm.orchestrator.swarm import Swarm
 
 PERIOD_S = 0.02
+_tasks: set[asyncio.Task[None]] = set()  # held, so the probe is not collected
 
 
 async def probe(path: str) -> None:
@@ -38,14 +38,26 @@ async def probe(path: str) -> None:
 
 
 def _start_with_probe(start: object, path: str) -> object:
-    def patched(self: Swarm) -> None:
+    def patched(self: object) -> None:
         start(self)  # type: ignore[operator]
-        self._tasks.append(asyncio.get_running_loop().create_task(probe(path), name="loop-probe"))
+        _tasks.add(asyncio.get_running_loop().create_task(probe(path), name="loop-probe"))
 
     return patched
 
 
+def _lifespan_class() -> type:
+    """What the app's lifespan starts on the server's loop: `Housekeeping` now, `Swarm` before it."""
+    try:
+        from dragonswarm.orchestrator.housekeeping import Housekeeping
+
+        return Housekeeping
+    except ImportError:
+        from dragonswarm.orchestrator.swarm import Swarm
+
+        return Swarm
+
+
 if __name__ == "__main__":
-    # Swarm.start runs in the app's lifespan, on the server's loop, in every version of the orchestrator.
-    Swarm.start = _start_with_probe(Swarm.start, os.environ["LOOP_PROBE_FILE"])  # type: ignore[method-assign]
+    cls = _lifespan_class()
+    cls.start = _start_with_probe(cls.start, os.environ["LOOP_PROBE_FILE"])  # type: ignore[attr-defined]
     sys.exit(main(sys.argv[1:]))

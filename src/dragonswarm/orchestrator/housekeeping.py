@@ -18,11 +18,16 @@ from dragonswarm.orchestrator.fragments import Fragment
 from dragonswarm.orchestrator.looplag import LoopLag
 from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_STALE, Swarm
+from dragonswarm.store.base import NodeRecord
 
 log = logging.getLogger("dragonswarm.orchestrator")
 
 SWEEP_S = 0.5
 SAVE_S = 2.0
+# A node's record is saved when its state changes, else at most this often: with ten thousand
+# nodes, saving every record every 2 s (JSON and SQLite in a thread that holds the GIL) stalled
+# the event loop for seconds.
+RESAVE_S = 30.0
 # A node kills a runner that ignores a cancel after 5 s, and gives it 3 s to exit: wait that
 # long for its `done` before counting the node free again (else its frozen runner gets new work).
 DRAIN_GRACE_S = 15.0
@@ -31,6 +36,11 @@ DRAIN_GRACE_S = 15.0
 def stalled(f: Fragment, now: float, stall_s: float) -> bool:
     """On a worker, and no progress from it (a token, a prompt batch, its model loading) for the stall timeout."""
     return f.node is not None and now - f.last_progress > stall_s
+
+
+def due_for_saving(state: str, saved: tuple[float, str] | None, now: float, every_s: float) -> bool:
+    """A node's record is written when its state changed since the last save, or it is `every_s` old."""
+    return saved is None or saved[1] != state or now - saved[0] >= every_s
 
 
 def orphaned(f: Fragment, served: bool, now: float, wait_s: float) -> bool:
@@ -47,6 +57,19 @@ class Housekeeping:
         self.swarm = swarm
         self.loop_lag = loop_lag
         self._task: asyncio.Task[None] | None = None
+        self._saved: dict[str, tuple[float, str]] = {}  # node -> (when its record was last saved, its state then)
+
+    def records_due(self, now: float) -> list[NodeRecord]:
+        registry, stale_after = self.swarm.registry, self.swarm.settings.stale_after_s
+        due = []
+        for name, conn in registry.conns.items():
+            state = conn.state(now, stale_after)
+            if due_for_saving(state, self._saved.get(name), now, RESAVE_S):
+                due.append(conn.record(now, stale_after))
+                self._saved[name] = (now, state)
+        for name in [n for n in self._saved if n not in registry.conns]:  # gone: saved by `node_left`
+            del self._saved[name]
+        return due
 
     def sweep(self) -> None:
         swarm, s, now = self.swarm, self.swarm.settings, time.monotonic()
@@ -88,7 +111,8 @@ class Housekeeping:
                 self.sweep()
                 if time.monotonic() - last_save > SAVE_S:
                     last_save = time.monotonic()
-                    await asyncio.to_thread(self.swarm.store.save_nodes, self.swarm.registry.records())
+                    if due := self.records_due(last_save):
+                        await asyncio.to_thread(self.swarm.store.save_nodes, due)
             except Exception:  # housekeeping must outlive one bad round
                 log.exception("housekeeping failed")
 
