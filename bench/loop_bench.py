@@ -410,7 +410,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 cells.append(cell(r, key))
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {target} |")
     ident = results["identity"]
-    lines += ["", f"A first join's store work alone (key lookup, identity check, insert; SQLite WAL): "
+    lines += ["", f"A first join's store work alone (key lookup, credential offer and confirm; SQLite WAL, in a thread): "
               f"{ident['per_first_join_ms']} ms, {ident['for_10000_s']} s for 10,000 nodes, on the event loop."]
     for r in results["runs"]:
         if "error" in r:
