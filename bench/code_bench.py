@@ -39,6 +39,7 @@ import httpx
 import psutil
 
 from bench.node_bench import N_CPUS, RESULTS, ROOT, LlamaServer, Node, Timing, settle, stream_completion
+from bench.outputs import save
 from dragonswarm.engines.models import bundled_coder
 from dragonswarm.errors import ConfigError
 from dragonswarm.governor.caps import CpuCap, open_cap
@@ -447,10 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         uncapped.close()  # not needed any more: free its memory
         print("second turn...", flush=True)
         results["second_turn"] = bench_second_turn(node, plain, args.rounds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    save(results, args.out, write_markdown)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -37,7 +36,8 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.swarm_bench import CODE_PROMPT, GEMMA, RESULTS, median, stream_body, strict_json
+from bench.outputs import save, scratch
+from bench.swarm_bench import CODE_PROMPT, GEMMA, RESULTS, median, stream_body
 from bench.swarm_procs import Node, Orchestrator, Processes, start_node, start_orchestrator, wait_until
 from dragonswarm.engines.models import bundled_gemma
 
@@ -255,16 +255,9 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": GEMMA, "freeze_at": FREEZE_AT,
         "max_tokens": MAX_TOKENS, "share": SHARE, "node_stall_timeout_s": NODE_STALL_S,
     }  # fmt: skip
-    try:
+    with scratch(root):
         results["configs"] = [bench_stall(root, gemma, s, args.runs, args.references) for s in args.stall]
-    except BaseException:
-        print(f"failed; the processes' logs are kept in {root / '*' / 'logs'}", file=sys.stderr)
-        raise
-    shutil.rmtree(root, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(strict_json(results), indent=2) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    save(results, args.out, write_markdown)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 import psutil
 
+from bench.outputs import save
 from bench.swarm_procs import Orchestrator, Processes, start_orchestrator, wait_until
 
 ROOT = Path(__file__).resolve().parent
@@ -410,8 +411,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 cells.append(cell(r, key))
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {target} |")
     ident = results["identity"]
-    lines += ["", f"A first join's store work alone (key lookup, credential offer and confirm; SQLite WAL, in a thread): "
-              f"{ident['per_first_join_ms']} ms, {ident['for_10000_s']} s for 10,000 nodes, on the event loop."]
+    lines += ["", f"A first join's store work alone (key lookup, credential offer and confirm; SQLite WAL): "
+              f"{ident['per_first_join_ms']} ms, {ident['for_10000_s']} s for 10,000 nodes, off the event loop."]
     for r in results["runs"]:
         if "error" in r:
             lines.append(f"\n{r['label']}: {r['error']}")
@@ -453,10 +454,7 @@ def main(argv: list[str] | None = None) -> None:
                 run = {"label": label, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 print(f"[{label}] failed: {run['error']}", flush=True)
             results["runs"].append(run)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    save(results, args.out, write_markdown)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import psutil
 
+from bench.outputs import save
 from dragonswarm.engines.models import bundled_gemma
 
 ROOT = Path(__file__).resolve().parent
@@ -331,10 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, step in steps:
         print(f"{name}...", flush=True)
         results[name] = step()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    save(results, args.out, write_markdown)
 
 
 if __name__ == "__main__":

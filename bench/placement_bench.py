@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import random
@@ -22,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.outputs import save
 from dragonswarm.scheduler.placement import NodeState, PlacementIndex, choose, rank
 
 ROOT = Path(__file__).resolve().parent
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     decision = results["rows"]["PlacementIndex.choose"]
     results["target_us"] = TARGET_US
     results["pass"] = decision["p99_us"] <= TARGET_US and results["agreement"]["all_best_rank"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    save(results, args.out, write_markdown)
 
 
 if __name__ == "__main__":

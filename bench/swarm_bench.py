@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import ssl
 import statistics
 import sys
@@ -43,6 +42,7 @@ from typing import Any, TypeVar
 import httpx
 import psutil
 
+from bench.outputs import save, scratch
 from bench.swarm_procs import (
     CpuWatch,
     Processes,
@@ -461,17 +461,6 @@ def summarize_burst(runs: list[Streamed], walls: list[float], swarm_cpu: list[fl
     }  # fmt: skip
 
 
-def strict_json(value: Any) -> Any:
-    """NaN (a percentile of no successful request) as null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and 50 clients: a smoke run")
@@ -494,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="dragon-swarm-bench-"))
-    try:
+    with scratch(root):
         gemma = bundled_gemma(root / "models").path
         tiny = write_tiny_model(root / "models" / "tiny.gguf")
         results: dict[str, Any] = {
@@ -516,14 +505,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.monotonic()
             results[name] = step() | {"elapsed_s": time.monotonic() - t0}
         results["elapsed_s"] = time.monotonic() - started
-    except BaseException:
-        print(f"failed; the processes' logs are kept in {root / '*' / 'logs'}", file=sys.stderr)
-        raise
-    shutil.rmtree(root, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(strict_json(results), indent=2) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    save(results, args.out, write_markdown)
 
 
 if __name__ == "__main__":

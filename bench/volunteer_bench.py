@@ -51,6 +51,7 @@ from tests.volunteer import USER, Volunteer, built_venv, volunteer_session
 
 from bench.code_bench import Answer, PlainChat
 from bench.node_bench import CODE_PROMPT, N_CPUS, RESULTS, ROOT, free_port, wait_http
+from bench.outputs import save
 from dragonswarm.engines.models import bundled_coder
 from dragonswarm.settings import CODER_MODEL_NAME
 
@@ -938,10 +939,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{BEFORE}, root": (before, "cgroup")}  # fmt: skip
             results["backoff"] = bench_backoff(launchers, args.bursts)
     results["run_time_s"] = time.monotonic() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    save(results, args.out, write_markdown)
 
 
 if __name__ == "__main__":
