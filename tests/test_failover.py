@@ -116,7 +116,7 @@ def answer_of(response: httpx.Response, kind: str, stream: bool) -> tuple[str, d
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_frozen_runner_loses_its_fragment_and_the_answer_is_the_uninterrupted_one(
         pair: Pair, freeze: Callable[..., Frozen], kind: str, stream: bool) -> None:  # fmt: skip
-    frozen_failover(pair, freeze, kind, stream, "tiny", max_tokens=1200)
+    frozen_failover(pair, freeze, kind, stream, "tiny", max_tokens=3000, into_s=0.2)
 
 
 def test_a_real_models_failover_continues_token_for_token(start_orchestrator: Start, start_node: Start,
@@ -126,13 +126,14 @@ def test_a_real_models_failover_continues_token_for_token(start_orchestrator: St
     # read as it was written, or a greedy continuation drifts. With Gemma 3 270M, this prompt's
     # answer read back as a batch turns onto another path 3 to 30 tokens after the cut.
     pair = start_pair(start_orchestrator, start_node, gemma_model, "gemma")
-    frozen_failover(pair, freeze, "completion", True, "gemma", max_tokens=120,
+    frozen_failover(pair, freeze, "completion", True, "gemma", max_tokens=120, into_s=0.5,
                     prompt="The history of the Roman Empire")  # fmt: skip
 
 
 def frozen_failover(pair: Pair, freeze: Callable[..., Frozen], kind: str, stream: bool, model: str,
-                    max_tokens: int, prompt: str = "Once upon a time") -> None:  # fmt: skip
-    """An uninterrupted answer, then the same request with its worker's runner frozen mid-way."""
+                    max_tokens: int, into_s: float, prompt: str = "Once upon a time") -> None:  # fmt: skip
+    """An uninterrupted answer, then the same request with its worker's runner frozen `into_s`
+    after it started: well into the answer, well before its end (the route must show both)."""
     orch, nodes = pair
     path, body = body_for(kind, stream, max_tokens, model, prompt)
     with orch.client() as c:
@@ -160,7 +161,7 @@ def frozen_failover(pair: Pair, freeze: Callable[..., Frozen], kind: str, stream
     asking = threading.Thread(target=ask)
     asking.start()
     first = wait_until(lambda: busy_node(nodes, model), 30, "a worker to take the request", interval=0.01)
-    time.sleep(0.5)  # into the answer
+    time.sleep(into_s)
     frozen.append(freeze(nodes[first], model))
     asking.join(120)
     text, last = results[0]

@@ -168,7 +168,10 @@ class RunnerProcess:
             while True:
                 left = deadline - time.monotonic()
                 try:
-                    event = await asyncio.wait_for(queue.get(), max(0.0, min(stall_s, left)))
+                    # Not `wait_for`: on Python 3.11 it loses a cancel that lands as an event arrives
+                    # (it returns the event instead), and a client gone would leave the job running.
+                    async with asyncio.timeout(max(0.0, min(stall_s, left))):
+                        event = await queue.get()
                 except TimeoutError:
                     if left <= stall_s:
                         break  # the deadline: cancelled below like any job left early
