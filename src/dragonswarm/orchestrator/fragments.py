@@ -64,7 +64,7 @@ class Fragment:
     min_ctx: int = 0  # the context a worker needs for it (prompt + max_tokens), once a worker has read the prompt
     placed: float = field(default_factory=time.monotonic)  # when the current attempt was placed
     last_progress: float = field(default_factory=time.monotonic)  # ... and when it last made progress
-    idle_progress: int = 0  # progress events of this attempt since its last token
+    progress_events: int = 0  # ... of this attempt: bounded by the time since it was placed
     orphaned_since: float | None = None  # queued while no connected node serves its model
     finished: bool = False
     keys: list[bytes] = field(init=False)  # its prompt's prefixes, for cache affinity
@@ -89,7 +89,7 @@ class Fragment:
     def placed_on(self, node: NodeConn, now: float) -> None:
         self.node = node
         self.placed = self.last_progress = now
-        self.idle_progress = 0
+        self.progress_events = 0
 
     def next_attempt(self) -> None:
         """The current worker failed: the next one continues after what was streamed."""
@@ -105,9 +105,9 @@ class Fragment:
         node can make the orchestrator handle (or a request keep, for failover) more."""
         asked = self.gen.max_tokens - self.base_tokens
         if ev.ev == "progress":
-            self.idle_progress += 1
-            if self.idle_progress > PROGRESS_BURST + (now - self.placed) * PROGRESS_PER_S:
-                return f"job {ev.job}: {self.idle_progress} progress events in {now - self.placed:.0f} s"
+            self.progress_events += 1
+            if self.progress_events > PROGRESS_BURST + (now - self.placed) * PROGRESS_PER_S:
+                return f"job {ev.job}: {self.progress_events} progress events in {now - self.placed:.0f} s"
             return None
         if ev.ev == "done" and (ev.completion_tokens or 0) > asked:
             return f"job {ev.job}: {ev.completion_tokens} tokens, {asked} asked for"

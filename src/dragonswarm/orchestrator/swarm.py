@@ -129,11 +129,11 @@ class Swarm:
         if conn is None:
             return
         self.running.pop(job_id, None)
-        if job_id in conn.jobs and self.registry.conns.get(conn.name) is conn:
+        if job_id in conn.jobs:
             conn.jobs.discard(job_id)
-            conn.draining[job_id] = time.monotonic()
-            conn.send(dump(Cancel(job=job_id)))
-        conn.jobs.discard(job_id)
+            if self.registry.conns.get(conn.name) is conn:
+                conn.draining[job_id] = time.monotonic()
+                conn.send(dump(Cancel(job=job_id)))
 
     def fail_over(self, f: Fragment, reason: str, *, counts: bool = True) -> None:
         """Move a fragment to another worker, continuing after the tokens already streamed.
@@ -168,8 +168,6 @@ class Swarm:
         now = time.monotonic()
         if over := f.overrun(ev, now):
             raise ProtocolError(over)  # a worker sending more than it was asked for is cut off
-        if ev.ev != "progress":
-            f.idle_progress = 0
         f.last_progress = now  # every event is progress: `overrun` bounds those that add nothing
         match ev.ev:
             case "start":
