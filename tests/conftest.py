@@ -162,6 +162,20 @@ class OrchestratorProcess:
         return client_context(self.ca) if self.tls else None
 
     @property
+    def ws_ssl(self) -> ssl.SSLContext | None:
+        """The context for a test's own node connection (websockets' sync client), capped
+        at TLS 1.2. That client reads the socket in a thread while the caller writes; with
+        TLS 1.3 the server's session tickets arrive after the handshake, the thread's read
+        consumes them and blocks inside OpenSSL, and now and then the handshake request is
+        lost: the connect times out and the thread can never be joined (3 hangs in 3,000
+        connects on two loaded cores; none at TLS 1.2, none with the asyncio client that
+        real nodes use)."""
+        context = self.ssl
+        if context is not None:
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    @property
     def verify(self) -> ssl.SSLContext | bool:
         return self.ssl or True
 
@@ -225,8 +239,27 @@ class OrchestratorProcess:
                 self.proc.wait()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Keep each phase's report on the test, so fixtures can tell at teardown that it failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(getattr(getattr(request.node, f"report_{when}", None), "failed", False) for when in ("setup", "call"))
+
+
+def _print_log_tail(label: str, log_path: Path, lines: int = 40) -> None:
+    """What a server printed, shown with a failed test: in CI its log file is gone afterwards."""
+    if log_path.exists():
+        tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+        print(f"----- last {len(tail)} lines of {label} ({log_path.name}) -----", *tail, sep="\n")
+
+
 @pytest.fixture
-def start_orchestrator(tmp_path: Path) -> Iterator[Callable[..., OrchestratorProcess]]:
+def start_orchestrator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., OrchestratorProcess]]:
     """Start `dragon orchestrator` as a real process with fresh keys; stopped at teardown."""
     started: list[OrchestratorProcess] = []
 
@@ -245,10 +278,13 @@ def start_orchestrator(tmp_path: Path) -> Iterator[Callable[..., OrchestratorPro
     yield start
     for orch in started:
         orch.stop()
+        if _failed(request):
+            _print_log_tail("the orchestrator", orch.log_path)
 
 
 @pytest.fixture
-def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., NodeProcess]]:
+def start_node(tmp_path: Path, models_home: Path,
+               request: pytest.FixtureRequest) -> Iterator[Callable[..., NodeProcess]]:
     """Start `dragon node` as a real process with the given flags; stopped at teardown.
 
     With `swarm`, it joins that orchestrator and counts the test run's processes as its
@@ -284,6 +320,8 @@ def start_node(tmp_path: Path, models_home: Path) -> Iterator[Callable[..., Node
     yield start
     for node in nodes:
         node.stop()
+        if _failed(request):
+            _print_log_tail("a node", node.log_path)
 
 
 @pytest.fixture

@@ -106,7 +106,7 @@ def test_the_orchestrator_waits_longer_for_a_quiet_node(start_orchestrator: Call
     with contextlib.ExitStack() as stack:
         for name, hb in (("quiet", beat()), ("busy", beat(local_busy=1))):
             headers = {"Authorization": f"Bearer {orch.keys['node']}", "X-Dragon-Node": name}
-            ws = stack.enter_context(connect(orch.ws_url, additional_headers=headers, open_timeout=10, ssl=orch.ssl))
+            ws = stack.enter_context(connect(orch.ws_url, additional_headers=headers, open_timeout=10, ssl=orch.ws_ssl))
             ws.send(json.dumps({"type": "hello", "v": VERSION, "name": name, "models": [], "share": 0.1,
                                 "local_share": 0.8, "cpus": 1, "ram_total": 1}))  # fmt: skip
             welcome = json.loads(ws.recv(timeout=10))

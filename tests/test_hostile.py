@@ -28,7 +28,7 @@ def join(orch: OrchestratorProcess, name: str, token: str, max_size: int | None 
          ) -> Iterator[ClientConnection]:  # fmt: skip
     """Connect as node `name`, say hello and read the welcome: a well-behaved start."""
     with connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {token}", "X-Dragon-Node": name},
-                 open_timeout=10, max_size=max_size, ssl=orch.ssl) as ws:  # fmt: skip
+                 open_timeout=10, max_size=max_size, ssl=orch.ws_ssl) as ws:  # fmt: skip
         models = [{"name": "tiny", "sha256": "0" * 64}]
         ws.send(json.dumps({"type": "hello", "v": VERSION, "name": name, "models": models, "share": 0.1,
                             "local_share": 0.8, "cpus": 1, "ram_total": 1}))  # fmt: skip
@@ -109,7 +109,8 @@ def test_hostile_node_is_cut_off_while_real_work_goes_on(start_orchestrator: Sta
 
     # A node cannot speak for another: not with the shared node key, not while it is live.
     with pytest.raises(InvalidStatus) as taken:
-        connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {key}", "X-Dragon-Node": "w1"}, ssl=orch.ssl)
+        connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {key}", "X-Dragon-Node": "w1"},
+                ssl=orch.ws_ssl)
     assert taken.value.response.status_code == 403
     assert stream.check_intact() == ["w1"]  # untouched by any of it
     assert "injected" not in json.dumps(stream.events)
@@ -134,7 +135,7 @@ def test_node_identity_and_revocation(start_orchestrator: Start, start_node: Sta
     # w1's credential does not speak for w2.
     with pytest.raises(InvalidStatus) as wrong:
         connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {credential}", "X-Dragon-Node": "w2"},
-                ssl=orch.ssl)
+                ssl=orch.ws_ssl)
     assert wrong.value.response.status_code == 401
 
     # Revoked while serving: cut off at once, its fragment moves to w2, and it cannot return.
@@ -154,7 +155,7 @@ def test_node_identity_and_revocation(start_orchestrator: Start, start_node: Sta
     assert orch.nodes()[serving]["state"] == "gone"
     with pytest.raises(InvalidStatus) as gone:
         connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {credential_of(node)}",
-                                                  "X-Dragon-Node": serving}, ssl=orch.ssl)  # fmt: skip
+                                                  "X-Dragon-Node": serving}, ssl=orch.ws_ssl)  # fmt: skip
     assert gone.value.response.status_code == 403
     # The revoked machine still serves its own owner.
     local = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "mine", "max_tokens": 3})
@@ -173,7 +174,7 @@ def join_refused_code(orch: OrchestratorProcess, name: str, token: str) -> int |
     hello = {"type": "hello", "v": VERSION, "name": name, "models": [], "share": 0.1, "local_share": 0.8, "cpus": 1,
              "ram_total": 1}  # fmt: skip
     with connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {token}", "X-Dragon-Node": name},
-                 open_timeout=10, ssl=orch.ssl) as ws:  # fmt: skip
+                 open_timeout=10, ssl=orch.ws_ssl) as ws:  # fmt: skip
         return closed_with(ws, lambda: ws.send(json.dumps(hello)))
 
 

@@ -32,7 +32,7 @@ def welcome_then_drop(orch: OrchestratorProcess, name: str, token: str) -> dict[
     """Join as `name`, read the welcome, and go away without confirming: a welcome lost on the
     way, or a node that could not keep its credential, look like this to the orchestrator."""
     headers = {"Authorization": f"Bearer {token}", "X-Dragon-Node": name}
-    with connect(orch.ws_url, additional_headers=headers, open_timeout=10, ssl=orch.ssl) as ws:
+    with connect(orch.ws_url, additional_headers=headers, open_timeout=10, ssl=orch.ws_ssl) as ws:
         ws.send(hello(name))
         welcome: dict[str, Any] = json.loads(ws.recv(timeout=10))
     assert welcome["type"] == "welcome"
@@ -42,7 +42,7 @@ def welcome_then_drop(orch: OrchestratorProcess, name: str, token: str) -> dict[
 def refused_status(orch: OrchestratorProcess, name: str, token: str) -> int:
     with pytest.raises(InvalidStatus) as refused:
         connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {token}", "X-Dragon-Node": name},
-                open_timeout=10, ssl=orch.ssl)  # fmt: skip
+                open_timeout=10, ssl=orch.ws_ssl)  # fmt: skip
     return refused.value.response.status_code
 
 

@@ -125,7 +125,7 @@ def test_expired_and_revoked_keys_on_every_endpoint_and_the_websocket(swarm: Swa
     for key in (expired, revoked, revoked_node):
         with pytest.raises(InvalidStatus) as refused:
             connect(orch.ws_url, additional_headers={"Authorization": f"Bearer {key}", "X-Dragon-Node": "newcomer"},
-                    ssl=orch.ssl, open_timeout=10)  # fmt: skip
+                    ssl=orch.ws_ssl, open_timeout=10)  # fmt: skip
         assert refused.value.response.status_code == 401
     assert orch.nodes()["w1"]["state"] == "live"  # the revoke endpoint was never reached
 

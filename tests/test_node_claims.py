@@ -39,7 +39,7 @@ def test_a_heartbeat_carries_typed_gpu_records_only() -> None:
 def join(orch: OrchestratorProcess, name: str, sha256: str, capacity: int = 1) -> Iterator[ClientConnection]:
     """Connect as node `name` serving the tiny model's file (by its sha256), and say hello."""
     headers = {"Authorization": f"Bearer {orch.keys['node']}", "X-Dragon-Node": name}
-    with connect(orch.ws_url, additional_headers=headers, ssl=orch.ssl, open_timeout=10) as ws:
+    with connect(orch.ws_url, additional_headers=headers, ssl=orch.ws_ssl, open_timeout=10) as ws:
         ws.send(json.dumps({"type": "hello", "v": VERSION, "name": name, "share": 0.1, "local_share": 0.8, "cpus": 2,
                             "ram_total": 1 << 30, "capacity": capacity,
                             "models": [{"name": "tiny", "sha256": sha256, "loaded": True}]}))  # fmt: skip

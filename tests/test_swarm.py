@@ -202,14 +202,14 @@ def test_auth_matrix(swarm: Callable[..., OrchestratorProcess]) -> None:
                                ("bad credential", "dnc_nope", 401)]:  # fmt: skip
         headers = {"X-Dragon-Node": "probe"} | ({"Authorization": f"Bearer {key}"} if key else {})
         with pytest.raises(InvalidStatus) as refused:
-            connect(url, additional_headers=headers, open_timeout=10, ssl=orch.ssl)
+            connect(url, additional_headers=headers, open_timeout=10, ssl=orch.ws_ssl)
         assert refused.value.response.status_code == status, label
     with pytest.raises(InvalidStatus) as unnamed:
         connect(url, additional_headers={"Authorization": f"Bearer {orch.keys['node']}"}, open_timeout=10,
-                ssl=orch.ssl)  # fmt: skip
+                ssl=orch.ws_ssl)  # fmt: skip
     assert unnamed.value.response.status_code == 400
     with connect(url, additional_headers={"Authorization": f"Bearer {orch.keys['node']}",
-                                          "X-Dragon-Node": "probe"}, ssl=orch.ssl) as ws:  # fmt: skip
+                                          "X-Dragon-Node": "probe"}, ssl=orch.ws_ssl) as ws:  # fmt: skip
         ws.send("{}")  # not a hello: the orchestrator ends the connection
         with pytest.raises(Exception, match="1008"):
             ws.recv(timeout=10)
