@@ -304,8 +304,13 @@ def run_variant(label: str, root: Path, src: Path, version: int, nodes: int, pro
         # The probe's samples, in exactly the storm's window and the steady one.
         samples = [tuple(map(float, line.split())) for line in probe_file.read_text().splitlines() if line]
         result["probe"] = {"join": window(samples, marks["t0"], marks["live"])}
+        gc_file = probe_file.with_name(probe_file.name + ".gc")
+        passes = [tuple(map(float, line.split())) for line in gc_file.read_text().splitlines() if line] \
+            if gc_file.exists() else []  # fmt: skip
+        result["gc"] = {"join": gc_window(passes, marks["t0"], marks["live"])}
         if "t2" in marks:
             result["probe"]["steady"] = window(samples, marks["t1"], marks["t2"])
+            result["gc"]["steady"] = gc_window(passes, marks["t1"], marks["t2"])
         times = sorted(t - marks["t0"] for s in gen_stats for t in s["welcomed"])
         if times:
             result["welcome_s"] = {q: round(times[min(len(times) - 1, int(len(times) * q / 100))], 2)
@@ -318,6 +323,17 @@ def window(samples: list[tuple[float, ...]], start: float, end: float) -> dict[s
     from dragonswarm.orchestrator.looplag import summarize
 
     return dict(summarize([lag for when, lag in samples if start <= when <= end], round(end - start, 1)))
+
+
+def gc_window(passes: list[tuple[float, ...]], start: float, end: float) -> dict[str, Any]:
+    """The garbage collector's passes between two monotonic times, by generation: how many,
+    their time in all (s) and the longest (ms). Each pass held the event loop."""
+    out: dict[str, Any] = {}
+    for gen in (0, 1, 2):
+        times = [t for when, g, t in passes if start <= when <= end and int(g) == gen]
+        out[f"gen{gen}"] = {"passes": len(times), "total_s": round(sum(times), 3),
+                            "max_ms": round(max(times, default=0.0) * 1000, 1)}  # fmt: skip
+    return out
 
 
 def identity_cost(n: int = 1000) -> dict[str, float]:
@@ -384,6 +400,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         ("join storm: orchestrator CPU (cores)", "join.orchestrator_cpu", ""),
         ("steady: loop lag p50 / p99 / max (ms)", "probe.steady", f"p99 ≤ {TARGETS['p99_ms']:.0f} ms"),
         ("steady: the orchestrator's own monitor, last 60 s (`GET /v1/nodes`)", "steady.loop", ""),
+        ("join storm: garbage collector, passes / total s / longest ms by generation", "gc.join", ""),
+        ("steady: garbage collector, passes / total s / longest ms by generation", "gc.steady", ""),
         ("steady: orchestrator CPU (cores)", "steady.orchestrator_cpu", ""),
         ("steady: node states", "steady.states", ""),
         ("`GET /v1/nodes` at the end: counts / the whole list (s)", "steady.get_nodes_s", ""),
@@ -397,6 +415,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 first, second = key.split(".")
                 loop = r.get(first, {}).get(second)
                 cells.append(f"{loop['p50_ms']:.1f} / **{loop['p99_ms']:.1f}** / {loop['max_ms']:.0f}" if loop else "-")
+            elif key.startswith("gc."):
+                passes = r.get("gc", {}).get(key.split(".")[1])
+                cells.append(", ".join(f"{g}: {v['passes']} / {v['total_s']} / {v['max_ms']}"
+                                       for g, v in passes.items()) if passes else "-")  # fmt: skip
             elif key == "clients":
                 c = r.get("clients", {})
                 cells.append(f"{c.get('beats', 0):,} / {c.get('pings', 0):,} (failed connects {c.get('failures', 0)}, "

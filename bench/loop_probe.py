@@ -3,6 +3,9 @@ change's orchestrator and for an older one, which has no monitor of its own.
 
     python -m bench.loop_probe orchestrator ...    # LOOP_PROBE_FILE=path: "monotonic lag_s" lines
 
+It also times the garbage collector's passes, written to `LOOP_PROBE_FILE.gc` as
+"monotonic generation seconds" lines: a pass stops the loop for as long as it runs.
+
 Like `orchestrator.looplag`, it sleeps 20 ms and records how late it woke; it writes its samples
 once a second (a few kB), with the system-wide monotonic clock, so the benchmark can take any
 window of them (the join storm, the steady minute) after the run.
@@ -11,6 +14,7 @@ window of them (the join storm, the steady minute) after the run.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import time
@@ -37,6 +41,27 @@ async def probe(path: str) -> None:
                 flushed = now
 
 
+def time_gc(path: str) -> None:
+    """Record every collection's generation and duration (buffered, written about once a second)."""
+    lines: list[str] = []
+    state = {"start": 0.0, "flushed": time.monotonic()}
+    out = open(path, "a")  # noqa: SIM115  # open for the process's life
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            state["start"] = now
+            return
+        lines.append(f"{now:.4f} {info['generation']} {now - state['start']:.5f}\n")
+        if now - state["flushed"] >= 1.0:
+            out.write("".join(lines))
+            out.flush()
+            lines.clear()
+            state["flushed"] = now
+
+    gc.callbacks.append(callback)
+
+
 def _start_with_probe(start: object, path: str) -> object:
     def patched(self: object) -> None:
         start(self)  # type: ignore[operator]
@@ -60,4 +85,5 @@ def _lifespan_class() -> type:
 if __name__ == "__main__":
     cls = _lifespan_class()
     cls.start = _start_with_probe(cls.start, os.environ["LOOP_PROBE_FILE"])  # type: ignore[attr-defined]
+    time_gc(os.environ["LOOP_PROBE_FILE"] + ".gc")
     sys.exit(main(sys.argv[1:]))

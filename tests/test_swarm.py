@@ -161,6 +161,27 @@ def test_orchestrator_restart_nodes_rejoin_keys_survive(start_orchestrator: Star
     assert orch.nodes()["w1"]["state"] == "live"
 
 
+def test_a_node_notices_a_frozen_orchestrator_and_joins_again(start_orchestrator: Start, start_node: Start,
+                                                               tiny_model: Path) -> None:  # fmt: skip
+    """A frozen orchestrator closes nothing: its node takes the connection for dead when a
+    ping goes unanswered (the link's own keepalive), serves its owner meanwhile, and joins
+    again once the orchestrator runs."""
+    orch = start_orchestrator()
+    node = start_node("--name", "w1", "--model", f"tiny={tiny_model}", swarm=orch)
+    orch.wait_live("w1")
+    assert orch.proc is not None
+    orch.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: not node.status()["swarm"]["connected"], 60, "the node to give the connection up")
+        assert "no answer from the orchestrator to a ping" in node.log()
+        alone = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "alone", "max_tokens": 4})
+        assert alone.status_code == 200 and alone.headers["x-dragon-nodes"] == "w1"
+    finally:
+        orch.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: node.status()["swarm"]["connected"], 60, "the node to join again")
+    assert complete(orch, prompt="after", max_tokens=4).status_code == 200
+
+
 ENDPOINTS = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
              ("GET", "/v1/nodes"), ("GET", "/v1/usage")]  # fmt: skip
 

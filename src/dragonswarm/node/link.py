@@ -54,6 +54,9 @@ WS_PATH = "/v1/swarm"
 # A round trip every other heartbeat: often enough that a queue on the link shows within seconds,
 # rare enough that the pings are no traffic to speak of.
 PING_EVERY_BEATS = 2
+# These pings are the link's keepalive too (the library's own is off: one ping less per node
+# every 20 s for the orchestrator): no pong this long, and the connection is taken for dead.
+PONG_TIMEOUT_S = 20.0
 LOADING_TICK_S = 2.0  # progress while a model loads for a fragment; the runner reports its own after that
 
 
@@ -133,7 +136,7 @@ class SwarmLink:
             headers = {"Authorization": f"Bearer {credential or self.key}", NODE_HEADER: self.name}
             try:
                 async with connect(ws_url(self.url), additional_headers=headers, max_size=self.max_message_bytes,
-                                   open_timeout=10, ssl=self.ssl) as ws:  # fmt: skip
+                                   open_timeout=10, ping_interval=None, ssl=self.ssl) as ws:  # fmt: skip
                     await self._session(ws)
                     failures, fell_back = 0, False
             except asyncio.CancelledError:
@@ -300,7 +303,13 @@ class SwarmLink:
         with contextlib.suppress(websockets.ConnectionClosed):
             while True:
                 rtt.sent(time.monotonic())
-                await (await ws.ping())
+                try:
+                    async with asyncio.timeout(PONG_TIMEOUT_S):
+                        await (await ws.ping())
+                except TimeoutError:
+                    log.warning("no answer from the orchestrator to a ping in %.0f s: connecting again", PONG_TIMEOUT_S)
+                    await ws.close(1011, "no pong")
+                    return
                 rtt.received(time.monotonic())
                 quiet = not self._jobs and self.idle_heartbeat_s is not None
                 period = max(self.heartbeat_s, self.idle_heartbeat_s or 0.0) if quiet else self.heartbeat_s

@@ -4,7 +4,8 @@ A node silent past `gone_after_s` is let go (its work moves); a fragment whose w
 made no progress for `stall_timeout_s` moves to another; a job cancelled long ago and
 never confirmed stops counting its node busy; a request still running at its deadline,
 or waiting for a model no connected node serves, ends. Every two seconds the registry
-is saved, from a thread. The decisions are the small pure functions at the top.
+is saved, from a thread; the garbage collector is kept in check (`collector`). The
+decisions are the small pure functions at the top.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import time
 
+from dragonswarm.orchestrator.collector import Collector
 from dragonswarm.orchestrator.fragments import Fragment
 from dragonswarm.orchestrator.looplag import LoopLag
 from dragonswarm.orchestrator.registry import model_key
@@ -57,6 +59,7 @@ class Housekeeping:
         self.swarm = swarm
         self.loop_lag = loop_lag
         self._task: asyncio.Task[None] | None = None
+        self._collector: Collector | None = None
         self._saved: dict[str, tuple[float, str]] = {}  # node -> (when its record was last saved, its state then)
 
     def records_due(self, now: float) -> list[NodeRecord]:
@@ -109,6 +112,9 @@ class Housekeeping:
             await asyncio.sleep(SWEEP_S)
             try:
                 self.sweep()
+                if self._collector is not None:
+                    registry = self.swarm.registry
+                    self._collector.tick(len(registry.conns), registry.departures, time.monotonic())
                 if time.monotonic() - last_save > SAVE_S:
                     last_save = time.monotonic()
                     if due := self.records_due(last_save):
@@ -117,6 +123,7 @@ class Housekeeping:
                 log.exception("housekeeping failed")
 
     def start(self) -> None:
+        self._collector = Collector()
         self._task = asyncio.create_task(self._run(), name="housekeeping")
 
     async def close(self) -> None:
@@ -124,5 +131,7 @@ class Housekeeping:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._collector is not None:
+            self._collector.close()
         with contextlib.suppress(Exception):  # the last word on every node, on the way out
             await asyncio.to_thread(self.swarm.store.save_nodes, self.swarm.registry.records())

@@ -129,6 +129,7 @@ class Registry:
     def __init__(self, stale_after: float):
         self.stale_after = stale_after
         self.conns: dict[str, NodeConn] = {}
+        self.departures = 0  # connections that have left, ever
         self.index = PlacementIndex()
         # The model index is updated per join and leave, never rebuilt: with ten thousand
         # nodes a rebuild costs about 11 ms, and a reconnect storm paid it once per node.
@@ -157,6 +158,7 @@ class Registry:
         if self.conns.get(conn.name) is not conn:
             return False  # already replaced by a newer connection of the same node
         del self.conns[conn.name]
+        self.departures += 1
         self.index.remove(conn.name)
         self._unindex(conn)
         return True

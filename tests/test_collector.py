@@ -1,0 +1,38 @@
+"""The orchestrator's hold on the garbage collector: when a full pass is due, and that a
+frozen cycle is still freed by one."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+from dragonswarm.orchestrator.collector import FULL_PASS_EVERY_S, Collector, full_pass_due
+
+
+def test_a_full_pass_waits_for_departures_or_its_period() -> None:
+    assert not full_pass_due(left=0, nodes_then=10_000, since_s=60)
+    assert not full_pass_due(left=999, nodes_then=10_000, since_s=60)  # under a tenth
+    assert full_pass_due(left=1000, nodes_then=10_000, since_s=60)
+    assert not full_pass_due(left=99, nodes_then=3, since_s=60)  # a small swarm: at least 100
+    assert full_pass_due(left=100, nodes_then=3, since_s=60)
+    assert full_pass_due(left=0, nodes_then=10_000, since_s=FULL_PASS_EVERY_S)
+
+
+class Node:
+    def __init__(self) -> None:
+        self.me = self  # a cycle: only the cyclic collector frees it
+
+
+def test_a_frozen_cycle_survives_young_passes_and_goes_with_a_full_one() -> None:
+    collector = Collector()
+    try:
+        node = Node()
+        gone = weakref.ref(node)
+        collector.tick(nodes=1, departures=0, now=collector.frozen_at + 31)  # frozen: it has lived a period
+        del node
+        gc.collect()
+        assert gone() is not None  # frozen objects are not walked, even by a full collection
+        collector.tick(nodes=0, departures=100, now=collector.frozen_at + 32)  # 100 left: a full pass
+        assert gone() is None
+    finally:
+        collector.close()
