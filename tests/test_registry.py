@@ -3,6 +3,7 @@ from-scratch rebuild after random sequences of joins and leaves."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from hypothesis import given, settings
@@ -140,3 +141,24 @@ def test_a_record_follows_the_latest_heartbeat() -> None:
     second = a.record(a.last_seen, 3.5).info
     assert (second["cpu_total"], second["owner_busy"], second["running"]) == (0.7, True, 1)
     assert first["cpu_total"] == 0.1  # an earlier record is not changed by a later one
+
+
+def test_unchanged_records_are_resaved_spread_over_the_period() -> None:
+    """Nodes that joined together are not all re-saved in one round (it held the loop for a
+    second at 10,000): each round takes its share, a changed state always goes at once."""
+    from types import SimpleNamespace
+
+    from dragonswarm.orchestrator.housekeeping import RESAVE_S, SAVE_S, Housekeeping, resave_budget
+
+    reg = Registry(stale_after=3.5)
+    for i in range(300):
+        reg.join(conn(f"n{i}", [("tiny", "a" * 64, [])]))
+    keeper = Housekeeping(SimpleNamespace(registry=reg, settings=SimpleNamespace(stale_after_s=3.5)))  # type: ignore[arg-type]
+    now = time.monotonic()
+    assert len(keeper.records_due(now)) == 300  # never saved: all of them
+    budget = resave_budget(300, SAVE_S, RESAVE_S)
+    assert budget == 21
+    later = now + RESAVE_S + 0.1  # all old enough now, and all stale (no heartbeat since): a change
+    assert len(keeper.records_due(later)) == 300
+    rounds = [len(keeper.records_due(later + RESAVE_S + k * SAVE_S)) for k in range(15)]
+    assert rounds == [budget] * 14 + [300 - 14 * budget]  # spread over the period, and every one written

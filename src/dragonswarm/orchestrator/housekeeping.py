@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 from dragonswarm.orchestrator.collector import Collector
@@ -45,6 +46,11 @@ def due_for_saving(state: str, saved: tuple[float, str] | None, now: float, ever
     return saved is None or saved[1] != state or now - saved[0] >= every_s
 
 
+def resave_budget(nodes: int, round_s: float, every_s: float) -> int:
+    """How many unchanged records one saving round writes, so that all are written every `every_s`."""
+    return math.ceil(nodes * round_s / every_s) + 1
+
+
 def orphaned(f: Fragment, served: bool, now: float, wait_s: float) -> bool:
     """Waiting for a model (file) that no connected node has served for `wait_s`."""
     if f.node is not None or served:
@@ -64,10 +70,18 @@ class Housekeeping:
 
     def records_due(self, now: float) -> list[NodeRecord]:
         registry, stale_after = self.swarm.registry, self.swarm.settings.stale_after_s
+        # Nodes that joined together fall due together: the re-saves of unchanged records are
+        # spread over the period (10,000 records built at once held the loop for about a second).
+        budget = resave_budget(len(registry.conns), SAVE_S, RESAVE_S)
         due = []
         for name, conn in registry.conns.items():
             state = conn.state(now, stale_after)
-            if due_for_saving(state, self._saved.get(name), now, RESAVE_S):
+            saved = self._saved.get(name)
+            if due_for_saving(state, saved, now, RESAVE_S):
+                if saved is not None and saved[1] == state:  # only its age: within the round's budget
+                    if budget <= 0:
+                        continue
+                    budget -= 1
                 due.append(conn.record(now, stale_after))
                 self._saved[name] = (now, state)
         for name in [n for n in self._saved if n not in registry.conns]:  # gone: saved by `node_left`
