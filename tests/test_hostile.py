@@ -104,8 +104,12 @@ def test_hostile_node_is_cut_off_while_real_work_goes_on(start_orchestrator: Sta
     for i, (label, attack) in enumerate(attacks.items()):
         with join(orch, f"evil-{i}", key, max_size=None) as ws:
             codes[label] = closed_with(ws, lambda ws=ws, attack=attack: attack(ws))  # type: ignore[misc]
+    # An oversized frame is refused from its header, while the client still writes the rest: the
+    # orchestrator's 1009 is on its way when its close turns into a reset (unread data), so the
+    # client may see the close or only the connection ending. Either way it is cut off.
+    assert codes.pop("oversized") in (1009, None)
     assert codes == {"malformed": 1008, "unknown type": 1008, "chunk for a job it does not hold": 1008,
-                     "second hello": 1008, "oversized": 1009, "heartbeat flood": 1008}  # fmt: skip
+                     "second hello": 1008, "heartbeat flood": 1008}  # fmt: skip
 
     # A node cannot speak for another: not with the shared node key, not while it is live.
     with pytest.raises(InvalidStatus) as taken:
