@@ -65,7 +65,6 @@ class Housekeeping:
         self.swarm = swarm
         self.loop_lag = loop_lag
         self._task: asyncio.Task[None] | None = None
-        self._collector: Collector | None = None
         self._saved: dict[str, tuple[float, str]] = {}  # node -> (when its record was last saved, its state then)
 
     def records_due(self, now: float) -> list[NodeRecord]:
@@ -77,13 +76,14 @@ class Housekeeping:
         for name, conn in registry.conns.items():
             state = conn.state(now, stale_after)
             saved = self._saved.get(name)
-            if due_for_saving(state, saved, now, RESAVE_S):
-                if saved is not None and saved[1] == state:  # only its age: within the round's budget
-                    if budget <= 0:
-                        continue
-                    budget -= 1
-                due.append(conn.record(now, stale_after))
-                self._saved[name] = (now, state)
+            if not due_for_saving(state, saved, now, RESAVE_S):
+                continue
+            if saved is not None and saved[1] == state:  # due for its age only: within the round's budget
+                if budget == 0:
+                    continue
+                budget -= 1
+            due.append(conn.record(now, stale_after))
+            self._saved[name] = (now, state)
         for name in [n for n in self._saved if n not in registry.conns]:  # gone: saved by `node_left`
             del self._saved[name]
         return due
@@ -122,22 +122,23 @@ class Housekeeping:
 
     async def _run(self) -> None:
         last_save = 0.0
-        while True:
-            await asyncio.sleep(SWEEP_S)
-            try:
-                self.sweep()
-                if self._collector is not None:
-                    registry = self.swarm.registry
-                    self._collector.tick(len(registry.conns), registry.departures, time.monotonic())
-                if time.monotonic() - last_save > SAVE_S:
-                    last_save = time.monotonic()
-                    if due := self.records_due(last_save):
-                        await asyncio.to_thread(self.swarm.store.save_nodes, due)
-            except Exception:  # housekeeping must outlive one bad round
-                log.exception("housekeeping failed")
+        collector, registry = Collector(), self.swarm.registry
+        try:
+            while True:
+                await asyncio.sleep(SWEEP_S)
+                try:
+                    self.sweep()
+                    collector.tick(len(registry.conns), registry.departures, time.monotonic())
+                    if time.monotonic() - last_save > SAVE_S:
+                        last_save = time.monotonic()
+                        if due := self.records_due(last_save):
+                            await asyncio.to_thread(self.swarm.store.save_nodes, due)
+                except Exception:  # housekeeping must outlive one bad round
+                    log.exception("housekeeping failed")
+        finally:
+            collector.close()
 
     def start(self) -> None:
-        self._collector = Collector()
         self._task = asyncio.create_task(self._run(), name="housekeeping")
 
     async def close(self) -> None:
@@ -145,7 +146,5 @@ class Housekeeping:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._collector is not None:
-            self._collector.close()
         with contextlib.suppress(Exception):  # the last word on every node, on the way out
             await asyncio.to_thread(self.swarm.store.save_nodes, self.swarm.registry.records())
