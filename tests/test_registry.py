@@ -18,9 +18,11 @@ SHAS = ["a" * 64, "b" * 64, "c" * 64]
 TAGS = ["code", "chat", "fim"]
 
 
-def conn(name: str, models: list[tuple[str, str, list[str]]]) -> NodeConn:
+def conn(name: str, models: list[tuple[str, str, list[str]]] | list[tuple[str, str, list[str], int]]) -> NodeConn:
+    """A connection whose hello lists `models`: (name, sha256, tags[, context size])."""
     hello = Hello(v=VERSION, name=name, share=0.5, local_share=1.0, cpus=2, ram_total=1,
-                  models=[ModelInfo(name=m, sha256=sha, tags=tags) for m, sha, tags in models])  # fmt: skip
+                  models=[ModelInfo(name=m[0], sha256=m[1], tags=m[2], n_ctx=m[3] if len(m) > 3 else 0)
+                          for m in models])  # fmt: skip
     return NodeConn(hello=hello, send=lambda _: None, close=lambda _code, _reason: None)
 
 
@@ -55,17 +57,21 @@ def check(reg: Registry) -> None:
     for name, given_tags in tags.items():
         assert len(given_tags) == len(set(given_tags)) and set(given_tags) == want["tags"][name]
     assert {n for n in NAMES if reg.index.get(n)} == set(reg.conns)
+    for name in MODELS:  # the largest context, as a scan of every connection finds it
+        assert reg.largest_context(name) == max((m.n_ctx for c in reg.conns.values() for m in c.hello.models
+                                                 if m.name == name), default=0)  # fmt: skip
 
 
 model_lists = st.lists(st.tuples(st.sampled_from(MODELS), st.sampled_from(SHAS),
-                                 st.lists(st.sampled_from(TAGS), max_size=3)), max_size=4)  # fmt: skip
+                                 st.lists(st.sampled_from(TAGS), max_size=3), st.sampled_from([0, 256, 1024])),
+                       max_size=4)  # fmt: skip
 steps = st.lists(st.tuples(st.sampled_from(["join", "replace", "leave", "leave-old"]), st.sampled_from(NAMES),
                            model_lists), max_size=40)  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None)
 @given(steps)
-def test_incremental_index_equals_a_rebuild(ops: list[tuple[str, str, list[tuple[str, str, list[str]]]]]) -> None:
+def test_incremental_index_equals_a_rebuild(ops: list[tuple[str, str, list[tuple[str, str, list[str], int]]]]) -> None:
     reg = Registry(stale_after=3.5)
     old: list[NodeConn] = []  # connections that left or were replaced: leaving again must change nothing
     for op, name, models in ops:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -139,6 +139,7 @@ class Registry:
         self._files: dict[str, list[str]] = {}  # model -> its files' sha256, the most widely held first
         self._tags: dict[str, list[str]] = {}  # model -> the union of its tags
         self._tag_counts: dict[str, dict[str, int]] = {}  # model -> tag -> how many of its nodes give it
+        self._contexts: dict[str, Counter[int]] = {}  # model -> context size -> how many of its files run with it
 
     def join(self, conn: NodeConn) -> None:
         """Add a node (a connection it replaces has already left: see `ws._serve`)."""
@@ -180,8 +181,17 @@ class Registry:
                     self._tags[name].append(tag)
                 counts[tag] += 1
             self._sort_files(name)
+        for m in conn.hello.models:
+            self._contexts.setdefault(m.name, Counter())[m.n_ctx] += 1
 
     def _unindex(self, conn: NodeConn) -> None:
+        for m in conn.hello.models:
+            contexts = self._contexts[m.name]
+            contexts[m.n_ctx] -= 1
+            if not contexts[m.n_ctx]:
+                del contexts[m.n_ctx]
+            if not contexts:
+                del self._contexts[m.name]
         for name, (shas, tags) in offered(conn).items():
             serving = self._serving[name]
             del serving[conn]
@@ -237,6 +247,10 @@ class Registry:
     def files(self, model: str) -> list[str]:
         """The sha256 of every file served under this name, the most widely held first."""
         return self._files.get(model, [])
+
+    def largest_context(self, model: str) -> int:
+        """The largest context any connected node runs `model` with (0: none said)."""
+        return max(self._contexts.get(model, ()), default=0)
 
     def model_tags(self) -> Mapping[str, list[str]]:
         """Every model some node serves, with the union of its tags: models in the order they

@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Collection
+from collections.abc import AsyncGenerator
 
 from dragonswarm.errors import ContextLengthExceeded, ModelNotFound, NoCapacity, NoWorkers
 from dragonswarm.orchestrator.dispatcher import Dispatcher
@@ -59,7 +59,7 @@ class Swarm:
             if self.registry.conns:
                 raise ModelNotFound(f"no node in the swarm serves {model!r} (models: {known})", param="model")
             raise NoWorkers("no node has joined the swarm yet; start one with 'dragon node --orchestrator ...'")
-        _check_context(model, gens, serving)
+        _check_context(model, gens, self.registry.largest_context(model))
         deadline = time.monotonic() + self.settings.request_timeout_s
         req.fragments = [Fragment(req, i, gen, deadline) for i, gen in enumerate(gens)]
         if origin and any(c.name != origin for c in serving):
@@ -274,10 +274,9 @@ class Swarm:
         return self.dispatcher.status()
 
 
-def _check_context(model: str, gens: list[Generation], serving: Collection[NodeConn]) -> None:
+def _check_context(model: str, gens: list[Generation], largest: int) -> None:
     """Refuse before any work what no worker's context can hold: the answer alone, plus
     at least one prompt token, must fit the largest context a node runs the model with."""
-    largest = max((m.n_ctx for c in serving for m in c.hello.models if m.name == model), default=0)
     asked = max((g.max_tokens for g in gens if not g.fit_context), default=0)
     if largest and asked >= largest:
         raise ContextLengthExceeded(f"max_tokens is {asked}, but the largest context any node runs {model!r} "
