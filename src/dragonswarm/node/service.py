@@ -145,11 +145,6 @@ class ModelSlot:
         }
 
 
-def _loop_time(deadline: float) -> float:
-    """A `time.monotonic()` deadline on the event loop's clock."""
-    return asyncio.get_running_loop().time() + deadline - time.monotonic()
-
-
 class NodeService:
     def __init__(self, settings: NodeSettings, governor: Governor, models: list[LocalModel]):
         self.settings = settings
@@ -205,7 +200,7 @@ class NodeService:
             raise Overloaded(f"model {slot.spec.name!r} is busy and its queue is full; retry shortly")
         slot.waiting += 1
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
+            async with asyncio.timeout(deadline - time.monotonic()):
                 await slot.lock.acquire()
         except TimeoutError:
             raise Timeout(f"model {slot.spec.name!r} stayed busy for the whole request timeout "

@@ -18,7 +18,7 @@ from fastapi import Request
 
 from dragonswarm.errors import Forbidden, Unauthorized
 from dragonswarm.protocol.swarm import CREDENTIAL_PREFIX, NODE_HEADER
-from dragonswarm.store.base import KeyRecord, Role, Store
+from dragonswarm.store.base import KeyRecord, NodeIdentity, Role, Store
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:
@@ -59,12 +59,18 @@ def inference_caller(store: Store, headers: Mapping[str, str]) -> Caller:
         record = authenticate(store, headers, ("user",), "use the inference API")
         return Caller(lane=f"key-{record.id}", key=record)
     name = headers.get(NODE_HEADER.lower(), "")
-    identity = store.find_identity(name, token)
+    node_identity(store, name, token)
+    return Caller(lane=f"node-{name}", node=name)
+
+
+def node_identity(store: Store, name: str, credential: str) -> NodeIdentity:
+    """The node a credential speaks for: 401 when it is not that node's, 403 once revoked."""
+    identity = store.find_identity(name, credential)
     if identity is None:
         raise Unauthorized(f"not a credential of node {name!r} (send the node's name in {NODE_HEADER})")
     if identity.revoked is not None:
         raise Forbidden(f"node {name!r} has been revoked")
-    return Caller(lane=f"node-{name}", node=name)
+    return identity
 
 
 def require(*roles: Role, what: str) -> Callable[[Request], Awaitable[KeyRecord]]:

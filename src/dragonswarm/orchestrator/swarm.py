@@ -20,7 +20,7 @@ from dragonswarm.errors import ContextLengthExceeded, ModelNotFound, NoCapacity,
 from dragonswarm.orchestrator.dispatcher import Dispatcher
 from dragonswarm.orchestrator.fragments import Fragment, Request
 from dragonswarm.orchestrator.registry import NodeConn, Registry, model_key
-from dragonswarm.protocol.events import Event
+from dragonswarm.protocol.events import Event, error_event
 from dragonswarm.protocol.runner import Generation
 from dragonswarm.protocol.swarm import Cancel, Heartbeat, JobEvent, ProtocolError, dump
 from dragonswarm.scheduler.fairqueue import FairQueue
@@ -221,10 +221,7 @@ class Swarm:
     def finish(self, f: Fragment, *, error: str, message: str, param: str | None = None) -> None:
         f.finished = True
         self._abandon(f)
-        event: Event = {"ev": "error", "code": error, "message": message}
-        if param:
-            event["param"] = param
-        self._emit(f, event)
+        self._emit(f, error_event(error, message, param))
 
     # Nodes
 

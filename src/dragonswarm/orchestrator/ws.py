@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from dragonswarm.errors import DragonError, Forbidden, InvalidRequest, Unauthorized
-from dragonswarm.orchestrator.auth import authenticate, bearer
+from dragonswarm.errors import DragonError, Forbidden, InvalidRequest
+from dragonswarm.orchestrator.auth import authenticate, bearer, node_identity
 from dragonswarm.orchestrator.registry import NodeConn
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.protocol.cadence import Cadence
@@ -71,11 +71,7 @@ def admit(store: Store, headers: Mapping[str, str]) -> Admission:
         raise InvalidRequest(f"the {NODE_HEADER} header must carry the node's name", param=NODE_HEADER)
     token = bearer(headers) or ""
     if token.startswith(CREDENTIAL_PREFIX):
-        identity = store.find_identity(name, token)
-        if identity is None:
-            raise Unauthorized(f"not a credential of node {name!r}")
-        if identity.revoked is not None:
-            raise Forbidden(f"node {name!r} has been revoked")
+        identity = node_identity(store, name, token)
         if identity.confirmed is None:  # its confirm was lost, but it came back holding the credential
             store.confirm_identity(name, token)
         return Admission(name, None)

@@ -47,7 +47,11 @@ class Cadence:
 
     def period(self, last: Heartbeat | None) -> float:
         """The longest a node may stay silent after sending `last` (None: it has sent no beat yet)."""
-        if last is None or self.idle_heartbeat_s is None or not quiet(last):
+        return self.period_when(last is not None and quiet(last))
+
+    def period_when(self, is_quiet: bool) -> float:
+        """The reporting period of a node that is quiet or not."""
+        if not is_quiet or self.idle_heartbeat_s is None:
             return self.heartbeat_s
         return max(self.heartbeat_s, self.idle_heartbeat_s)
 

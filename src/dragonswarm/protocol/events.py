@@ -35,3 +35,11 @@ class Event(TypedDict, total=False):
     code: str  # on `error`, with `message` and the request field it is about (`param`)
     message: str
     param: str
+
+
+def error_event(code: str, message: str, param: str | None = None) -> Event:
+    """The `error` event that ends a generation's course."""
+    event: Event = {"ev": "error", "code": code, "message": message}
+    if param:
+        event["param"] = param
+    return event
