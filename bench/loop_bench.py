@@ -169,6 +169,7 @@ def generator(index: int, names: list[tuple[str, int]], cfg: dict[str, Any], rea
               stop_flag: Any, welcomed: Any, out: Any) -> None:  # fmt: skip
     """A load-generator process: its share of the nodes, all opened at `go`."""
     raise_open_files(len(names) + 256)
+    os.nice(cfg["nice"])
     from dragonswarm.tls import client_context
 
     async def main() -> GenStats:
@@ -213,7 +214,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_variant(label: str, root: Path, src: Path, version: int, nodes: int, procs_n: int, steady_s: float,
-                pings: bool, join_timeout: float) -> dict[str, Any]:  # fmt: skip
+                pings: bool, join_timeout: float, nice: int = 0) -> dict[str, Any]:  # fmt: skip
     print(f"[{label}] {nodes} nodes over {procs_n} processes", flush=True)
     ctx = mp.get_context("spawn")
     result: dict[str, Any] = {"label": label, "nodes": nodes, "generators": procs_n, "pings": pings}
@@ -224,7 +225,8 @@ def run_variant(label: str, root: Path, src: Path, version: int, nodes: int, pro
         orch = start_orchestrator(procs, "orchestrator", env=env, module="bench.loop_probe")
         pid = orch.started.proc.pid
         key_ws = orch.url.replace("https://", "wss://") + "/v1/swarm"
-        cfg = {"url": key_ws, "key": orch.keys["node"], "ca": str(orch.ca), "version": version, "pings": pings}
+        cfg = {"url": key_ws, "key": orch.keys["node"], "ca": str(orch.ca), "version": version, "pings": pings,
+               "nice": nice}
         ready_events, go, stop_flag = [ctx.Event() for _ in range(procs_n)], ctx.Event(), ctx.Event()
         marks: dict[str, float] = {}
         welcomed = ctx.Value("i", 0)  # nodes that have read their first welcome, all generators together
@@ -374,7 +376,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "# Orchestrator loop lag under many nodes",
         "",
         f"{results['nodes']} simulated nodes (TLS WebSocket each, the real protocol) over {results['generators']} "
-        f"load-generator processes, all connecting at once; then {results['steady_s']:.0f} s of heartbeats at the "
+        f"load-generator processes (niceness {results.get('generator_nice', 0)}), all connecting at once; "
+        f"then {results['steady_s']:.0f} s of heartbeats at the "
         f"cadence `welcome` gives{pinging}. "
         f"Machine: {results['machine']}. Source: {results['source']}. Reference: the orchestrator of "
         f"{results['before_commit']}, same venv, same run. Loop lag: a probe in the orchestrator (20 ms sleeps), "
@@ -448,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steady-s", type=float, default=65.0)
     parser.add_argument("--join-timeout-s", type=float, default=300.0)
     parser.add_argument("--no-pings", action="store_true", help="nodes send no WebSocket pings")
+    parser.add_argument("--generator-nice", type=int, default=0,
+                        help="niceness of the load generators, which stand in for other machines")
     parser.add_argument("--no-reference", action="store_true", help=f"skip the orchestrator of {BEFORE_COMMIT}")
     parser.add_argument("--out", type=Path, default=RESULTS / "loop")
     args = parser.parse_args(argv)
@@ -458,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, Any] = {
         "nodes": args.nodes, "generators": args.generators, "steady_s": args.steady_s, "pings": not args.no_pings,
+        "generator_nice": args.generator_nice,
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
         "source": git("describe", "--always", "--dirty"), "before_commit": git("rev-parse", BEFORE_COMMIT),
@@ -471,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, src, version in variants:
             try:
                 run = run_variant(label, root, src, version, args.nodes, args.generators, args.steady_s,
-                                  not args.no_pings, args.join_timeout_s)  # fmt: skip
+                                  not args.no_pings, args.join_timeout_s, args.generator_nice)  # fmt: skip
             except Exception as exc:  # the other variant still runs, and the failure is reported
                 run = {"label": label, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 print(f"[{label}] failed: {run['error']}", flush=True)

@@ -42,3 +42,14 @@ def test_a_frozen_cycle_survives_young_passes_and_goes_with_a_full_one() -> None
         assert gone() is None
     finally:
         collector.close()
+
+
+def test_the_collector_runs_rarely_while_it_holds_and_as_before_after() -> None:
+    before = gc.get_threshold()
+    collector = Collector()
+    try:
+        young, _, old = gc.get_threshold()
+        assert young > before[0] and old > before[2]  # fewer young passes, automatic full ones only a fallback
+    finally:
+        collector.close()
+    assert gc.get_threshold() == before
