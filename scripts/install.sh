@@ -17,6 +17,12 @@ if ! command -v cc >/dev/null || ! command -v cmake >/dev/null; then
   $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq build-essential cmake
 fi
 
+if [ "$extras" = "test" ] && ! command -v chromium >/dev/null; then
+  echo "installing Debian's chromium for the dashboard's browser tests (needs root or sudo)" >&2
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 target="."; [ -n "$extras" ] && target=".[$extras]"
