@@ -22,6 +22,7 @@ from dragonswarm.settings import (
     OrchestratorSettings,
     default_home,
 )
+from dragonswarm.store.base import ROLES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=_Parser)
     create = keys_commands.add_parser("create", help="create a key; it is printed once and only its hash is kept")
-    create.add_argument("--role", required=True, choices=["user", "node", "admin"])
+    create.add_argument("--role", required=True, choices=list(ROLES))
     create.add_argument("--name", default="", help="a label to recognise the key by")
     create.add_argument("--home", help="the orchestrator's data directory")
     create.add_argument("--expires", type=_duration, metavar="DURATION", help="valid for this long: 90m, 12h, 30d")
@@ -166,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "deleted; a machine may join under it with the node key")  # fmt: skip
     nodes_forget.add_argument("name")
     status.add_argument("--ca", help="the swarm's CA certificate (default: from swarm.json, or DRAGON_CA)")
-    for sub in (nodes_list, nodes_revoke, nodes_forget, usage):
+    dashboard = commands.add_parser("dashboard", help="print a one-time link that logs a browser in to the "
+                                    "orchestrator's live dashboard (admin)")  # fmt: skip
+    dashboard.add_argument("--open", action="store_true", help="open it in this machine's browser too")
+    dashboard.add_argument("--ttl", type=_duration, default=120.0, help="how long the link stays valid (120s; at "
+                           "most 1h)")  # fmt: skip
+    for sub in (nodes_list, nodes_revoke, nodes_forget, usage, dashboard):
         sub.add_argument("--ca", help="the swarm's CA certificate (default: from swarm.json, or DRAGON_CA)")
         sub.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
         sub.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
@@ -313,7 +319,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
         store.close()
 
 
-def _admin_request(args: argparse.Namespace, method: str, path: str) -> Any:
+def _admin_request(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the orchestrator's admin API; the URL and key default to what `dragon up` keeps."""
     import httpx
 
@@ -333,7 +339,7 @@ def _admin_request(args: argparse.Namespace, method: str, path: str) -> Any:
     base = url.rstrip("/").removesuffix("/v1")
     try:
         response = httpx.request(method, f"{base}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=10,
-                                 verify=tls.client_context(Path(ca)) if ca else True)  # fmt: skip
+                                 json=body, verify=tls.client_context(Path(ca)) if ca else True)  # fmt: skip
     except httpx.TransportError as exc:
         raise ConfigError(f"cannot reach the orchestrator at {base}: {exc}") from None
     if response.status_code != 200:
@@ -374,6 +380,17 @@ def cmd_usage(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else usage_table(report))
 
 
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    answer = _admin_request(args, "POST", "/v1/dashboard/login", {"ttl_s": args.ttl})
+    print(answer["url"])
+    print(f"a one-time link, valid for {answer['expires_in']:.0f} s: it logs one browser in", file=sys.stderr)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(answer["url"]):
+            print("no browser could be opened here: open the link above yourself", file=sys.stderr)
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from dragonswarm.engines.models import check_gguf
     from dragonswarm.up import run_up
@@ -399,6 +416,7 @@ def _setup_logging(level: str) -> None:
 
 
 COMMANDS = {"node": cmd_node, "orchestrator": cmd_orchestrator, "keys": cmd_keys, "status": cmd_status,
+            "dashboard": cmd_dashboard,
             "nodes": cmd_nodes, "usage": cmd_usage, "up": cmd_up, "certs": cmd_certs}
 
 

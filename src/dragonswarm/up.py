@@ -29,6 +29,7 @@ from dragonswarm.tls import TlsFiles, client_context, init_ca
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 10.0
+DASHBOARD_LINK_S = 600.0  # the link `dragon up` prints: time to read the banner and open it
 RESTART_DELAY_S = 2.0
 
 
@@ -150,7 +151,9 @@ def run_up(home: Path, port: int, api_port: int, workers: int, models: list[Mode
             }, indent=2).encode())  # fmt: skip
 
         write_state()
-        _announce(say, url, user_key, home, tls.ca_cert, names, models, api_port)
+        login = httpx.post(f"{url}/v1/dashboard/login", headers=admin, json={"ttl_s": DASHBOARD_LINK_S}, timeout=5,
+                           verify=verify).json()["url"]  # fmt: skip
+        _announce(say, url, user_key, home, tls.ca_cert, names, models, api_port, login)
         return _supervise(children, lambda: stopping, say, write_state)
     except _Stopped:
         return 130
@@ -191,12 +194,14 @@ def _wait_for(ready: Callable[[], bool], children: list[Child], stopping: Any, w
 
 
 def _announce(say: Any, url: str, key: str, home: Path, ca: Path, names: list[str], models: list[ModelSpec],
-              api_port: int) -> None:  # fmt: skip
+              api_port: int, dashboard: str) -> None:  # fmt: skip
     say(f"dragon up: swarm ready: orchestrator and {len(names)} nodes ({', '.join(names)})")
     served = ", ".join(f"{m.name} ({', '.join(m.tags)})" if m.tags else m.name for m in models)
     say(f"  models   {served}")
     say(f"  API      {url}/v1   (also this machine's node: http://127.0.0.1:{api_port}/v1, no key needed)")
     say(f"  key      {key}")
+    say(f"  dashboard {dashboard}")
+    say(f"           (a one-time link, valid {DASHBOARD_LINK_S // 60:.0f} minutes; 'dragon dashboard' prints another)")
     say(f"  details  {home / 'swarm.json'}   logs in {home / 'logs'}")
     say("  try:")
     say(f"    curl --cacert {ca} {url}/v1/completions -H 'Authorization: Bearer {key}' \\")

@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from dragonswarm.errors import InvalidRequest, NotFound, RateLimited
+from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited
 from dragonswarm.orchestrator.auth import Caller, inference, require
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.registry import model_key
@@ -27,6 +27,7 @@ from dragonswarm.scheduler.ratelimit import Charge, RateLimiter, Refusal
 from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text, token_estimate
 from dragonswarm.store.base import KeyRecord
 from dragonswarm.web.replies import Reply, respond
+from dragonswarm.web.requestlog import RequestFacts, facts
 
 log = logging.getLogger("dragonswarm.orchestrator")
 
@@ -135,37 +136,54 @@ async def embeddings(request: Request, caller: Inference) -> Response:
 async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: list[Generation]) -> Response:
     swarm = swarm_of(request)
     model = pick_model(body.model, prompt_text(body), swarm.registry.model_tags()) or body.model
+    told = facts(request)
+    told.key, told.model = caller.name, model
     estimate = token_estimate(gens)
     limiter: RateLimiter = request.app.state.limiter
     charge = limiter.admit(caller.lane, estimate, time.monotonic())
     if isinstance(charge, Refusal):
         if charge.wait is None:  # bigger than the limit itself: no wait would help, so no Retry-After
             raise InvalidRequest(charge.reason, code="request_too_large")
+        swarm.metrics.refused(caller.name, "rate")
         raise RateLimited(charge.reason, retry_after=max(1, math.ceil(charge.wait)))
     # A node handing its owner's request over is the request's origin: it is kept off that node.
     req = SwarmRequest(user=caller.lane, model=model, origin=caller.node)
     reply = Reply.for_request(body, model, len(gens))
     reply.headers = lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}
     reply.route = req.route
-    return await respond(request, reply, _metered(swarm, limiter, caller, model, charge, swarm.run(req, gens)))
+    events = _metered(swarm, limiter, caller, req, told, charge, swarm.run(req, gens))
+    try:
+        return await respond(request, reply, events)
+    except Overloaded:
+        swarm.metrics.refused(caller.name, "queue")
+        raise
 
 
-async def _metered(swarm: Swarm, limiter: RateLimiter, caller: Caller, model: str, charge: Charge,
-                   events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
+async def _metered(swarm: Swarm, limiter: RateLimiter, caller: Caller, req: SwarmRequest, told: RequestFacts,
+                   charge: Charge, events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:
     """Pass events through; once the request ends, record the key's usage and give back
     the tokens charged at admission but not used. Counted as the work goes (prompts as
-    they start, each token relayed), so a stream cut short costs what it used."""
+    they start, each token relayed), so a stream cut short costs what it used. The same
+    counts go to the request's log line and the metrics."""
     prompt = completion = 0
     began = False
+    model = req.model
     try:
         async for index, event in events:
             began = True
             if event["ev"] == "start":
                 prompt += event.get("prompt_tokens", 0)
+                told.prompt_tokens = prompt
             elif event["ev"] == "text":
-                completion += len(event.get("ids", ()))
+                count = len(event.get("ids", ()))
+                completion += count
+                told.token(count, time.monotonic())
+                swarm.metrics.tokens(model, count)
+            elif event["ev"] == "error":
+                told.error = event.get("code") or "error"
             yield index, event
     finally:
+        told.fragments, told.nodes = len(req.fragments), list(req.nodes)
         await events.aclose()
         if began:
             limiter.refund(charge, prompt + completion)

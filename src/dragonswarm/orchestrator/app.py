@@ -13,8 +13,12 @@ from fastapi import FastAPI
 
 from dragonswarm import __version__
 from dragonswarm.orchestrator.api import router as api_router
+from dragonswarm.orchestrator.dashboard import router as dashboard_router
 from dragonswarm.orchestrator.housekeeping import Housekeeping
+from dragonswarm.orchestrator.logins import Logins
 from dragonswarm.orchestrator.looplag import LoopLag
+from dragonswarm.orchestrator.metrics import Metrics
+from dragonswarm.orchestrator.overview import Overview
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.orchestrator.ws import router as ws_router
 from dragonswarm.scheduler.ratelimit import RateLimiter
@@ -23,6 +27,7 @@ from dragonswarm.store.base import Store
 from dragonswarm.store.sqlite import open_store
 from dragonswarm.tls import TlsFiles
 from dragonswarm.web.errors import BodyLimit, install_error_handlers
+from dragonswarm.web.requestlog import RequestFacts, RequestLog
 
 log = logging.getLogger("dragonswarm.orchestrator")
 
@@ -33,17 +38,25 @@ KEEP_ALIVE_S = 75
 
 
 def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
-    swarm = Swarm(settings, store)
+    metrics = Metrics()
+    swarm = Swarm(settings, store, metrics)
     loop_lag = LoopLag()
     housekeeping = Housekeeping(swarm, loop_lag)
+    overview = Overview(swarm, metrics, loop_lag)
+
+    def request_done(facts: RequestFacts) -> None:
+        metrics.request_done(facts)
+        overview.request_done(facts.ttft())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop_lag.start()
         housekeeping.start()
+        overview.start()
         try:
             yield
         finally:
+            await overview.close()
             await housekeeping.close()
             await swarm.close()
             await loop_lag.close()
@@ -58,10 +71,14 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     app.state.loop_lag = loop_lag
     app.state.store = store
     app.state.started = time.time()
+    app.state.overview = overview
+    app.state.logins = Logins()
     app.include_router(api_router)
     app.include_router(ws_router)
+    app.include_router(dashboard_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLog, logger=log, on_end=request_done)  # outermost: it sees every answer
     return app
 
 

@@ -19,6 +19,7 @@ from fastapi import Request
 from dragonswarm.errors import Forbidden, Unauthorized
 from dragonswarm.protocol.swarm import CREDENTIAL_PREFIX, NODE_HEADER
 from dragonswarm.store.base import KeyRecord, NodeIdentity, Role, Store
+from dragonswarm.web.requestlog import facts
 
 
 def bearer(headers: Mapping[str, str]) -> str | None:
@@ -52,6 +53,13 @@ class Caller:
     key: KeyRecord | None = None
     node: str | None = None  # the node's name, authenticated: the origin of a hand-off
 
+    @property
+    def name(self) -> str:
+        """Who, for logs and metrics: the key's name or the node's, never a secret."""
+        if self.key is not None:
+            return self.key.name
+        return f"node:{self.node}" if self.node else self.lane
+
 
 def inference_caller(store: Store, headers: Mapping[str, str]) -> Caller:
     token = bearer(headers) or ""
@@ -77,11 +85,15 @@ def require(*roles: Role, what: str) -> Callable[[Request], Awaitable[KeyRecord]
     """A FastAPI dependency admitting keys of these roles (and admin)."""
 
     async def dependency(request: Request) -> KeyRecord:
-        return await asyncio.to_thread(authenticate, request.app.state.store, request.headers, roles, what)
+        record = await asyncio.to_thread(authenticate, request.app.state.store, request.headers, roles, what)
+        facts(request).key = record.name
+        return record
 
     return dependency
 
 
 async def inference(request: Request) -> Caller:
     """A FastAPI dependency: a user (or admin) key, or a node's own credential."""
-    return await asyncio.to_thread(inference_caller, request.app.state.store, request.headers)
+    caller = await asyncio.to_thread(inference_caller, request.app.state.store, request.headers)
+    facts(request).key = caller.name
+    return caller

@@ -102,7 +102,7 @@ class Housekeeping:
             for job_id in list(conn.jobs):
                 f = swarm.running.get(job_id)
                 if f is not None and stalled(f, now, s.stall_timeout_s):
-                    swarm.fail_over(f, f"no progress for {s.stall_timeout_s:.0f} s")
+                    swarm.fail_over(f, "stalled", f"no progress for {s.stall_timeout_s:.0f} s")
             for job_id, since in list(conn.draining.items()):
                 if now - since > max(s.stall_timeout_s, DRAIN_GRACE_S):  # it never said done: stop counting it busy
                     log.warning("node %s never finished cancelled job %s", conn.name, job_id)

@@ -41,7 +41,8 @@ class NodeConn:
     # Jobs we cancelled or gave up on (-> when): the node holds its runner until it says done.
     draining: dict[str, float] = field(default_factory=dict)
     finished: deque[str] = field(default_factory=lambda: deque(maxlen=256))  # recently ended job ids
-    served: int = 0
+    served: int = 0  # fragments it finished
+    tokens: int = 0  # tokens it generated that were relayed
     cut_off: str | None = None  # why we ended this connection, when it broke the protocol (kept in its record)
     left: asyncio.Event = field(default_factory=asyncio.Event)
     cadence: Cadence = field(default_factory=Cadence)  # the reporting periods its `welcome` allowed
@@ -116,7 +117,8 @@ class NodeConn:
         return self._dumped[1]
 
     def record(self, now: float, stale_after: float) -> NodeRecord:
-        info: dict[str, Any] = {**self._hello_info, "running": len(self.jobs), "served": self.served}
+        info: dict[str, Any] = {**self._hello_info, "running": len(self.jobs), "served": self.served,
+                                "tokens": self.tokens}
         if self.cut_off:
             info["cut_off"] = self.cut_off
         if self.heartbeat:

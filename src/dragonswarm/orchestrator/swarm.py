@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator
 from dragonswarm.errors import ContextLengthExceeded, ModelNotFound, NoCapacity, NoWorkers
 from dragonswarm.orchestrator.dispatcher import Dispatcher
 from dragonswarm.orchestrator.fragments import Fragment, Request
+from dragonswarm.orchestrator.metrics import Metrics
 from dragonswarm.orchestrator.registry import NodeConn, Registry, model_key
 from dragonswarm.protocol.events import Event, error_event
 from dragonswarm.protocol.runner import Generation
@@ -38,9 +39,10 @@ CLOSE_FORGOTTEN = 4004  # ... for a node whose name an admin freed
 
 
 class Swarm:
-    def __init__(self, settings: OrchestratorSettings, store: Store):
+    def __init__(self, settings: OrchestratorSettings, store: Store, metrics: Metrics | None = None):
         self.settings = settings
         self.store = store
+        self.metrics = metrics or Metrics()
         self.registry = Registry(settings.stale_after_s)
         queue: FairQueue[Fragment] = FairQueue(settings.max_queue, settings.max_queue_per_user)
         self.dispatcher = Dispatcher(self.registry, queue, self._start)
@@ -135,10 +137,12 @@ class Swarm:
                 conn.draining[job_id] = time.monotonic()
                 conn.send(dump(Cancel(job=job_id)))
 
-    def fail_over(self, f: Fragment, reason: str, *, counts: bool = True) -> None:
+    def fail_over(self, f: Fragment, cause: str, reason: str, *, counts: bool = True) -> None:
         """Move a fragment to another worker, continuing after the tokens already streamed.
-        One that does not count (a context too small) is not held against the attempts."""
+        One that does not count (a context too small) is not held against the attempts.
+        `cause` is one of `metrics.FAILOVER_CAUSES`; `reason` says it in words."""
         failed = f.node.name if f.node else "?"
+        self.metrics.failover(cause)
         self._abandon(f)
         f.exclude.add(failed)
         f.next_attempt()
@@ -178,23 +182,24 @@ class Swarm:
                     self._emit(f, {"ev": "start", "prompt_tokens": f.prompt_tokens})
             case "text":
                 f.ids.extend(ev.ids or ())
+                conn.tokens += len(ev.ids or ())
                 self._emit(f, ev.event())
             case "done":
                 conn.served += 1
                 self.release(conn, ev.job)
                 if ev.finish_reason == "cancelled":  # the node stopped it, not us: move it
-                    self.fail_over(f, "cancelled by the node")
+                    self.fail_over(f, "cancelled_by_node", "cancelled by the node")
                     return
                 self._emit_done(f, ev.finish_reason or "stop")  # the tokens counted are those relayed
             case "error":
                 self.release(conn, ev.job)
                 if ev.code == "context_length_exceeded" and self._needs_more_context(f, conn):
-                    self.fail_over(f, f"its context is too small: {ev.message}", counts=False)
+                    self.fail_over(f, "context_too_small", f"its context is too small: {ev.message}", counts=False)
                 elif ev.code in CLIENT_ERRORS:
                     self.finish(f, error=ev.code or "invalid_request", message=ev.message or "invalid request",
                                  param=ev.param)  # fmt: skip
                 else:
-                    self.fail_over(f, f"{ev.code}: {ev.message}")
+                    self.fail_over(f, "runner_error", f"{ev.code}: {ev.message}")
 
     def _needs_more_context(self, f: Fragment, conn: NodeConn) -> bool:
         """A worker's context could not hold the fragment: True if another can, and it was
@@ -243,7 +248,7 @@ class Swarm:
         for job_id in list(conn.jobs):
             f = self.running.get(job_id)
             if f is not None and not f.finished:
-                self.fail_over(f, "connection lost")
+                self.fail_over(f, "connection_lost", "connection lost")
         conn.jobs.clear()
         conn.draining.clear()
         self.dispatcher.dispatch()

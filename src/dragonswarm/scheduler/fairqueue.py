@@ -11,7 +11,7 @@ while the queue is nearly full, the last may still wait until work drains it.)
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -108,6 +108,11 @@ class FairQueue(Generic[T]):
 
     def __len__(self) -> int:
         return self._total
+
+    def __iter__(self) -> Iterator[T]:
+        """Every item waiting, user by user."""
+        for queue in self._queues.values():
+            yield from queue
 
     def waiting(self, user: str) -> int:
         """How many items `user` has waiting."""

@@ -10,8 +10,8 @@ from typing import Any, Literal, Protocol
 
 from dragonswarm.protocol.swarm import CREDENTIAL_PREFIX
 
-Role = Literal["user", "node", "admin"]
-ROLES: tuple[Role, ...] = ("user", "node", "admin")
+Role = Literal["user", "node", "admin", "metrics"]  # metrics: only scrapes `/metrics`
+ROLES: tuple[Role, ...] = ("user", "node", "admin", "metrics")
 
 KEY_PREFIX = "dsk_"
 SHOWN_PREFIX_LEN = 12  # "dsk_" plus 8 random characters: enough to tell keys apart, useless to an attacker
