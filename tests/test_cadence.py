@@ -39,7 +39,8 @@ def test_a_quiet_node_beats_at_the_idle_period() -> None:
 
 
 @pytest.mark.parametrize("change", [{"owner_busy": True}, {"net_busy": True}, {"gpu_owner_busy": True},
-                                    {"loaded": []}, {"local_busy": 1}, {"running": ["j-1"]}])  # fmt: skip
+                                    {"lending_paused": True}, {"loaded": []}, {"local_busy": 1},
+                                    {"running": ["j-1"]}])  # fmt: skip
 def test_a_change_goes_out_at_the_next_tick(change: dict[str, Any]) -> None:
     assert CADENCE.due(beat(), beat(**change), 1.0)
 

@@ -223,6 +223,11 @@ class NodeSettings(_FileSettings):
     def logs_dir(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def lending_path(self) -> Path:
+        """The owner's lending switch (`node.lending`), kept across restarts."""
+        return self.home / "lending.json"
+
 
 class OrchestratorSettings(_FileSettings):
     """Everything `dragon orchestrator` needs."""

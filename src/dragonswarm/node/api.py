@@ -11,9 +11,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict
 
 from dragonswarm.errors import NotFound
 from dragonswarm.node.handoff import Handoff
+from dragonswarm.node.lending import Lending
 from dragonswarm.node.link import SwarmLink
 from dragonswarm.node.service import NodeService
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
@@ -46,11 +49,30 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/node")
 async def node_status(request: Request) -> dict[str, Any]:
-    service = service_of(request)
+    node: dict[str, Any] = request.app.state.overview()
+    return node
+
+
+class LendingSwitch(BaseModel):
+    """`POST /v1/node/lending`: the owner pauses or resumes lending this machine to the swarm."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    paused: bool
+
+
+@router.post("/v1/node/lending")
+async def switch_lending(request: Request, body: LendingSwitch) -> dict[str, Any]:
+    lending: Lending = request.app.state.lending
     link: SwarmLink | None = request.app.state.link
-    swarm = ({"orchestrator": link.url, "connected": link.connected, "refused": link.refused,
-              "network": link.network_status()} if link else None)  # fmt: skip
-    return {"name": service.settings.name, "governor": service.governor.status(), "swarm": swarm, **service.status()}
+    lending.set(body.paused)
+    # What runs for others now finishes: the owner sees how much is still to finish.
+    return {**lending.status(), "fragments_running": link.running if link else 0}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(service_of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/v1/completions", response_model=None)

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,7 +23,10 @@ from dragonswarm.governor.policy import OwnerPolicy, usable_cpus
 from dragonswarm.governor.sampler import Sampler, allowed_cpus
 from dragonswarm.node.api import router
 from dragonswarm.node.handoff import Handoff
+from dragonswarm.node.lending import Lending
 from dragonswarm.node.link import SwarmLink
+from dragonswarm.node.overview import overview
+from dragonswarm.node.page import router as page_router
 from dragonswarm.node.service import LocalModel, NodeService
 from dragonswarm.settings import NodeSettings
 from dragonswarm.tls import client_context
@@ -34,11 +38,12 @@ log = logging.getLogger("dragonswarm.node")
 
 def create_app(service: NodeService) -> FastAPI:
     settings = service.settings
+    lending = Lending.load(settings.lending_path)
     link = handoff = None
     if settings.orchestrator and settings.key:
         key = settings.key.get_secret_value()
         ssl = client_context(settings.ca) if settings.orchestrator.startswith("https://") else None
-        link = SwarmLink(service, settings.orchestrator, key, ssl)
+        link = SwarmLink(service, lending, settings.orchestrator, key, ssl)
         handoff = Handoff(settings.orchestrator, link.credential, settings.name, ssl, settings.request_timeout_s)
 
     @asynccontextmanager
@@ -61,7 +66,12 @@ def create_app(service: NodeService) -> FastAPI:
     app.state.service = service
     app.state.link = link
     app.state.handoff = handoff
+    app.state.lending = lending
+    app.state.closing = asyncio.Event()  # set when the server starts to stop: open event streams end
+    app.state.overview = lambda: overview(service, link, lending)  # for /v1/node, its event stream, /metrics
+    service.metrics.watch(app.state.overview)
     app.include_router(router)
+    app.include_router(page_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
@@ -89,6 +99,19 @@ class RequireKey:
         await dragon_error_response(Unauthorized(message))(scope, receive, send)
 
 
+class NodeServer(uvicorn.Server):
+    """uvicorn's server, telling the app when it starts to stop: the node's page keeps an event
+    stream open, which would otherwise hold the shutdown for its whole grace period."""
+
+    def __init__(self, config: uvicorn.Config, closing: asyncio.Event):
+        super().__init__(config)
+        self.closing = closing
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.closing.set()
+        await super().shutdown(sockets)
+
+
 def build_service(settings: NodeSettings, models: list[LocalModel]) -> NodeService:
     cpus = allowed_cpus()
     # Read before our own quota exists: a container's limit, not the share we set ourselves.
@@ -109,7 +132,7 @@ def run_node(settings: NodeSettings, models: list[LocalModel]) -> None:
     app = create_app(service)
     config = uvicorn.Config(app, host=settings.host, port=settings.api_port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)  # fmt: skip
-    server = uvicorn.Server(config)
+    server = NodeServer(config, app.state.closing)
     log.info("node %s API on http://%s:%d/v1 (cpu cap: %s)", settings.name, settings.host, settings.api_port,
              service.governor.cap.name)  # fmt: skip
     asyncio.run(server.serve())

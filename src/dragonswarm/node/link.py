@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from dragonswarm.errors import DragonError, RunnerFailed
 from dragonswarm.governor.network import NetworkMeter, Rates, RttTracker, held_busy, link_saturated, owner_bps
+from dragonswarm.node.lending import Lending
 from dragonswarm.node.service import ModelSlot, NodeService
 from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.events import Event
@@ -90,9 +91,10 @@ class NetworkReading:
 
 class SwarmLink:
     # From the orchestrator we trust: a fragment may carry a prompt as big as its API accepts.
-    def __init__(self, service: NodeService, url: str, key: str, ssl: SSLContext | None,
+    def __init__(self, service: NodeService, lending: Lending, url: str, key: str, ssl: SSLContext | None,
                  max_message_bytes: int = 64 << 20):  # fmt: skip
         self.service = service
+        self.lending = lending  # the owner's switch: paused, no new work for others
         self.url = url
         self.ssl = ssl  # None for plain ws:// (only with --insecure)
         self.key = key
@@ -115,6 +117,11 @@ class SwarmLink:
     @property
     def name(self) -> str:
         return self.service.settings.name
+
+    @property
+    def running(self) -> int:
+        """Fragments running here for others now."""
+        return len(self._jobs)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="swarm-link")
@@ -238,6 +245,7 @@ class SwarmLink:
             swarm_sent_bytes=net.swarm_sent_bytes, swarm_recv_bytes=net.swarm_recv_bytes,
             rtt_ms=net.rtt_ms, net_busy=net.net_busy, threads=g["threads"], cap_mechanism=g["mechanism"],
             cap_reason=g["mechanism_reason"][:500], gpu_owner_busy=g["gpu_owner_busy"],
+            lending_paused=self.lending.paused,
         )  # fmt: skip
 
     def _measure_network(self) -> NetworkReading:
@@ -332,6 +340,12 @@ class SwarmLink:
 
         ticks: asyncio.Task[None] | None = None
         try:
+            if self.lending.paused:
+                # Placed before our heartbeat said so: handed back as for the owner's preemption
+                # (the orchestrator moves it to another worker), not run against the owner's wish.
+                log.info("fragment %s handed back: lending is paused", f.job)
+                await send({"ev": "done", "finish_reason": "cancelled", "completion_tokens": 0})
+                return
             slot = self.service.slot(f.model)
             if slot.sha256 != f.sha256:  # another file under the same name: its answer would differ
                 raise RunnerFailed(f"this node's {f.model!r} is another file than the one asked for",

@@ -4,6 +4,7 @@ link alike: both come in as `Generation`s with a work kind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -17,6 +18,7 @@ from dragonswarm.engines.runner import RunnerProcess
 from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded, Timeout
 from dragonswarm.governor.governor import Governor, WorkKind
 from dragonswarm.governor.policy import ram_needed
+from dragonswarm.node.metrics import Course, NodeMetrics
 from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.runner import Generation, run_job
 from dragonswarm.settings import ModelSpec, NodeSettings
@@ -155,6 +157,7 @@ class NodeService:
         self._idle_task: asyncio.Task[None] | None = None
         self._identify_task: asyncio.Task[None] | None = None
         self.identified = asyncio.Event()  # every model that can be served has its sha256
+        self.metrics = NodeMetrics()  # what it served, for `GET /metrics` and the node's page
 
     async def identify(self) -> None:
         """Hash every model file once (cached by size and mtime), off the event loop: the
@@ -193,7 +196,23 @@ class NodeService:
         when the queue is full it is refused at once with Overloaded (429). It ends by
         `request_timeout_s` with a 504, waiting included, and a runner that makes no
         progress for `stall_timeout_s` is restarted (the job fails with `runner_stalled`).
+        Counted in `metrics` as it ends, however it ends.
         """
+        course = Course(time.monotonic(), len(gens))
+        try:
+            # Closed with this generator (a client gone): the runner's job is cancelled and the model freed at once.
+            async with contextlib.aclosing(self._run_jobs(slot, gens, kind, ids)) as events:
+                async for index, event in events:
+                    course.see(event, time.monotonic())
+                    yield index, event
+        except Exception:  # refused (queue full), timed out waiting, or failed: counted as an error
+            course.failed = True
+            raise
+        finally:
+            self.metrics.served(kind, course)
+
+    async def _run_jobs(self, slot: ModelSlot, gens: list[Generation], kind: WorkKind,
+                        ids: list[str] | None) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
         s = self.settings
         deadline = time.monotonic() + s.request_timeout_s
         if slot.lock.locked() and slot.waiting >= s.max_queue:

@@ -91,7 +91,7 @@ class NodeConn:
             loaded=frozenset(self.keys[n] for n in loaded if n in self.keys),
             capacity=self.hello.capacity,
             assigned=busy,
-            owner_busy=hb.owner_busy if hb else False,
+            owner_busy=(hb.owner_busy or hb.lending_paused) if hb else False,  # paused lending: as if busy
             load=hb.cpu_total if hb else 0.0,
             live=self.state(now, stale_after) == "live",
             net_busy=hb.net_busy if hb else False,

@@ -16,7 +16,7 @@ from dragonswarm.protocol.swarm import Heartbeat
 
 # What placement reads from a heartbeat: a change in any of these is reported at once.
 # Load and network figures drift all the time; a quiet node's drift is not worth a beat.
-WATCHED = ("owner_busy", "net_busy", "gpu_owner_busy", "local_busy", "loaded", "running")
+WATCHED = ("owner_busy", "net_busy", "gpu_owner_busy", "lending_paused", "local_busy", "loaded", "running")
 
 
 def quiet(hb: Heartbeat) -> bool:

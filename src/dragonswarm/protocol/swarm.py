@@ -113,6 +113,8 @@ class Heartbeat(_Message):
     cap_reason: str = Field(default="", max_length=500)
     threads: int = Field(default=0, ge=0, le=4096)  # llama.cpp threads at the share in force
     gpu_owner_busy: bool = False  # the owner is using the GPU (also counted in owner_busy)
+    # The owner paused lending (`node.lending`): place nothing new here; what runs here finishes.
+    lending_paused: bool = False
 
 
 class Logprob(_Message):
