@@ -247,3 +247,19 @@ def test_the_page_in_a_browser_is_live_and_its_switch_pauses_lending(start_orche
         expect(page.locator("#lending-switch")).to_be_checked(**wait)
         assert page.evaluate("window.loadedOnce") is True
         assert not problems, problems
+
+
+def test_each_owner_request_has_an_id_and_one_log_line(tiny_node: NodeProcess) -> None:
+    secret = "an-owner-prompt-that-stays-private"
+    r = tiny_node.client.post("/v1/completions", json={"model": "tiny", "prompt": secret, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    rid, usage = r.headers["x-request-id"], r.json()["usage"]
+    line = wait_until(lambda: next((x for x in tiny_node.log().splitlines() if f"request {rid}" in x), None), 10,
+                      "the request's log line")  # fmt: skip
+    assert "key=owner model=tiny fragments=1 nodes=" in line and "status=200" in line
+    assert f"tokens={usage['prompt_tokens']}+{usage['completion_tokens']}" in line and "ttft=" in line
+    bad = tiny_node.client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": -1})
+    assert bad.status_code == 400
+    rid = bad.headers["x-request-id"]
+    wait_until(lambda: f"request {rid} POST /v1/completions" in tiny_node.log(), 10, "the refusal's line")
+    assert secret not in tiny_node.log()

@@ -199,6 +199,7 @@ def _announce(say: Any, url: str, key: str, home: Path, ca: Path, names: list[st
     served = ", ".join(f"{m.name} ({', '.join(m.tags)})" if m.tags else m.name for m in models)
     say(f"  models   {served}")
     say(f"  API      {url}/v1   (also this machine's node: http://127.0.0.1:{api_port}/v1, no key needed)")
+    say(f"  this machine   http://127.0.0.1:{api_port}/dashboard   (its own page; pause lending there)")
     say(f"  key      {key}")
     say(f"  dashboard {dashboard}")
     say(f"           (a one-time link, valid {DASHBOARD_LINK_S // 60:.0f} minutes; 'dragon dashboard' prints another)")

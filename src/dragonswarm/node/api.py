@@ -25,6 +25,7 @@ from dragonswarm.scheduler.local import serve_locally
 from dragonswarm.scheduler.models import pick_model
 from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text
 from dragonswarm.web.replies import Reply, respond, unless_disconnected
+from dragonswarm.web.requestlog import facts, observed
 
 router = APIRouter()
 
@@ -110,9 +111,12 @@ async def _serve(request: Request, body: SamplingParams, gens: list[Generation],
         owner_busy=service.governor.owner_busy,
         linked=link is not None and link.connected,
     )
+    told = facts(request)
+    told.key, told.model = "owner", model or body.model
     if not local and handoff is not None:
         forwarded: Response | None = await unless_disconnected(request, handoff.forward(request, slot is not None))
-        if forwarded is not None:
+        if forwarded is not None:  # its tokens are in the orchestrator's log line, under the same route
+            told.nodes = ["swarm:" + forwarded.headers.get("x-dragon-nodes", "?")]
             return forwarded
         # The orchestrator is unreachable or full: serve what we can here.
     slot = service.slot(model or body.model)  # raises 404 model_not_found
@@ -120,4 +124,5 @@ async def _serve(request: Request, body: SamplingParams, gens: list[Generation],
     reply.model = slot.spec.name
     reply.headers = lambda: {"X-Dragon-Nodes": name}
     reply.route = lambda: {"nodes": [name], "fragments": 1}
-    return await respond(request, reply, service.run_jobs(slot, gens))
+    told.model, told.fragments, told.nodes = slot.spec.name, len(gens), [name]
+    return await respond(request, reply, observed(service.run_jobs(slot, gens), told))

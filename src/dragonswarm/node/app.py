@@ -32,6 +32,7 @@ from dragonswarm.settings import NodeSettings
 from dragonswarm.tls import client_context
 from dragonswarm.web.errors import BodyLimit, dragon_error_response, install_error_handlers
 from dragonswarm.web.hosts import CheckHost, HostPolicy
+from dragonswarm.web.requestlog import RequestLog
 
 log = logging.getLogger("dragonswarm.node")
 
@@ -74,6 +75,7 @@ def create_app(service: NodeService) -> FastAPI:
     app.include_router(page_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLog, logger=log)  # a line and an id per API request
     if settings.api_key is not None:
         app.add_middleware(RequireKey, key=settings.api_key.get_secret_value())
     app.add_middleware(CheckHost, policy=HostPolicy.for_bind(settings.host, settings.allowed_hosts))  # outermost

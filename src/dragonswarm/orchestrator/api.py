@@ -27,7 +27,7 @@ from dragonswarm.scheduler.ratelimit import Charge, RateLimiter, Refusal
 from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text, token_estimate
 from dragonswarm.store.base import KeyRecord
 from dragonswarm.web.replies import Reply, respond
-from dragonswarm.web.requestlog import RequestFacts, facts
+from dragonswarm.web.requestlog import RequestFacts, facts, observed
 
 log = logging.getLogger("dragonswarm.orchestrator")
 
@@ -165,26 +165,19 @@ async def _metered(swarm: Swarm, limiter: RateLimiter, caller: Caller, req: Swar
     the tokens charged at admission but not used. Counted as the work goes (prompts as
     they start, each token relayed), so a stream cut short costs what it used. The same
     counts go to the request's log line and the metrics."""
-    prompt = completion = 0
     began = False
     model = req.model
+    watched = observed(events, told)
     try:
-        async for index, event in events:
+        async for index, event in watched:
             began = True
-            if event["ev"] == "start":
-                prompt += event.get("prompt_tokens", 0)
-                told.prompt_tokens = prompt
-            elif event["ev"] == "text":
-                count = len(event.get("ids", ()))
-                completion += count
-                told.token(count, time.monotonic())
-                swarm.metrics.tokens(model, count)
-            elif event["ev"] == "error":
-                told.error = event.get("code") or "error"
+            if event["ev"] == "text":
+                swarm.metrics.tokens(model, len(event.get("ids", ())))
             yield index, event
     finally:
+        await watched.aclose()  # and the swarm's own stream with it
         told.fragments, told.nodes = len(req.fragments), list(req.nodes)
-        await events.aclose()
+        prompt, completion = told.prompt_tokens, told.completion_tokens
         if began:
             limiter.refund(charge, prompt + completion)
         else:  # refused before it began (queue full, no node serves the model): not a request at all

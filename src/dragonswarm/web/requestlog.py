@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dragonswarm.protocol.events import Event
 
 FACTS = "dragon_facts"  # where a request's facts live in its ASGI scope's state
 
@@ -99,6 +101,23 @@ def facts(request: Request) -> RequestFacts:
     if isinstance(found, RequestFacts):
         return found
     return RequestFacts(id=new_request_id(), method=request.method, path=request.url.path)
+
+
+async def observed(events: AsyncGenerator[tuple[int, Event]], told: RequestFacts
+                   ) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
+    """Pass a request's events through, noting its tokens, first token and error in `told`."""
+    try:
+        async for index, event in events:
+            match event["ev"]:
+                case "start":
+                    told.prompt_tokens += event.get("prompt_tokens", 0)
+                case "text":
+                    told.token(len(event.get("ids", ())), time.monotonic())
+                case "error":
+                    told.error = event.get("code") or "error"
+            yield index, event
+    finally:
+        await events.aclose()
 
 
 def new_request_id() -> str:
