@@ -160,7 +160,7 @@ function draw(s) {
   $("tokens-per-s").textContent = g.tokens_per_s.toFixed(1);
   $("ttft-p50").textContent = secs(g.ttft_p50);
   $("ttft-p99").textContent = secs(g.ttft_p99);
-  $("ttft-note").textContent = `${g.ttft_samples} requests, last ${Math.round(g.ttft_window_s / 60)} min`;
+  $("ttft-note").textContent = `${g.ttft_samples} request${g.ttft_samples === 1 ? "" : "s"}, last ${Math.round(g.ttft_window_s / 60)} min`;
   $("failovers").textContent = g.failovers;
   $("errors").textContent = g.errors;
   $("cpu-total").textContent = pct(g.cpu_total);
