@@ -239,6 +239,7 @@ class OrchestratorSettings(_FileSettings):
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=0, le=65535)
     insecure: bool = False  # serve plain http: only with an explicit --insecure
+    redis: str | None = None  # redis://... : replicas share state and work through it
 
     max_queue: int = Field(1024, ge=1)  # fragments waiting, all users together
     # The most one user (key) may have waiting; less as more users wait (max_queue / users), and

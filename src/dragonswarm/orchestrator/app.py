@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
+from redis import asyncio as aioredis
 
 from dragonswarm import __version__
 from dragonswarm.orchestrator.api import router as api_router
 from dragonswarm.orchestrator.dashboard import router as dashboard_router
+from dragonswarm.orchestrator.federation import Federation
 from dragonswarm.orchestrator.housekeeping import Housekeeping
 from dragonswarm.orchestrator.logins import Logins
 from dragonswarm.orchestrator.looplag import LoopLag
@@ -43,6 +45,7 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     loop_lag = LoopLag()
     housekeeping = Housekeeping(swarm, loop_lag)
     overview = Overview(swarm, metrics, loop_lag)
+    federation = Federation(swarm, aioredis.from_url(settings.redis)) if settings.redis else None
 
     def request_done(facts: RequestFacts) -> None:
         metrics.request_done(facts)
@@ -53,9 +56,13 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
         loop_lag.start()
         housekeeping.start()
         overview.start()
+        if federation:
+            federation.start()
         try:
             yield
         finally:
+            if federation:
+                await federation.close()
             await overview.close()
             await housekeeping.close()
             await swarm.close()
@@ -72,6 +79,7 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     app.state.store = store
     app.state.started = time.time()
     app.state.overview = overview
+    app.state.federation = federation
     app.state.logins = Logins()
     app.include_router(api_router)
     app.include_router(ws_router)
