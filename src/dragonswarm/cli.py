@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens a choice may generate when the request sets no limit (default 2048)")  # fmt: skip
     node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     node.add_argument("--name", help="this node's name in the swarm (default: the host name)")
-    node.add_argument("--orchestrator", metavar="URL", help="join the swarm of this orchestrator (http://host:8700)")
+    node.add_argument("--orchestrator", metavar="URL", help="join the swarm of this orchestrator "
+                      "(https://host:8700; replicas: URL,URL,...)")
     node.add_argument("--key", help="a node key for --orchestrator (better: the DRAGON_KEY environment variable)")
     node.add_argument("--ca", help="the swarm's CA certificate, to verify the orchestrator (or DRAGON_CA)")
     node.add_argument("--insecure", action="store_true", default=None,
@@ -217,13 +218,17 @@ def cmd_node(args: argparse.Namespace) -> None:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         raise ConfigError(f"--host {settings.host} opens this node's API beyond this machine: set --api-key "
                           "(or DRAGON_API_KEY) so only those who hold it can use it")  # fmt: skip
-    if settings.orchestrator and settings.orchestrator.startswith("http://") and not settings.insecure:
+    urls = settings.orchestrator_urls
+    if any(u.startswith("http://") for u in urls) and not settings.insecure:
         raise ConfigError("the orchestrator URL is plain http: use https:// with --ca, or add --insecure "
                           "to send keys and prompts unencrypted")  # fmt: skip
     if settings.ca is not None and not settings.ca.is_file():
         raise ConfigError(f"--ca {settings.ca}: no such file")
-    if settings.orchestrator and not settings.orchestrator.startswith(("http://", "https://")):
-        raise ConfigError(f"--orchestrator expects http(s)://HOST:PORT, got {settings.orchestrator!r}")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--orchestrator expects http(s)://HOST:PORT (several: comma-separated), got {url!r}")
+    if len({u.split("://")[0] for u in urls}) > 1:
+        raise ConfigError("--orchestrator: replicas of one swarm are all https:// or all http://")
     models = [(spec, check_gguf(spec.path)) for spec in settings.models]
     names = [spec.name for spec, _ in models]
     if len(set(names)) != len(names):

@@ -143,9 +143,15 @@ class NodeSettings(_FileSettings):
     model_config = SettingsConfigDict(env_prefix="DRAGON_", extra="ignore")
     toml_table = "node"
 
+    @property
+    def orchestrator_urls(self) -> list[str]:
+        """The orchestrator's URL, or each replica's, in the order given."""
+        return [u.strip() for u in (self.orchestrator or "").split(",") if u.strip()]
+
     home: Path = Field(default_factory=default_home)
     name: str = Field(default_factory=default_node_name, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     # The swarm: joined when both are set. The key is a `node` key from `dragon keys create`.
+    # Several replicas of one swarm: their URLs separated by commas (tried in turn).
     orchestrator: str | None = None
     key: SecretStr | None = None
     ca: Path | None = None  # the swarm's CA certificate, to verify the orchestrator (DRAGON_CA)
