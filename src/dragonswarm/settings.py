@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dragonswarm.errors import ConfigError
@@ -232,13 +232,20 @@ class NodeSettings(_FileSettings):
 class OrchestratorSettings(_FileSettings):
     """Everything `dragon orchestrator` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="DRAGON_ORCHESTRATOR_", extra="ignore")
+    # populate_by_name: `redis` is read from the environment under its aliases only, so a flag
+    # and config.toml still give it by its name.
+    model_config = SettingsConfigDict(env_prefix="DRAGON_ORCHESTRATOR_", extra="ignore", populate_by_name=True)
     toml_table = "orchestrator"
 
     home: Path = Field(default_factory=default_home)
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=0, le=65535)
     insecure: bool = False  # serve plain http: only with an explicit --insecure
+    # A Redis that replicas share (keys, node identities and records, usage, rate limits), as
+    # redis://[:PASSWORD@]HOST:PORT/DB or rediss:// for TLS; None: the SQLite file under home,
+    # for one process. Also DRAGON_REDIS. It holds a password: only `store.redis.redacted(url)`
+    # may be printed or logged.
+    redis: SecretStr | None = Field(None, validation_alias=AliasChoices("DRAGON_REDIS", "DRAGON_ORCHESTRATOR_REDIS"))
 
     max_queue: int = Field(1024, ge=1)  # fragments waiting, all users together
     # The most one user (key) may have waiting; less as more users wait (max_queue / users), and

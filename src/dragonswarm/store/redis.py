@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -46,6 +46,18 @@ CONNECT_TIMEOUT_S = 5.0
 # A command that has not been answered in this long fails (and the request with it, as a
 # 503) rather than holding a thread of the server's small pool forever.
 COMMAND_TIMEOUT_S = 10.0
+# Connections one client keeps to Redis. A caller beyond them waits (up to COMMAND_TIMEOUT_S)
+# for one to come free: redis-py's default pool fails the call at once ("Too many
+# connections"), which under a burst of requests turned admissions into errors. Redis runs
+# one command at a time, so more connections would not answer sooner.
+MAX_CONNECTIONS = 32
+
+
+def client_options() -> dict[str, Any]:
+    """The pool options every client of ours uses, the asyncio one included."""
+    return {"decode_responses": True, "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_timeout": COMMAND_TIMEOUT_S, "health_check_interval": 30,
+            "max_connections": MAX_CONNECTIONS, "timeout": COMMAND_TIMEOUT_S}  # fmt: skip
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -79,8 +91,7 @@ def connect(url: str) -> redis.Redis:
     """A client for `url`, checked with a PING. A URL that does not parse or a Redis that cannot be
     used (unreachable, wrong password) is a `ConfigError`: one line, the password masked."""
     try:
-        client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                      socket_timeout=COMMAND_TIMEOUT_S, health_check_interval=30)  # fmt: skip
+        client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(url, **client_options()))
     except ValueError as exc:
         raise ConfigError(f"invalid Redis URL {redacted(url)}: {_scrubbed(str(exc), url)}") from None
     try:
