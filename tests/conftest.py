@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from tests.redis_server import redis_server, redis_url  # noqa: F401
+from tests.redis_server import redis_server, redis_url, state_redis  # noqa: F401
 from tests.volunteer import delegated_scope, start_volunteer_node, volunteer  # noqa: F401
 
 from dragonswarm.devtools.tiny_model import TOOLS_TEMPLATE, write_tiny_model
@@ -338,10 +338,11 @@ def tiny_node(start_node: Callable[..., NodeProcess], tiny_model: Path) -> NodeP
 @pytest.fixture
 def swarm(start_orchestrator: Callable[..., OrchestratorProcess], start_node: Callable[..., NodeProcess],
           tiny_model: Path) -> Callable[..., OrchestratorProcess]:  # fmt: skip
-    """An orchestrator and `workers` nodes serving the tiny model, all live."""
+    """An orchestrator and `workers` nodes serving the tiny model, all live; its state in `redis` if given."""
 
-    def make(workers: int, *orch_flags: str, node_flags: tuple[str, ...] = ()) -> OrchestratorProcess:
-        orch = start_orchestrator(*orch_flags)
+    def make(workers: int, *orch_flags: str, node_flags: tuple[str, ...] = (),
+             redis: str | None = None) -> OrchestratorProcess:  # fmt: skip
+        orch = start_orchestrator(*orch_flags, redis=redis)
         names = [f"w{i}" for i in range(1, workers + 1)]
         for name in names:
             start_node("--name", name, "--model", f"tiny={tiny_model}", *node_flags, swarm=orch)

@@ -28,3 +28,13 @@ def redis_url(redis_server: LocalRedis) -> str:
     with redis.Redis.from_url(redis_server.url) as client:
         client.flushall()
     return redis_server.url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def state_redis(request: pytest.FixtureRequest) -> str | None:
+    """Where an orchestrator under test keeps its state, for tests that run on both: None for its
+    own SQLite file, else the session's Redis (flushed), started only when this param needs it."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url
