@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 from tests.conftest import NodeProcess, OrchestratorProcess, free_port, wait_until
 
 BODY = {"model": "tiny", "prompt": "x", "max_tokens": 2}
@@ -87,3 +88,26 @@ def test_a_redis_that_cannot_be_used_stops_the_orchestrator_in_one_line(tmp_path
         assert "s3cret" not in output and "not-the-password" not in output and password not in output
     keys = dragon("keys", "list", "--home", str(tmp_path))  # config.toml's Redis is the orchestrator's: keys too
     assert keys.returncode == 2 and keys.stderr.startswith("dragon: error: cannot use Redis at redis://:***@")
+
+
+def test_the_redis_url_comes_from_a_flag_the_environment_or_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:  # fmt: skip
+    from dragonswarm.settings import OrchestratorSettings
+
+    def url(**given: str) -> str | None:
+        redis = OrchestratorSettings(home=tmp_path, **given).redis  # type: ignore[arg-type]
+        return None if redis is None else redis.get_secret_value()
+
+    for name in ("DRAGON_REDIS", "DRAGON_ORCHESTRATOR_REDIS", "REDIS"):
+        monkeypatch.delenv(name, raising=False)
+    assert url() is None
+    (tmp_path / "config.toml").write_text('[orchestrator]\nredis = "redis://from-config"\n')
+    assert url() == "redis://from-config"
+    monkeypatch.setenv("REDIS", "redis://not-ours")  # only DRAGON_ names are read
+    assert url() == "redis://from-config"
+    monkeypatch.setenv("DRAGON_REDIS", "redis://from-env")
+    assert url() == "redis://from-env"
+    assert url(redis="redis://from-flag") == "redis://from-flag"
+    monkeypatch.setenv("DRAGON_REDIS", "")  # set empty: no Redis, whatever config.toml says
+    assert url() is None
+    assert "from-config" not in repr(OrchestratorSettings(home=tmp_path, redis="redis://:pw@from-config"))  # type: ignore[arg-type]

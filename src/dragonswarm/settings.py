@@ -279,6 +279,14 @@ class OrchestratorSettings(_FileSettings):
     max_message_bytes: int = Field(1 << 20, ge=1024)  # one WebSocket message from a node
     log_level: str = "info"
 
+    @field_validator("redis", mode="before")
+    @classmethod
+    def _no_redis_when_empty(cls, value: object) -> object:
+        """An empty URL (DRAGON_REDIS= to unset a config file's) means no Redis, not a URL to reject."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
+
     @property
     def limits(self) -> Limits:
         return Limits(self.max_n, self.max_prompts, self.max_tokens, self.max_prompt_chars,
