@@ -22,7 +22,7 @@ from dragonswarm.settings import (
     OrchestratorSettings,
     default_home,
 )
-from dragonswarm.store.base import ROLES
+from dragonswarm.store.base import ROLES, Store
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,6 +69,11 @@ def _timeouts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", "--fragment-timeout", type=float, dest="request_timeout_s",
                         metavar="SECONDS", help="a request still running after this long, waiting included, ends "
                         "with 504 however fast it goes (default 1800)")  # fmt: skip
+
+
+def _redis(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--redis", metavar="URL", help=f"{what}: redis://:PASSWORD@HOST:PORT/0 (better: DRAGON_REDIS "
+                        "or [orchestrator] redis in config.toml, which keep the password off the command line)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     orch.add_argument("--insecure", action="store_true", default=None,
                       help="serve plain HTTP instead of TLS (only on a network you trust)")  # fmt: skip
+    _redis(orch, "keep the state in this Redis, shared with other replicas, instead of SQLite under --home")
 
     certs = commands.add_parser("certs", help="the swarm's own certificate authority")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION", parser_class=_Parser)
@@ -150,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_commands.add_parser("revoke", help="revoke a key for good (by id or shown prefix)")
     revoke.add_argument("key", metavar="ID|PREFIX")
     revoke.add_argument("--home", help="the orchestrator's data directory")
+    for sub in (create, listing, revoke):
+        _redis(sub, "the keys are in this Redis, which the orchestrator replicas share")
 
     status = commands.add_parser("status", help="show the swarm's nodes")
     status.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
@@ -158,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="requests and tokens each key has used, in all and per model")
     usage.add_argument("--json", action="store_true", help="print the orchestrator's report as JSON")
+    _redis(usage, "read the report from this Redis, which the orchestrator replicas share, not from an orchestrator")
 
     nodes = commands.add_parser("nodes", help="list the swarm's nodes, revoke one, or free a name")
     nodes_commands = nodes.add_subparsers(dest="nodes_command", required=True, metavar="ACTION", parser_class=_Parser)
@@ -262,7 +271,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
 
     names = ["host", "port", "home", "max_queue", "max_queue_per_user", "request_timeout_s", "stall_timeout_s",
              "log_level", "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure",
-             "max_node_capacity"]  # fmt: skip
+             "max_node_capacity", "redis"]  # fmt: skip
     settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
     if not settings.insecure:
@@ -274,9 +283,27 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
             print(f"dragon orchestrator: created the swarm's CA; give nodes and clients --ca {files.ca_cert}",
                   file=sys.stderr)  # fmt: skip
     scheme = "http" if settings.insecure else "https"
-    print(f"dragon orchestrator: {scheme}://{settings.host}:{settings.port}/v1 (state in {settings.db_path})",
+    print(f"dragon orchestrator: {scheme}://{settings.host}:{settings.port}/v1 (state in {_state_in(settings)})",
           file=sys.stderr)  # fmt: skip
     run_orchestrator(settings)
+
+
+def _state_in(settings: OrchestratorSettings) -> str:
+    """Where the orchestrator's state is, as it may be printed: a Redis URL without its password."""
+    if settings.redis is None:
+        return str(settings.db_path)
+    from dragonswarm.store.redis import redacted
+
+    return redacted(settings.redis.get_secret_value())
+
+
+def _orchestrator_store(args: argparse.Namespace) -> Store:
+    """The store the orchestrator of `--home` keeps its state in: its Redis (--redis, DRAGON_REDIS or
+    config.toml), else its SQLite file."""
+    from dragonswarm.store.backends import open_store
+
+    settings: OrchestratorSettings = _settings(args, ["home", "redis"], OrchestratorSettings)
+    return open_store(settings.home, settings.redis.get_secret_value() if settings.redis else None)
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
@@ -297,10 +324,7 @@ def cmd_certs(args: argparse.Namespace) -> None:
 def cmd_keys(args: argparse.Namespace) -> None:
     import time
 
-    from dragonswarm.store.sqlite import open_store
-
-    home = Path(args.home).expanduser() if args.home else default_home()
-    store = open_store(home)
+    store = _orchestrator_store(args)
     try:
         if args.keys_command == "create":
             expires = time.time() + args.expires if args.expires else None
@@ -381,7 +405,18 @@ def cmd_nodes(args: argparse.Namespace) -> None:
 def cmd_usage(args: argparse.Namespace) -> None:
     from dragonswarm.status import usage_table
 
-    report = _admin_request(args, "GET", "/v1/usage")["data"]
+    if args.redis or os.environ.get("DRAGON_REDIS"):  # the replicas' shared store: no orchestrator needed
+        import time
+
+        from dragonswarm.orchestrator.usage import usage_report
+
+        store = _orchestrator_store(args)
+        try:
+            report = usage_report(store.list_keys(), store.list_usage(), time.time())
+        finally:
+            store.close()
+    else:
+        report = _admin_request(args, "GET", "/v1/usage")["data"]
     print(json.dumps(report, indent=2) if args.json else usage_table(report))
 
 

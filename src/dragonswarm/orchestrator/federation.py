@@ -155,7 +155,7 @@ class Federation:
             for entry_id, fields in _entries(answer):
                 last = entry_id
                 try:
-                    self._take(fields[b"n"].decode(), fields[b"r"].decode(), fields[b"m"].decode())
+                    self._take(fields["n"], fields["r"], fields["m"])
                 except Exception:
                     log.exception("a message from another replica was refused")
 
@@ -189,7 +189,7 @@ class Federation:
                 continue
             for entry_id, fields in _entries(answer):
                 last = entry_id
-                for node, raw in orjson.loads(fields[b"e"]):
+                for node, raw in orjson.loads(fields["e"]):
                     self._event(node, raw)
 
     def _event(self, node: str, raw: str) -> None:
@@ -248,7 +248,7 @@ class Federation:
         changed = {n: v for n, v in fresh.items() if self._published.get(n) != v}
         gone = [n for n in self._published if n not in fresh]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(K.replica(self.id), b"1", ex=K.REPLICA_TTL_S)
+            pipe.set(K.replica(self.id), "1", ex=K.REPLICA_TTL_S)
             pipe.sadd(K.REPLICAS, self.id)
             if changed:
                 pipe.hset(K.replica_nodes(self.id), mapping=changed)  # type: ignore[arg-type]
@@ -258,7 +258,7 @@ class Federation:
             pipe.smembers(K.REPLICAS)
             replicas = (await pipe.execute())[-1]
         self._published = fresh
-        others = sorted(_text(r) for r in replicas if _text(r) != self.id)
+        others = sorted(r for r in replicas if r != self.id)  # the client decodes answers
         async with self.redis.pipeline(transaction=False) as pipe:
             for r in others:
                 pipe.exists(K.replica(r))
@@ -275,8 +275,8 @@ class Federation:
         for r in sorted(live):
             nodes = await self.redis.hgetall(K.replica_nodes(r))
             seen = set()
-            for raw_name, raw_state in nodes.items():
-                name = _text(raw_name)
+            for name, raw_state in nodes.items():
+                assert isinstance(name, str)  # the client decodes answers
                 seen.add(name)
                 try:
                     self._remote(r, name, orjson.loads(raw_state), now)
@@ -317,12 +317,7 @@ class Federation:
         await self.redis.aclose()
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _entries(answer: Any) -> Iterator[tuple[str, dict[bytes, bytes]]]:
+def _entries(answer: Any) -> Iterator[tuple[str, dict[str, str]]]:
     """The entries of an XREAD answer, in order: (entry id, fields)."""
     for _, entries in answer or ():
-        for entry_id, fields in entries:
-            yield _text(entry_id), fields
+        yield from entries
