@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -267,8 +268,12 @@ def start_orchestrator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
     started on one Redis each get keys of their own, and every one of them is valid on all."""
     started: list[OrchestratorProcess] = []
 
-    def start(*flags: str, tls: bool = True, redis: str | None = None) -> OrchestratorProcess:
+    def start(*flags: str, tls: bool = True, redis: str | None = None,
+              replica_of: OrchestratorProcess | None = None) -> OrchestratorProcess:  # fmt: skip
+        """`replica_of`: a replica of that orchestrator: its certificate too, so its nodes trust both."""
         home = tmp_path / f"orchestrator-{len(started)}"
+        if replica_of is not None:
+            shutil.copytree(replica_of.home / "tls", home / "tls")
         store = open_store(home, redis)
         if redis is not None:
             flags = ("--redis", redis, *flags)

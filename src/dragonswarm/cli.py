@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not serve the packaged qwen2.5-coder-0.5b and gemma3-270m")  # fmt: skip
     up.add_argument("--share", type=_share, default=0.10, help="each worker's share for others' work (0.10)")
     up.add_argument("--local-share", type=_share, default=0.80, help="the owner's share on every node (0.80)")
+    up.add_argument("--replicas", type=int, default=1, help="orchestrator replicas sharing a local Redis (1: "
+                    "none, the embedded store)")  # fmt: skip
     return parser
 
 
@@ -437,6 +439,8 @@ def cmd_up(args: argparse.Namespace) -> None:
 
     if args.workers < 0 or args.workers > 64:
         raise ConfigError("--workers must be between 0 and 64")
+    if args.replicas < 1 or args.replicas > 8:
+        raise ConfigError("--replicas must be between 1 and 8")
     home = Path(args.home).expanduser() if args.home else default_home()
     models = list(args.models or [])
     for spec in models:
@@ -446,7 +450,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     if not models:
         raise ConfigError("no model to serve: give --model NAME=PATH or drop --no-bundled-model")
     code = run_up(home, args.port, args.api_port, args.workers, models, args.share, args.local_share,
-                  lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+                  lambda line: print(line, file=sys.stderr, flush=True), args.replicas)  # fmt: skip
     if code:
         raise SystemExit(code)
 

@@ -10,12 +10,11 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
-from redis import asyncio as aioredis
 
 from dragonswarm import __version__
 from dragonswarm.orchestrator.api import router as api_router
 from dragonswarm.orchestrator.dashboard import router as dashboard_router
-from dragonswarm.orchestrator.federation import Federation
+from dragonswarm.orchestrator.federation import Federation, federation_client
 from dragonswarm.orchestrator.housekeeping import Housekeeping
 from dragonswarm.orchestrator.limits import make_limiter
 from dragonswarm.orchestrator.logins import Logins
@@ -27,7 +26,6 @@ from dragonswarm.orchestrator.ws import router as ws_router
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.backends import open_store
 from dragonswarm.store.base import Store
-from dragonswarm.store.redis import client_options
 from dragonswarm.tls import TlsFiles
 from dragonswarm.web.errors import BodyLimit, install_error_handlers
 from dragonswarm.web.requestlog import RequestFacts, RequestLog
@@ -49,7 +47,7 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     # Per process, or shared by every replica through Redis (--redis).
     limiter = make_limiter(settings)
     redis_url = settings.redis.get_secret_value() if settings.redis else None
-    federation = Federation(swarm, aioredis.from_url(redis_url, **client_options())) if redis_url else None
+    federation = Federation(swarm, federation_client(redis_url)) if redis_url else None
 
     def request_done(facts: RequestFacts) -> None:
         metrics.request_done(facts)

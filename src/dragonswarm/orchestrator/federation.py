@@ -38,12 +38,19 @@ from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.swarm import Cancel, Heartbeat, Hello, JobEvent, ProtocolError, RunFragment, dump
 from dragonswarm.store import rediskeys as K
+from dragonswarm.store.redis import client_options
 
 log = logging.getLogger("dragonswarm.orchestrator")
 
 PUBLISH_S = 0.5  # how often this replica's nodes are published and the others' read
 BLOCK_MS = 1000  # a stream read waits this long for news
 FLUSH_S = 0.005  # events for another replica are gathered this long, then sent as one entry
+
+
+def federation_client(url: str) -> aioredis.Redis:
+    """Our options, with room for the blocking stream reads (a read waits `BLOCK_MS` for news)."""
+    options = {**client_options(), "socket_timeout": BLOCK_MS / 1000 + client_options()["socket_timeout"]}
+    return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
 
 
 @dataclass
