@@ -61,12 +61,13 @@ class Foreign:
     node: str
 
 
-def published(conn: NodeConn, now: float, foreign_by: Mapping[str, int]) -> bytes:
-    """What the other replicas need of a local node to place work on it."""
+def published(conn: NodeConn, live: bool, foreign_by: Mapping[str, int]) -> bytes:
+    """What the other replicas need of a local node to place work on it. It changes only when
+    the node reports, its state flips or its work changes: readers skip what they have seen."""
     return orjson.dumps({
         "hello": conn.hello.model_dump(mode="json"),
         "hb": conn.heartbeat.model_dump(mode="json") if conn.heartbeat else None,
-        "age": round(now - conn.last_seen, 3),
+        "live": live,  # as its holder sees it: the holder alone lets a silent node go
         "jobs": len(conn.jobs) + len(conn.draining),  # what this replica placed there
         "foreign": dict(foreign_by),  # ... and what it runs there for each other replica
         "cadence": [conn.cadence.heartbeat_s, conn.cadence.idle_heartbeat_s],
@@ -85,6 +86,7 @@ class Federation:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _sending: set[asyncio.Task[None]] = field(default_factory=set)  # messages on their way to inboxes
     _published: dict[str, bytes] = field(default_factory=dict)  # node -> what was last published
+    _read: dict[tuple[str, str], str] = field(default_factory=dict)  # (replica, node) -> what was last read
 
     # --- this replica's nodes, run for others -----------------------------------------------------
 
@@ -233,10 +235,13 @@ class Federation:
         hb = Heartbeat.model_validate(state["hb"]) if state["hb"] else None
         if hb is not None:
             conn.heartbeat = hb
-        conn.last_seen = now - state["age"]
+        conn.remote_live = bool(state["live"])
+        conn.last_seen = now
         self.swarm.registry.refresh(conn)
 
     def _drop_replica(self, replica: str) -> None:
+        for key in [k for k in self._read if k[0] == replica]:
+            del self._read[key]
         for conn in [c for c in self.swarm.registry.conns.values() if c.replica == replica]:
             self.swarm.node_left(conn)
         for job_id in [j for j, f in self.foreign.items() if f.replica == replica]:  # nobody waits for these
@@ -251,7 +256,9 @@ class Federation:
         for job in self.foreign.values():
             counts = foreign_by.setdefault(job.node, {})
             counts[job.replica] = counts.get(job.replica, 0) + 1
-        fresh = {name: published(c, now, foreign_by.get(name, {})) for name, c in local.items()}
+        stale_after = registry.stale_after
+        fresh = {name: published(c, c.state(now, stale_after) == "live", foreign_by.get(name, {}))
+                 for name, c in local.items()}  # fmt: skip
         changed = {n: v for n, v in fresh.items() if self._published.get(n) != v}
         gone = [n for n in self._published if n not in fresh]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -283,12 +290,19 @@ class Federation:
             nodes = await self.redis.hgetall(K.replica_nodes(r))
             seen = set()
             for name, raw_state in nodes.items():
-                assert isinstance(name, str)  # the client decodes answers
+                assert isinstance(name, str) and isinstance(raw_state, str)  # the client decodes answers
                 seen.add(name)
+                held = registry.conns.get(name)
+                if held is not None and held.replica == r and self._read.get((r, name)) == raw_state:
+                    held.last_seen = now  # nothing new: its holder still has it
+                    continue
+                self._read[(r, name)] = raw_state
                 try:
                     self._remote(r, name, orjson.loads(raw_state), now)
                 except Exception:
                     log.exception("node %s published by replica %s was not understood", name, r)
+            for key in [k for k in self._read if k[0] == r and k[1] not in seen]:
+                del self._read[key]
             for conn in [c for c in registry.conns.values() if c.replica == r and c.name not in seen]:
                 self.swarm.node_left(conn)  # it left that replica
 

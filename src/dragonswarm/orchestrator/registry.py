@@ -52,6 +52,7 @@ class NodeConn:
     replica: str | None = None
     foreign: set[str] = field(default_factory=set)
     others: int = 0
+    remote_live: bool = True  # a remote node's state, as its holder last published it
     _dumped: tuple[Heartbeat, dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
@@ -76,7 +77,10 @@ class NodeConn:
         return now - self.last_seen
 
     def state(self, now: float, stale_after: float) -> str:
-        """`stale_after` is for a node beating every `heartbeat_s`; a quiet one may be silent longer."""
+        """`stale_after` is for a node beating every `heartbeat_s`; a quiet one may be silent longer.
+        A node held by another replica is what its holder says (which drops it when it goes)."""
+        if self.replica is not None:
+            return "live" if self.remote_live else "stale"
         return "live" if self.age(now) <= stale_after * self.cadence.slack(self.heartbeat) else "stale"
 
     def gone(self, now: float, stale_after: float, gone_after: float) -> bool:
