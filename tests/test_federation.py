@@ -180,10 +180,16 @@ def test_dragon_up_with_two_replicas(tmp_path: Path, tiny_model: Path) -> None:
         verify = client_context(Path(info["ca_cert"]))
         auth = {"Authorization": f"Bearer {info['api_key']}"}
         for api in info["api_urls"]:  # any replica serves any request, on nodes held by both
-            r = httpx.post(api + "/completions", headers=auth, verify=verify, timeout=60,
-                           json={"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 4})  # fmt: skip
-            assert r.status_code == 200, r.text
-            assert sorted(r.json()["dragon"]["nodes"]) == ["local", "worker-1", "worker-2"]
+
+            def spread(api: str = api) -> bool:
+                r = httpx.post(api + "/completions", headers=auth, verify=verify, timeout=60,
+                               json={"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 4})  # fmt: skip
+                assert r.status_code == 200, r.text
+                # What another replica's nodes are doing is up to half a second old: a node that just
+                # finished may still look busy there, and its fragment waits for a node seen free.
+                return sorted(r.json()["dragon"]["nodes"]) == ["local", "worker-1", "worker-2"]
+
+            wait_until(spread, 30, f"a request to {api} on all three nodes", interval=0.6)
         admin = {"Authorization": "Bearer " + (home / "keys" / "admin.key").read_text().strip()}
         listed = httpx.get(info["api_urls"][0] + "/nodes", headers=admin, verify=verify).json()["data"]
         replica_of = {n["name"]: n.get("replica") for n in listed}

@@ -164,9 +164,12 @@ def _run(home: Path, port: int, api_port: int, workers: int, models: list[ModelS
             child.start()
         admin = {"Authorization": f"Bearer {admin_key}"}
 
-        def all_live() -> bool:
-            data = httpx.get(f"{url}/v1/nodes", headers=admin, timeout=2, verify=verify).json()["data"]
-            return {n["name"] for n in data if n["state"] == "live"} >= set(names)
+        def all_live() -> bool:  # as every replica sees them: any of them may be asked first
+            for at in urls:
+                data = httpx.get(f"{at}/v1/nodes", headers=admin, timeout=2, verify=verify).json()["data"]
+                if not {n["name"] for n in data if n["state"] == "live"} >= set(names):
+                    return False
+            return True
 
         _wait_for(all_live, children, lambda: stopping, "not every node joined")
 
