@@ -218,3 +218,39 @@ def test_dragon_up_with_two_replicas(tmp_path: Path, tiny_model: Path) -> None:
     assert code == 0, log_path.read_text()
     with pytest.raises(ProcessLookupError):
         os.kill(info["redis_pid"], 0)
+
+
+def test_redis_restarted_and_nothing_lost(tmp_path: Path, start_orchestrator: Start,
+                                          start_node: Start, tiny_model: Path) -> None:  # fmt: skip
+    from dragonswarm.store.redis_server import start_local_redis
+
+    folder = tmp_path / "redis"
+    server = start_local_redis(folder)  # its own, with an append-only file: this test restarts it
+    try:
+        a = start_orchestrator(redis=server.url)
+        b = start_orchestrator(redis=server.url, replica_of=a)
+        start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+        wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+        assert post(a, "/v1/completions", {"prompt": "before", "max_tokens": 3}).status_code == 200
+
+        def requests_counted() -> int:
+            with a.client("admin") as c:
+                return int(next(k["requests"] for k in c.get("/v1/usage").json()["data"] if k["name"] == "test user"))
+
+        wait_until(lambda: requests_counted() == 1, 10, "the request counted")  # written once the answer is out
+
+        port = server.port
+        server.stop()
+        during = post(a, "/v1/completions", {"prompt": "during", "max_tokens": 3})
+        assert during.status_code == 503 and during.json()["error"]["code"] == "store_unavailable"
+        server = start_local_redis(folder, port)  # the same data and password, on the same port
+
+        def crosses_again() -> bool:
+            r = post(a, "/v1/completions", {"prompt": "after", "max_tokens": 3})
+            return r.status_code == 200 and r.json()["dragon"]["nodes"] == ["w-b"]
+
+        wait_until(crosses_again, 30, "a request to A on B's node once Redis is back", interval=0.5)
+        wait_until(lambda: requests_counted() >= 2, 10, "the count from before the restart, and more")
+        assert "w-b" in on(b)
+    finally:
+        server.stop()
