@@ -23,6 +23,18 @@ if [ "$extras" = "test" ] && ! command -v chromium >/dev/null; then
   $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core
 fi
 
+# Only orchestrator replicas (`--redis`, `dragon up --replicas`) and their tests need a Redis
+# server, so without root or sudo this warns and goes on. Debian's package also starts its own
+# service on 127.0.0.1:6379; the project never uses it: it starts its own, with a password.
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then sudo_cmd=""; elif command -v sudo >/dev/null; then sudo_cmd="sudo"; else sudo_cmd="none"; fi
+  echo "installing Debian's redis-server for orchestrator replicas (--redis) and their tests" >&2
+  if [ "$sudo_cmd" = "none" ] || ! { $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq redis-server; }; then
+    echo "warning: could not install redis-server (needs root or sudo): one orchestrator on SQLite works," \
+      "but replicas (--redis) and their tests need it: apt-get install redis-server" >&2
+  fi
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 target="."; [ -n "$extras" ] && target=".[$extras]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -18,11 +19,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from tests.redis_server import redis_server, redis_url, state_redis  # noqa: F401
 from tests.volunteer import delegated_scope, start_volunteer_node, volunteer  # noqa: F401
 
 from dragonswarm.devtools.tiny_model import TOOLS_TEMPLATE, write_tiny_model
 from dragonswarm.engines.models import bundled_coder, bundled_gemma
-from dragonswarm.store.sqlite import open_store
+from dragonswarm.store.backends import open_store
 from dragonswarm.tls import client_context
 
 
@@ -260,12 +262,21 @@ def _print_log_tail(label: str, log_path: Path, lines: int = 40) -> None:
 
 @pytest.fixture
 def start_orchestrator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., OrchestratorProcess]]:
-    """Start `dragon orchestrator` as a real process with fresh keys; stopped at teardown."""
+    """Start `dragon orchestrator` as a real process with fresh keys; stopped at teardown.
+
+    With `redis`, its state is in that Redis (`--redis`), where its keys are made too: replicas
+    started on one Redis each get keys of their own, and every one of them is valid on all."""
     started: list[OrchestratorProcess] = []
 
-    def start(*flags: str, tls: bool = True) -> OrchestratorProcess:
+    def start(*flags: str, tls: bool = True, redis: str | None = None,
+              replica_of: OrchestratorProcess | None = None) -> OrchestratorProcess:  # fmt: skip
+        """`replica_of`: a replica of that orchestrator: its certificate too, so its nodes trust both."""
         home = tmp_path / f"orchestrator-{len(started)}"
-        store = open_store(home)
+        if replica_of is not None:
+            shutil.copytree(replica_of.home / "tls", home / "tls")
+        store = open_store(home, redis)
+        if redis is not None:
+            flags = ("--redis", redis, *flags)
         keys = {role: store.create_key(role, f"test {role}")[0] for role in ("admin", "user", "node")}  # type: ignore[arg-type]
         keys["user2"] = store.create_key("user", "second user")[0]
         store.close()
@@ -332,10 +343,11 @@ def tiny_node(start_node: Callable[..., NodeProcess], tiny_model: Path) -> NodeP
 @pytest.fixture
 def swarm(start_orchestrator: Callable[..., OrchestratorProcess], start_node: Callable[..., NodeProcess],
           tiny_model: Path) -> Callable[..., OrchestratorProcess]:  # fmt: skip
-    """An orchestrator and `workers` nodes serving the tiny model, all live."""
+    """An orchestrator and `workers` nodes serving the tiny model, all live; its state in `redis` if given."""
 
-    def make(workers: int, *orch_flags: str, node_flags: tuple[str, ...] = ()) -> OrchestratorProcess:
-        orch = start_orchestrator(*orch_flags)
+    def make(workers: int, *orch_flags: str, node_flags: tuple[str, ...] = (),
+             redis: str | None = None) -> OrchestratorProcess:  # fmt: skip
+        orch = start_orchestrator(*orch_flags, redis=redis)
         names = [f"w{i}" for i in range(1, workers + 1)]
         for name in names:
             start_node("--name", name, "--model", f"tiny={tiny_model}", *node_flags, swarm=orch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from tests.conftest import OrchestratorProcess, wait_until
 
-from dragonswarm.store.sqlite import open_store
+from dragonswarm.store.backends import open_store
 
 Swarm = Callable[..., OrchestratorProcess]
 
@@ -28,9 +29,13 @@ def served(orch: OrchestratorProcess) -> int:
     return int(orch.nodes()["w1"]["served"])
 
 
-def test_revoked_and_expired_keys_are_refused(swarm: Swarm) -> None:
-    orch = swarm(1)
-    store = open_store(orch.home)
+def _redis_flag(url: str | None) -> list[str]:
+    return ["--redis", url] if url else []
+
+
+def test_revoked_and_expired_keys_are_refused(swarm: Swarm, state_redis: str | None) -> None:
+    orch = swarm(1, redis=state_redis)
+    store = open_store(orch.home, state_redis)
     short, _ = store.create_key("user", "short-lived", expires=time.time() + 2)
     store.close()
     body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
@@ -40,20 +45,20 @@ def test_revoked_and_expired_keys_are_refused(swarm: Swarm) -> None:
     assert expired.status_code == 401 and "expired" in expired.json()["error"]["message"]
 
     # Revoked from the CLI while the orchestrator runs: the very next request is refused.
-    listed = subprocess.run([sys.executable, "-m", "dragonswarm.cli", "keys", "list", "--home", str(orch.home)],
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    listed = subprocess.run([sys.executable, "-m", "dragonswarm.cli", "keys", "list", "--home", str(orch.home),
+                             *_redis_flag(state_redis)], capture_output=True, text=True, check=True)  # fmt: skip
     user_row = next(line for line in listed.stdout.splitlines() if "test user" in line)
     assert orch.keys["user"] not in listed.stdout  # only the shown prefix, never the key
     assert post(orch, orch.keys["user"], body).status_code == 200
     subprocess.run([sys.executable, "-m", "dragonswarm.cli", "keys", "revoke", user_row.split()[0], "--home",
-                    str(orch.home)], check=True, capture_output=True)  # fmt: skip
+                    str(orch.home), *_redis_flag(state_redis)], check=True, capture_output=True)  # fmt: skip
     revoked = post(orch, orch.keys["user"], body)
     assert revoked.status_code == 401 and "revoked" in revoked.json()["error"]["message"]
     assert post(orch, orch.keys["user2"], body).status_code == 200  # other keys are untouched
 
 
-def test_rate_limit_per_key(swarm: Swarm) -> None:
-    orch = swarm(1, "--rate-rpm", "2")
+def test_rate_limit_per_key(swarm: Swarm, state_redis: str | None) -> None:
+    orch = swarm(1, "--rate-rpm", "2", redis=state_redis)
     body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
     assert [post(orch, orch.keys["user"], body).status_code for _ in range(2)] == [200, 200]
     before = served(orch)
@@ -65,8 +70,8 @@ def test_rate_limit_per_key(swarm: Swarm) -> None:
     assert served(orch) == before + 1  # the refused request never reached a worker
 
 
-def test_token_rate_limit(swarm: Swarm) -> None:
-    orch = swarm(1, "--rate-tpm", "300")
+def test_token_rate_limit(swarm: Swarm, state_redis: str | None) -> None:
+    orch = swarm(1, "--rate-tpm", "300", redis=state_redis)
     first = post(orch, orch.keys["user"], {"model": "tiny", "prompt": "x" * 40, "max_tokens": 200})
     assert first.status_code == 200
     # 40 + 200 were charged; the used tokens stay charged, so another 240 does not fit.
@@ -130,8 +135,8 @@ def test_expired_and_revoked_keys_on_every_endpoint_and_the_websocket(swarm: Swa
     assert orch.nodes()["w1"]["state"] == "live"  # the revoke endpoint was never reached
 
 
-def test_usage_report_per_key_and_model(swarm: Swarm) -> None:
-    orch = swarm(1, "--rate-rpm", "3")
+def test_usage_report_per_key_and_model(swarm: Swarm, state_redis: str | None) -> None:
+    orch = swarm(1, "--rate-rpm", "3", redis=state_redis)
     body = {"model": "tiny", "prompt": "count me", "max_tokens": 3}
     for _ in range(2):
         assert post(orch, orch.keys["user"], body).status_code == 200
@@ -182,6 +187,11 @@ def test_usage_report_per_key_and_model(swarm: Swarm) -> None:
     assert {row["name"]: row for row in json.loads(as_json.stdout)} == report()
     denied = subprocess.run([*cli, "--key", orch.keys["user"]], capture_output=True, text=True, timeout=60)
     assert denied.returncode == 2 and "403" in denied.stderr and "may not read usage" in denied.stderr
+    if state_redis:  # replicas' shared usage, read from Redis itself: no orchestrator, no admin key
+        direct = subprocess.run([sys.executable, "-m", "dragonswarm.cli", "usage", "--json"], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "DRAGON_REDIS": state_redis})  # fmt: skip
+        assert direct.returncode == 0, direct.stderr
+        assert {row["name"]: row for row in json.loads(direct.stdout)} == report()
 
 
 def test_usage_table_plain_values() -> None:

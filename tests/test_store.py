@@ -1,4 +1,8 @@
-"""The SQLite store, against a real file: keys, nodes, usage, and two processes' worth of connections."""
+"""The store, against a real SQLite file and a real Redis: every `Store` test runs on both backends.
+
+Keys, identities, nodes and usage, and two processes' (or replicas') worth of connections;
+then what only one backend has: SQLite's file, Redis's key names and TTLs.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,61 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 
+from dragonswarm.errors import ConfigError, StoreUnavailable
+from dragonswarm.store import rediskeys
+from dragonswarm.store.backends import open_store as open_any_store
 from dragonswarm.store.base import NodeRecord, Store, Usage, hash_key, new_key
+from dragonswarm.store.redis import RedisStore, redacted
+from dragonswarm.store.redis_server import start_local_redis
 from dragonswarm.store.sqlite import SqliteStore, open_store
 
 
-@pytest.fixture
-def open_db(tmp_path: Path) -> Iterator[Callable[[], SqliteStore]]:
-    """Opens stores on one file under tmp_path, and closes every one at the end."""
-    opened: list[SqliteStore] = []
+@dataclass
+class Backend:
+    """One kind of store under test: how to open another connection to the same state, and
+    everything it has written, as bytes (to look for what must never be there)."""
 
-    def open_one() -> SqliteStore:
-        store = SqliteStore(tmp_path / "home" / "state.db")
+    name: str
+    open: Callable[[], Store]
+    stored: Callable[[], bytes]
+
+
+def _redis_contents(url: str) -> bytes:
+    """Every key name and value under our prefix, read by type (DUMP would compress them)."""
+    parts: list[str] = []
+    with redis.Redis.from_url(url, decode_responses=True) as client:
+        for name in client.scan_iter(match=rediskeys.PREFIX + "*"):
+            kind = client.type(name)
+            value = {"hash": client.hgetall, "set": client.smembers, "zset": lambda k: client.zrange(k, 0, -1),
+                     "string": client.get}[kind](name)  # fmt: skip
+            parts.append(f"{name} {value}")
+    return "\n".join(parts).encode()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        home = tmp_path / "home"
+        return Backend("sqlite", lambda: SqliteStore(home / "state.db"),
+                       lambda: b"".join(f.read_bytes() for f in home.iterdir()))  # fmt: skip
+    url: str = request.getfixturevalue("redis_url")  # started only for the tests that need it
+    return Backend("redis", lambda: RedisStore.connect(url), lambda: _redis_contents(url))
+
+
+@pytest.fixture
+def open_db(backend: Backend) -> Iterator[Callable[[], Store]]:
+    """Opens stores on one backend's state, and closes every one at the end."""
+    opened: list[Store] = []
+
+    def open_one() -> Store:
+        store = backend.open()
         opened.append(store)
         return store
 
@@ -30,8 +74,15 @@ def open_db(tmp_path: Path) -> Iterator[Callable[[], SqliteStore]]:
 
 
 @pytest.fixture
-def store(open_db: Callable[[], SqliteStore]) -> SqliteStore:
+def store(open_db: Callable[[], Store]) -> Store:
     return open_db()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "home" / "state.db")
+    yield store
+    store.close()
 
 
 def test_new_key_is_random_and_prefixed() -> None:
@@ -41,13 +92,13 @@ def test_new_key_is_random_and_prefixed() -> None:
     assert hash_key(a) != hash_key(b) and len(hash_key(a)) == 64
 
 
-def test_created_key_is_found_by_its_plaintext(store: SqliteStore) -> None:
+def test_created_key_is_found_by_its_plaintext(store: Store) -> None:
     key, record = store.create_key("user", "alice")
     assert record.name == "alice" and record.role == "user"
     assert store.find_key(key) == record
 
 
-def test_unknown_or_altered_key_is_not_found(store: SqliteStore) -> None:
+def test_unknown_or_altered_key_is_not_found(store: Store) -> None:
     key, _ = store.create_key("admin", "root")
     assert store.find_key(new_key()) is None
     assert store.find_key(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
@@ -55,42 +106,41 @@ def test_unknown_or_altered_key_is_not_found(store: SqliteStore) -> None:
     assert store.find_key("") is None
 
 
-def test_plaintext_key_never_reaches_the_file(store: SqliteStore, tmp_path: Path) -> None:
+def test_plaintext_key_never_reaches_the_store(store: Store, backend: Backend) -> None:
     key, record = store.create_key("node", "gpu-box")
     store.close()
-    files = list((tmp_path / "home").iterdir())
-    blob = b"".join(f.read_bytes() for f in files)
+    blob = backend.stored()
     assert hash_key(key).encode() in blob  # the check can see what was written
     assert key.encode() not in blob
     assert key[len(record.prefix) :].encode() not in blob
 
 
-def test_prefix_is_the_first_twelve_characters(store: SqliteStore) -> None:
+def test_prefix_is_the_first_twelve_characters(store: Store) -> None:
     key, record = store.create_key("user", "bob")
     assert record.prefix == key[:12]
     assert len(record.prefix) == 12
 
 
 @pytest.mark.parametrize("role", ["root", "", "User"])
-def test_unknown_role_is_refused(store: SqliteStore, role: str) -> None:
+def test_unknown_role_is_refused(store: Store, role: str) -> None:
     with pytest.raises(ValueError, match="role"):
         store.create_key(role, "x")  # type: ignore[arg-type]
     assert store.list_keys() == []
 
 
 @pytest.mark.parametrize("name", ["", "   ", "n" * 65])
-def test_bad_name_is_refused(store: SqliteStore, name: str) -> None:
+def test_bad_name_is_refused(store: Store, name: str) -> None:
     with pytest.raises(ValueError, match="name"):
         store.create_key("user", name)
     assert store.list_keys() == []
 
 
-def test_name_of_64_characters_is_accepted(store: SqliteStore) -> None:
+def test_name_of_64_characters_is_accepted(store: Store) -> None:
     _, record = store.create_key("user", "n" * 64)
     assert record.name == "n" * 64
 
 
-def test_keys_survive_close_and_reopen(open_db: Callable[[], SqliteStore]) -> None:
+def test_keys_survive_close_and_reopen(open_db: Callable[[], Store]) -> None:
     first = open_db()
     made = [first.create_key(role, f"k-{role}") for role in ("user", "node", "admin")]
     first.close()
@@ -100,7 +150,7 @@ def test_keys_survive_close_and_reopen(open_db: Callable[[], SqliteStore]) -> No
         assert second.find_key(key) == record
 
 
-def test_two_stores_on_one_file_see_each_others_writes(open_db: Callable[[], SqliteStore]) -> None:
+def test_two_stores_on_one_file_see_each_others_writes(open_db: Callable[[], Store]) -> None:
     orchestrator, cli = open_db(), open_db()
     assert orchestrator.list_keys() == []
     key, record = cli.create_key("user", "made-by-cli")
@@ -111,7 +161,7 @@ def test_two_stores_on_one_file_see_each_others_writes(open_db: Callable[[], Sql
     assert [n.name for n in cli.list_nodes()] == ["n1"]
 
 
-def test_save_nodes_upserts_and_keeps_first_seen(store: SqliteStore) -> None:
+def test_save_nodes_upserts_and_keeps_first_seen(store: Store) -> None:
     store.save_nodes(
         [
             NodeRecord("b", 10.0, 10.0, "live", {"models": ["tiny"], "share": 0.5}),
@@ -125,14 +175,14 @@ def test_save_nodes_upserts_and_keeps_first_seen(store: SqliteStore) -> None:
     assert nodes[0] == NodeRecord("a", 11.0, 11.0, "live", {})
 
 
-def test_save_nodes_is_one_transaction(store: SqliteStore) -> None:
+def test_save_nodes_is_one_transaction(store: Store) -> None:
     bad = NodeRecord("z", 1.0, 1.0, "live", {"not json": object()})
     with pytest.raises(TypeError):
         store.save_nodes([NodeRecord("a", 1.0, 1.0, "live", {}), bad])
     assert store.list_nodes() == []
 
 
-def test_usage_accumulates_per_key_over_models(store: SqliteStore) -> None:
+def test_usage_accumulates_per_key_over_models(store: Store) -> None:
     store.record_usage(1, "tiny", 10, 5)
     store.record_usage(1, "tiny", 7, 3)
     store.record_usage(1, "gemma", 1, 1)
@@ -140,7 +190,7 @@ def test_usage_accumulates_per_key_over_models(store: SqliteStore) -> None:
     assert store.usage_by_key() == {1: (3, 18, 9), 2: (1, 100, 0)}
 
 
-def test_usage_is_listed_per_key_and_model(store: SqliteStore) -> None:
+def test_usage_is_listed_per_key_and_model(store: Store) -> None:
     assert store.list_usage() == []
     store.record_usage(2, "tiny", 100, 0)
     store.record_usage(1, "tiny", 10, 5)
@@ -149,16 +199,16 @@ def test_usage_is_listed_per_key_and_model(store: SqliteStore) -> None:
     assert store.list_usage() == [Usage(1, "gemma", 1, 1, 1), Usage(1, "tiny", 2, 17, 8), Usage(2, "tiny", 1, 100, 0)]
 
 
-def test_negative_usage_is_refused(store: SqliteStore) -> None:
+def test_negative_usage_is_refused(store: Store) -> None:
     with pytest.raises(ValueError):
         store.record_usage(1, "tiny", -1, 0)
     assert store.usage_by_key() == {}
 
 
-def test_file_is_private(store: SqliteStore, tmp_path: Path) -> None:
+def test_file_is_private(sqlite_store: SqliteStore, tmp_path: Path) -> None:
     path = tmp_path / "home" / "state.db"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    store.create_key("user", "u")  # the WAL and shared-memory files hold the same data
+    sqlite_store.create_key("user", "u")  # the WAL and shared-memory files hold the same data
     for extra in ("state.db-wal", "state.db-shm"):
         assert stat.S_IMODE((tmp_path / "home" / extra).stat().st_mode) == 0o600
 
@@ -177,16 +227,16 @@ def test_open_store_uses_state_db_under_home(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_file_header_says_wal_and_schema_version_3(store: SqliteStore, tmp_path: Path) -> None:
+def test_file_header_says_wal_and_schema_version_3(sqlite_store: SqliteStore, tmp_path: Path) -> None:
     # Read from the SQLite file header (https://sqlite.org/fileformat.html) rather than
     # through sqlite3, which only store/ imports. Closing checkpoints the WAL into the file.
-    store.close()
+    sqlite_store.close()
     header = (tmp_path / "home" / "state.db").read_bytes()[:100]
     assert header[18:20] == b"\x02\x02"  # read/write format 2 = WAL
     assert int.from_bytes(header[60:64], "big") == 3  # PRAGMA user_version
 
 
-def test_threads_share_one_store(store: SqliteStore) -> None:
+def test_threads_share_one_store(store: Store) -> None:
     # The server calls the store from its thread pool; transactions must not interleave.
     def work() -> None:
         for _ in range(50):
@@ -201,7 +251,7 @@ def test_threads_share_one_store(store: SqliteStore) -> None:
     assert store.usage_by_key() == {1: (400, 800, 400)}
 
 
-def test_keys_expire_and_are_revoked(store: SqliteStore) -> None:
+def test_keys_expire_and_are_revoked(store: Store) -> None:
     key, record = store.create_key("user", "temp", expires=time.time() + 3600)
     assert store.find_key(key) == record and record.refusal(time.time()) is None
     assert record.refusal(time.time() + 7200) == "this API key has expired"
@@ -229,7 +279,7 @@ def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
     assert found is not None and found.name == "kept" and found.expires is None
 
 
-def test_node_identities(store: SqliteStore) -> None:
+def test_node_identities(store: Store) -> None:
     lost = store.offer_identity("w1")  # a welcome that never reached its node
     credential = store.offer_identity("w1")  # ... so the node key asks again
     assert lost is not None and credential is not None and lost != credential
@@ -247,3 +297,160 @@ def test_node_identities(store: SqliteStore) -> None:
     assert store.offer_identity("w1") is None and not store.confirm_identity("w1", credential)  # revoked for good
     assert store.forget_identity("w1") and not store.forget_identity("w1")
     assert store.get_identity("w1") is None and store.offer_identity("w1") is not None  # the name is free again
+
+
+def test_racing_offers_bind_a_name_once(open_db: Callable[[], Store]) -> None:
+    # Replicas admitting one name at once (a node reconnecting to two of them): each offers,
+    # then confirms what it offered. Exactly one credential ends up bound, and it is the one
+    # whose confirmation succeeded; the others were replaced or came too late.
+    stores = [open_db() for _ in range(4)]
+    start = threading.Barrier(len(stores) * 2)
+    bound: list[str] = []
+
+    def admit(store: Store) -> None:
+        start.wait(timeout=30)
+        for _ in range(25):
+            credential = store.offer_identity("racer")
+            if credential is not None and store.confirm_identity("racer", credential):
+                bound.append(credential)
+
+    threads = [threading.Thread(target=admit, args=(s,)) for s in stores for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(bound) == 1
+    assert stores[0].find_identity("racer", bound[0]) is not None
+    assert stores[0].offer_identity("racer") is None
+
+
+def test_key_ids_are_unique_across_connections(open_db: Callable[[], Store]) -> None:
+    stores = [open_db() for _ in range(3)]
+    made: list[int] = []
+
+    def create(store: Store) -> None:
+        for i in range(20):
+            made.append(store.create_key("user", f"k{i}")[1].id)
+
+    threads = [threading.Thread(target=create, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(made) == list(range(1, 61))
+    assert [k.id for k in stores[0].list_keys()] == list(range(1, 61))
+
+
+def test_forgetting_a_name_drops_its_record_too(store: Store) -> None:
+    credential = store.offer_identity("w1")
+    assert credential is not None and store.confirm_identity("w1", credential)
+    store.save_nodes([NodeRecord("w1", 1.0, 2.0, "live", {}), NodeRecord("w2", 1.0, 2.0, "live", {})])
+    assert store.forget_identity("w1")
+    assert [n.name for n in store.list_nodes()] == ["w2"]
+    assert store.forget_identity("w2")  # a record alone is something to forget
+    assert store.list_nodes() == [] and not store.forget_identity("w2")
+
+
+# --- Redis only ---------------------------------------------------------------------------------------
+
+
+def test_every_redis_key_is_ours_and_node_records_expire(redis_url: str) -> None:
+    store = RedisStore.connect(redis_url)
+    try:
+        key, record = store.create_key("user", "u")
+        credential = store.offer_identity("w1")
+        store.save_nodes([NodeRecord("w1", 1.0, 2.0, "live", {"models": ["tiny"]})])
+        store.record_usage(record.id, "model:with:colons", 3, 4)
+        with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+            names = set(client.scan_iter())
+            digest = client.hget(rediskeys.KEYS, str(record.id))
+            assert digest == hash_key(key)
+            assert names == {rediskeys.KEY_IDS, rediskeys.KEYS, rediskeys.key(digest), rediskeys.IDENTITIES,
+                             rediskeys.identity("w1"), rediskeys.NODES, rediskeys.node("w1"), rediskeys.USAGE}
+            # Node records live a day from their last save; keys, identities and usage for good.
+            for name in (rediskeys.node("w1"), rediskeys.NODES):
+                assert 0 < client.ttl(name) <= rediskeys.NODE_TTL_S
+            assert client.ttl(rediskeys.identity("w1")) == -1 and client.ttl(rediskeys.USAGE) == -1
+            client.delete(rediskeys.node("w1"))  # as when its day is up
+        assert store.list_nodes() == []
+        assert store.list_usage() == [Usage(record.id, "model:with:colons", 1, 3, 4)]
+        assert credential is not None and store.find_identity("w1", credential) is not None
+    finally:
+        store.close()
+
+
+def test_open_store_picks_redis_only_with_a_url(tmp_path: Path, redis_url: str) -> None:
+    shared = open_any_store(tmp_path, redis_url)
+    embedded = open_any_store(tmp_path)
+    try:
+        assert isinstance(shared, RedisStore) and isinstance(embedded, SqliteStore)
+        key, _ = shared.create_key("user", "replicated")
+        assert embedded.find_key(key) is None
+    finally:
+        shared.close()
+        embedded.close()
+
+
+def test_a_redis_that_cannot_be_used_is_one_line_without_its_password(redis_url: str, tmp_path: Path) -> None:
+    password = urlsplit(redis_url).password
+    assert password
+    wrong = redis_url.replace(password, "not-the-password")
+    for url, why in ((wrong, "username-password"), ("redis://:s3cret@127.0.0.1:1/0", "onnect"),
+                     ("http://:s3cret@127.0.0.1:1/0", "scheme"), ("redis://:s3cret@127.0.0.1:port/0", "Port")):
+        with pytest.raises(ConfigError) as caught:
+            open_any_store(tmp_path, url)
+        message = str(caught.value)
+        assert why in message and "\n" not in message
+        assert "s3cret" not in message and "not-the-password" not in message and ":***@" in message
+
+
+def test_redacted_masks_the_password_only() -> None:
+    assert redacted("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    assert redacted("rediss://user:pw@host/1") == "rediss://user:***@host/1"
+    assert redacted("redis://host:6379/0") == "redis://host:6379/0"
+    assert redacted("redis://host/0?password=pw") == "redis://host/0?***"
+
+
+def test_a_redis_gone_away_is_store_unavailable(tmp_path: Path) -> None:
+    server = start_local_redis(tmp_path / "redis", persist=False)
+    store = RedisStore.connect(server.url)
+    try:
+        key, record = store.create_key("user", "u")
+        assert store.find_key(key) == record
+        server.stop()
+        with pytest.raises(StoreUnavailable) as caught:
+            store.find_key(key)
+        assert caught.value.status == 503 and caught.value.retry_after >= 1
+    finally:
+        store.close()
+        server.stop()
+
+
+def test_the_local_redis_keeps_its_password_private_and_its_data(tmp_path: Path) -> None:
+    # What `dragon up --replicas` starts: loopback, a password in a 0600 file, an append-only file.
+    folder = tmp_path / "data" / "redis"
+    server = start_local_redis(folder)
+    try:
+        assert server.url.startswith("redis://:") and "@127.0.0.1:" in server.url
+        password = (folder / "password").read_text().strip()
+        assert password == server.password and len(password) >= 32
+        for private in ("password", "redis.conf"):
+            assert stat.S_IMODE((folder / private).stat().st_mode) == 0o600
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        with redis.Redis(host="127.0.0.1", port=server.port) as anonymous, pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+        store = RedisStore.connect(server.url)
+        key, record = store.create_key("admin", "kept")
+        store.close()
+    finally:
+        assert server.stop() == 0
+    assert password not in " ".join(server.process.args)  # type: ignore[arg-type]  # never on a command line
+    again = start_local_redis(folder)  # the same folder: the same password, the data back
+    try:
+        assert again.password == password
+        store = RedisStore.connect(again.url)
+        assert store.find_key(key) == record
+        store.close()
+    finally:
+        again.stop()
+    assert any((folder / "appendonlydir").iterdir())

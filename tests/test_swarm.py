@@ -358,6 +358,8 @@ def test_dragon_up_runs_a_swarm_and_stops_it_cleanly(tmp_path: Path, tiny_model:
         assert [(n["name"], n["role"]) for n in info["nodes"]] == [
             ("orchestrator", "orchestrator"), ("local", "node"), ("worker-1", "worker"), ("worker-2", "worker")]
         assert oct(swarm_file.stat().st_mode & 0o777) == "0o600"
+        # swarm.json is written before the banner is printed
+        wait_until(lambda: "Ctrl-C stops" in log_path.read_text(), 30, "the banner")
         printed = log_path.read_text()
         assert info["api_key"] in printed and info["api_url"] in printed and "curl" in printed
 

@@ -22,7 +22,7 @@ from dragonswarm.settings import (
     OrchestratorSettings,
     default_home,
 )
-from dragonswarm.store.base import ROLES
+from dragonswarm.store.base import ROLES, Store
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +71,11 @@ def _timeouts(parser: argparse.ArgumentParser) -> None:
                         "with 504 however fast it goes (default 1800)")  # fmt: skip
 
 
+def _redis(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--redis", metavar="URL", help=f"{what}: redis://:PASSWORD@HOST:PORT/0 (better: DRAGON_REDIS "
+                        "or [orchestrator] redis in config.toml, which keep the password off the command line)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dragon", description="Py Dragon Swarm: LLM inference on many ordinary machines.")
     parser.add_argument("--version", action="version", version=f"dragon {__version__}")
@@ -100,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens a choice may generate when the request sets no limit (default 2048)")  # fmt: skip
     node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     node.add_argument("--name", help="this node's name in the swarm (default: the host name)")
-    node.add_argument("--orchestrator", metavar="URL", help="join the swarm of this orchestrator (http://host:8700)")
+    node.add_argument("--orchestrator", metavar="URL", help="join the swarm of this orchestrator "
+                      "(https://host:8700; replicas: URL,URL,...)")
     node.add_argument("--key", help="a node key for --orchestrator (better: the DRAGON_KEY environment variable)")
     node.add_argument("--ca", help="the swarm's CA certificate, to verify the orchestrator (or DRAGON_CA)")
     node.add_argument("--insecure", action="store_true", default=None,
@@ -127,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     orch.add_argument("--insecure", action="store_true", default=None,
                       help="serve plain HTTP instead of TLS (only on a network you trust)")  # fmt: skip
+    _redis(orch, "keep the state in this Redis, shared with other replicas, instead of SQLite under --home")
 
     certs = commands.add_parser("certs", help="the swarm's own certificate authority")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION", parser_class=_Parser)
@@ -149,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_commands.add_parser("revoke", help="revoke a key for good (by id or shown prefix)")
     revoke.add_argument("key", metavar="ID|PREFIX")
     revoke.add_argument("--home", help="the orchestrator's data directory")
+    for sub in (create, listing, revoke):
+        _redis(sub, "the keys are in this Redis, which the orchestrator replicas share")
 
     status = commands.add_parser("status", help="show the swarm's nodes")
     status.add_argument("--url", help="the orchestrator (default: from $DRAGON_HOME/swarm.json, else :8700)")
@@ -157,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="requests and tokens each key has used, in all and per model")
     usage.add_argument("--json", action="store_true", help="print the orchestrator's report as JSON")
+    _redis(usage, "read the report from this Redis, which the orchestrator replicas share, not from an orchestrator")
 
     nodes = commands.add_parser("nodes", help="list the swarm's nodes, revoke one, or free a name")
     nodes_commands = nodes.add_subparsers(dest="nodes_command", required=True, metavar="ACTION", parser_class=_Parser)
@@ -189,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not serve the packaged qwen2.5-coder-0.5b and gemma3-270m")  # fmt: skip
     up.add_argument("--share", type=_share, default=0.10, help="each worker's share for others' work (0.10)")
     up.add_argument("--local-share", type=_share, default=0.80, help="the owner's share on every node (0.80)")
+    up.add_argument("--replicas", type=int, default=1, help="orchestrator replicas sharing a local Redis (1: "
+                    "none, the embedded store)")  # fmt: skip
     return parser
 
 
@@ -217,13 +229,17 @@ def cmd_node(args: argparse.Namespace) -> None:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         raise ConfigError(f"--host {settings.host} opens this node's API beyond this machine: set --api-key "
                           "(or DRAGON_API_KEY) so only those who hold it can use it")  # fmt: skip
-    if settings.orchestrator and settings.orchestrator.startswith("http://") and not settings.insecure:
+    urls = settings.orchestrator_urls
+    if any(u.startswith("http://") for u in urls) and not settings.insecure:
         raise ConfigError("the orchestrator URL is plain http: use https:// with --ca, or add --insecure "
                           "to send keys and prompts unencrypted")  # fmt: skip
     if settings.ca is not None and not settings.ca.is_file():
         raise ConfigError(f"--ca {settings.ca}: no such file")
-    if settings.orchestrator and not settings.orchestrator.startswith(("http://", "https://")):
-        raise ConfigError(f"--orchestrator expects http(s)://HOST:PORT, got {settings.orchestrator!r}")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--orchestrator expects http(s)://HOST:PORT (several: comma-separated), got {url!r}")
+    if len({u.split("://")[0] for u in urls}) > 1:
+        raise ConfigError("--orchestrator: replicas of one swarm are all https:// or all http://")
     models = [(spec, check_gguf(spec.path)) for spec in settings.models]
     names = [spec.name for spec, _ in models]
     if len(set(names)) != len(names):
@@ -257,7 +273,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
 
     names = ["host", "port", "home", "max_queue", "max_queue_per_user", "request_timeout_s", "stall_timeout_s",
              "log_level", "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure",
-             "max_node_capacity"]  # fmt: skip
+             "max_node_capacity", "redis"]  # fmt: skip
     settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
     if not settings.insecure:
@@ -269,9 +285,27 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
             print(f"dragon orchestrator: created the swarm's CA; give nodes and clients --ca {files.ca_cert}",
                   file=sys.stderr)  # fmt: skip
     scheme = "http" if settings.insecure else "https"
-    print(f"dragon orchestrator: {scheme}://{settings.host}:{settings.port}/v1 (state in {settings.db_path})",
+    print(f"dragon orchestrator: {scheme}://{settings.host}:{settings.port}/v1 (state in {_state_in(settings)})",
           file=sys.stderr)  # fmt: skip
     run_orchestrator(settings)
+
+
+def _state_in(settings: OrchestratorSettings) -> str:
+    """Where the orchestrator's state is, as it may be printed: a Redis URL without its password."""
+    if settings.redis is None:
+        return str(settings.db_path)
+    from dragonswarm.store.redis import redacted
+
+    return redacted(settings.redis.get_secret_value())
+
+
+def _orchestrator_store(args: argparse.Namespace) -> Store:
+    """The store the orchestrator of `--home` keeps its state in: its Redis (--redis, DRAGON_REDIS or
+    config.toml), else its SQLite file."""
+    from dragonswarm.store.backends import open_store
+
+    settings: OrchestratorSettings = _settings(args, ["home", "redis"], OrchestratorSettings)
+    return open_store(settings.home, settings.redis.get_secret_value() if settings.redis else None)
 
 
 def cmd_certs(args: argparse.Namespace) -> None:
@@ -292,10 +326,7 @@ def cmd_certs(args: argparse.Namespace) -> None:
 def cmd_keys(args: argparse.Namespace) -> None:
     import time
 
-    from dragonswarm.store.sqlite import open_store
-
-    home = Path(args.home).expanduser() if args.home else default_home()
-    store = open_store(home)
+    store = _orchestrator_store(args)
     try:
         if args.keys_command == "create":
             expires = time.time() + args.expires if args.expires else None
@@ -376,7 +407,18 @@ def cmd_nodes(args: argparse.Namespace) -> None:
 def cmd_usage(args: argparse.Namespace) -> None:
     from dragonswarm.status import usage_table
 
-    report = _admin_request(args, "GET", "/v1/usage")["data"]
+    if args.redis or os.environ.get("DRAGON_REDIS"):  # the replicas' shared store: no orchestrator needed
+        import time
+
+        from dragonswarm.orchestrator.usage import usage_report
+
+        store = _orchestrator_store(args)
+        try:
+            report = usage_report(store.list_keys(), store.list_usage(), time.time())
+        finally:
+            store.close()
+    else:
+        report = _admin_request(args, "GET", "/v1/usage")["data"]
     print(json.dumps(report, indent=2) if args.json else usage_table(report))
 
 
@@ -397,6 +439,8 @@ def cmd_up(args: argparse.Namespace) -> None:
 
     if args.workers < 0 or args.workers > 64:
         raise ConfigError("--workers must be between 0 and 64")
+    if args.replicas < 1 or args.replicas > 8:
+        raise ConfigError("--replicas must be between 1 and 8")
     home = Path(args.home).expanduser() if args.home else default_home()
     models = list(args.models or [])
     for spec in models:
@@ -406,7 +450,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     if not models:
         raise ConfigError("no model to serve: give --model NAME=PATH or drop --no-bundled-model")
     code = run_up(home, args.port, args.api_port, args.workers, models, args.share, args.local_share,
-                  lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+                  lambda line: print(line, file=sys.stderr, flush=True), args.replicas)  # fmt: skip
     if code:
         raise SystemExit(code)
 

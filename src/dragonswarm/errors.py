@@ -143,5 +143,13 @@ class RunnerFailed(DragonError):
     code = "runner_failed"
 
 
+class StoreUnavailable(RetryLater):
+    """The shared store (Redis) did not answer: nothing was done, and a retry may succeed."""
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
+
+
 class ConfigError(Exception):
     """Bad command-line or configuration input: reported as one line, exit code 2."""

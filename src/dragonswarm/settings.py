@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dragonswarm.errors import ConfigError
@@ -143,9 +143,15 @@ class NodeSettings(_FileSettings):
     model_config = SettingsConfigDict(env_prefix="DRAGON_", extra="ignore")
     toml_table = "node"
 
+    @property
+    def orchestrator_urls(self) -> list[str]:
+        """The orchestrator's URL, or each replica's, in the order given."""
+        return [u.strip() for u in (self.orchestrator or "").split(",") if u.strip()]
+
     home: Path = Field(default_factory=default_home)
     name: str = Field(default_factory=default_node_name, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     # The swarm: joined when both are set. The key is a `node` key from `dragon keys create`.
+    # Several replicas of one swarm: their URLs separated by commas (tried in turn).
     orchestrator: str | None = None
     key: SecretStr | None = None
     ca: Path | None = None  # the swarm's CA certificate, to verify the orchestrator (DRAGON_CA)
@@ -232,13 +238,20 @@ class NodeSettings(_FileSettings):
 class OrchestratorSettings(_FileSettings):
     """Everything `dragon orchestrator` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="DRAGON_ORCHESTRATOR_", extra="ignore")
+    # populate_by_name: `redis` is read from the environment under its aliases only, so a flag
+    # and config.toml still give it by its name.
+    model_config = SettingsConfigDict(env_prefix="DRAGON_ORCHESTRATOR_", extra="ignore", populate_by_name=True)
     toml_table = "orchestrator"
 
     home: Path = Field(default_factory=default_home)
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=0, le=65535)
     insecure: bool = False  # serve plain http: only with an explicit --insecure
+    # A Redis that replicas share (keys, node identities and records, usage, rate limits), as
+    # redis://[:PASSWORD@]HOST:PORT/DB or rediss:// for TLS; None: the SQLite file under home,
+    # for one process. Also DRAGON_REDIS. It holds a password: only `store.redis.redacted(url)`
+    # may be printed or logged.
+    redis: SecretStr | None = Field(None, validation_alias=AliasChoices("DRAGON_REDIS", "DRAGON_ORCHESTRATOR_REDIS"))
 
     max_queue: int = Field(1024, ge=1)  # fragments waiting, all users together
     # The most one user (key) may have waiting; less as more users wait (max_queue / users), and
@@ -271,6 +284,14 @@ class OrchestratorSettings(_FileSettings):
     rate_tpm: int = Field(2_000_000, ge=0)
     max_message_bytes: int = Field(1 << 20, ge=1024)  # one WebSocket message from a node
     log_level: str = "info"
+
+    @field_validator("redis", mode="before")
+    @classmethod
+    def _no_redis_when_empty(cls, value: object) -> object:
+        """An empty URL (DRAGON_REDIS= to unset a config file's) means no Redis, not a URL to reject."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
 
     @property
     def limits(self) -> Limits:

@@ -43,9 +43,11 @@ def create_app(service: NodeService) -> FastAPI:
     link = handoff = None
     if settings.orchestrator and settings.key:
         key = settings.key.get_secret_value()
-        ssl = client_context(settings.ca) if settings.orchestrator.startswith("https://") else None
-        link = SwarmLink(service, lending, settings.orchestrator, key, ssl)
-        handoff = Handoff(settings.orchestrator, link.credential, settings.name, ssl, settings.request_timeout_s)
+        urls = settings.orchestrator_urls
+        ssl = client_context(settings.ca) if urls[0].startswith("https://") else None
+        link = SwarmLink(service, lending, urls, key, ssl)
+        joined = link
+        handoff = Handoff(lambda: joined.url, link.credential, settings.name, ssl, settings.request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

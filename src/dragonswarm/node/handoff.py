@@ -28,11 +28,11 @@ PASS_HEADERS = ("content-type", "x-dragon-nodes", "retry-after", "cache-control"
 
 
 class Handoff:
-    def __init__(self, base_url: str, credential: Callable[[], str | None], name: str, ssl: SSLContext | None,
-                 timeout_s: float) -> None:  # fmt: skip
+    def __init__(self, base_url: Callable[[], str], credential: Callable[[], str | None], name: str,
+                 ssl: SSLContext | None, timeout_s: float) -> None:  # fmt: skip
         self.credential = credential  # read per request: the node may join (or rejoin) meanwhile
+        self.base_url = base_url  # ... and so is the orchestrator: the replica the link holds now
         self.client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
             verify=ssl if ssl is not None else True,
             headers={NODE_HEADER: name},
             timeout=httpx.Timeout(timeout_s, connect=5.0),
@@ -46,7 +46,8 @@ class Handoff:
             log.info("not admitted to the swarm yet: serving locally")
             return None
         body = await request.body()
-        upstream = self.client.build_request("POST", request.url.path, content=body, headers={
+        url = self.base_url().rstrip("/") + request.url.path
+        upstream = self.client.build_request("POST", url, content=body, headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {credential}"})  # fmt: skip
         try:
             response = await self.client.send(upstream, stream=True)

@@ -51,6 +51,7 @@ from dragonswarm.secrets_file import write_private
 log = logging.getLogger("dragonswarm.link")
 
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+RETRY_NEXT_S = 0.2  # before trying the next replica
 WS_PATH = "/v1/swarm"
 # A round trip every other heartbeat: often enough that a queue on the link shows within seconds,
 # rare enough that the pings are no traffic to speak of.
@@ -59,6 +60,15 @@ PING_EVERY_BEATS = 2
 # every 20 s for the orchestrator): no pong this long, and the connection is taken for dead.
 PONG_TIMEOUT_S = 20.0
 LOADING_TICK_S = 2.0  # progress while a model loads for a fragment; the runner reports its own after that
+
+
+def reconnect_delay(failures: int, replicas: int) -> float:
+    """Seconds before the next try, after `failures` in a row: the other replicas are tried
+    at once (a replica that died must not keep its nodes away for a backoff), then each round
+    of all of them waits longer."""
+    if failures % replicas != replicas - 1 and replicas > 1:
+        return RETRY_NEXT_S
+    return BACKOFF_S[min(failures // replicas, len(BACKOFF_S) - 1)]
 
 
 def ws_url(base: str) -> str:
@@ -91,11 +101,13 @@ class NetworkReading:
 
 class SwarmLink:
     # From the orchestrator we trust: a fragment may carry a prompt as big as its API accepts.
-    def __init__(self, service: NodeService, lending: Lending, url: str, key: str, ssl: SSLContext | None,
+    def __init__(self, service: NodeService, lending: Lending, urls: list[str], key: str, ssl: SSLContext | None,
                  max_message_bytes: int = 64 << 20):  # fmt: skip
         self.service = service
         self.lending = lending  # the owner's switch: paused, no new work for others
-        self.url = url
+        # One orchestrator, or several replicas of one swarm: a lost link moves to the next.
+        self.urls = urls
+        self.url = urls[0]
         self.ssl = ssl  # None for plain ws:// (only with --insecure)
         self.key = key
         self.credential_path = service.settings.home / "swarm-credential.json"
@@ -165,8 +177,9 @@ class SwarmLink:
             finally:
                 self.connected = False
                 self._cancel_all()
-            delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)] * random.uniform(0.8, 1.2)
+            delay = reconnect_delay(failures, len(self.urls)) * random.uniform(0.8, 1.2)
             failures += 1
+            self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
             await asyncio.sleep(delay)
 
     async def _send(self, ws: ClientConnection, text: str) -> None:
@@ -213,7 +226,8 @@ class SwarmLink:
             data = json.loads(self.credential_path.read_text())
         except (OSError, ValueError):
             return None
-        if data.get("orchestrator") == self.url and data.get("name") == self.name:
+        # Replicas share one store: a credential from one of them holds for all.
+        if data.get("orchestrator") in self.urls and data.get("name") == self.name:
             return str(data["credential"])
         return None
 

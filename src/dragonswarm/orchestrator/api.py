@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited
 from dragonswarm.orchestrator.auth import Caller, inference, require
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
+from dragonswarm.orchestrator.limits import Limiter
 from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_FORGOTTEN, CLOSE_REVOKED, Swarm
 from dragonswarm.orchestrator.usage import usage_report
@@ -23,7 +24,7 @@ from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Generation
 from dragonswarm.scheduler.models import pick_model
-from dragonswarm.scheduler.ratelimit import Charge, RateLimiter, Refusal
+from dragonswarm.scheduler.ratelimit import Charge, Refusal
 from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text, token_estimate
 from dragonswarm.store.base import KeyRecord
 from dragonswarm.web.replies import Reply, respond
@@ -115,7 +116,8 @@ async def usage(request: Request, key: Annotated[KeyRecord, Depends(require("adm
                 ) -> dict[str, Any]:  # fmt: skip
     """Requests and tokens per key, in all and per model, since the store was made (read only)."""
     store = swarm_of(request).store
-    return {"object": "list", "data": usage_report(store.list_keys(), store.list_usage(), time.time())}
+    keys, used = await asyncio.to_thread(lambda: (store.list_keys(), store.list_usage()))  # a store may be remote
+    return {"object": "list", "data": usage_report(keys, used, time.time())}
 
 
 @router.post("/v1/completions", response_model=None)
@@ -139,8 +141,8 @@ async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: l
     told = facts(request)
     told.key, told.model = caller.name, model
     estimate = token_estimate(gens)
-    limiter: RateLimiter = request.app.state.limiter
-    charge = limiter.admit(caller.lane, estimate, time.monotonic())
+    limiter: Limiter = request.app.state.limiter
+    charge = await limiter.admit(caller.lane, estimate)
     if isinstance(charge, Refusal):
         if charge.wait is None:  # bigger than the limit itself: no wait would help, so no Retry-After
             raise InvalidRequest(charge.reason, code="request_too_large")
@@ -159,7 +161,7 @@ async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: l
         raise
 
 
-async def _metered(swarm: Swarm, limiter: RateLimiter, caller: Caller, req: SwarmRequest, told: RequestFacts,
+async def _metered(swarm: Swarm, limiter: Limiter, caller: Caller, req: SwarmRequest, told: RequestFacts,
                    charge: Charge, events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:
     """Pass events through; once the request ends, record the key's usage and give back
     the tokens charged at admission but not used. Counted as the work goes (prompts as
@@ -178,10 +180,12 @@ async def _metered(swarm: Swarm, limiter: RateLimiter, caller: Caller, req: Swar
         await watched.aclose()  # and the swarm's own stream with it
         told.fragments, told.nodes = len(req.fragments), list(req.nodes)
         prompt, completion = told.prompt_tokens, told.completion_tokens
+        # Shielded like the usage below: a shared limiter's round trip must finish even while the
+        # request's task is being cancelled, or the charge stays whole for the window.
         if began:
-            limiter.refund(charge, prompt + completion)
+            await asyncio.shield(limiter.refund(charge, prompt + completion))
         else:  # refused before it began (queue full, no node serves the model): not a request at all
-            limiter.cancel(charge)
+            await asyncio.shield(limiter.cancel(charge))
         if (prompt or completion) and caller.key is not None:
             try:  # the answer is already out: accounting that fails must not break it
                 record = asyncio.to_thread(swarm.store.record_usage, caller.key.id, model, prompt, completion)

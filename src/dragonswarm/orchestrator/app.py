@@ -14,17 +14,18 @@ from fastapi import FastAPI
 from dragonswarm import __version__
 from dragonswarm.orchestrator.api import router as api_router
 from dragonswarm.orchestrator.dashboard import router as dashboard_router
+from dragonswarm.orchestrator.federation import Federation, federation_client
 from dragonswarm.orchestrator.housekeeping import Housekeeping
+from dragonswarm.orchestrator.limits import make_limiter
 from dragonswarm.orchestrator.logins import Logins
 from dragonswarm.orchestrator.looplag import LoopLag
 from dragonswarm.orchestrator.metrics import Metrics
 from dragonswarm.orchestrator.overview import Overview
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.orchestrator.ws import router as ws_router
-from dragonswarm.scheduler.ratelimit import RateLimiter
 from dragonswarm.settings import OrchestratorSettings
+from dragonswarm.store.backends import open_store
 from dragonswarm.store.base import Store
-from dragonswarm.store.sqlite import open_store
 from dragonswarm.tls import TlsFiles
 from dragonswarm.web.errors import BodyLimit, install_error_handlers
 from dragonswarm.web.requestlog import RequestFacts, RequestLog
@@ -43,6 +44,10 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     loop_lag = LoopLag()
     housekeeping = Housekeeping(swarm, loop_lag)
     overview = Overview(swarm, metrics, loop_lag)
+    # Per process, or shared by every replica through Redis (--redis).
+    limiter = make_limiter(settings)
+    redis_url = settings.redis.get_secret_value() if settings.redis else None
+    federation = Federation(swarm, federation_client(redis_url)) if redis_url else None
 
     def request_done(facts: RequestFacts) -> None:
         metrics.request_done(facts)
@@ -53,25 +58,30 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
         loop_lag.start()
         housekeeping.start()
         overview.start()
+        if federation:
+            federation.start()
         try:
             yield
         finally:
+            if federation:
+                await federation.close()
             await overview.close()
             await housekeeping.close()
             await swarm.close()
             await loop_lag.close()
+            await limiter.close()
             store.close()
 
     # No open documentation pages: every endpoint but /health needs a key.
     app = FastAPI(title="Py Dragon Swarm orchestrator", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.swarm = swarm
-    # Per process for now: with several replicas (the Redis store) the windows move there.
-    app.state.limiter = RateLimiter(settings.rate_rpm, settings.rate_tpm)
+    app.state.limiter = limiter
     app.state.loop_lag = loop_lag
     app.state.store = store
     app.state.started = time.time()
     app.state.overview = overview
+    app.state.federation = federation
     app.state.logins = Logins()
     app.include_router(api_router)
     app.include_router(ws_router)
@@ -84,7 +94,8 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
 
 def run_orchestrator(settings: OrchestratorSettings) -> None:
     """Serve the orchestrator until interrupted. Also the Python API behind `dragon orchestrator`."""
-    app = create_app(settings, open_store(settings.home))
+    redis_url = settings.redis.get_secret_value() if settings.redis else None
+    app = create_app(settings, open_store(settings.home, redis_url))
     tls: dict[str, str] = {}
     if settings.insecure:
         log.warning("serving plain HTTP (--insecure): keys, prompts and answers cross the network unencrypted")

@@ -74,6 +74,8 @@ class Housekeeping:
         budget = resave_budget(len(registry.conns), SAVE_S, RESAVE_S)
         due = []
         for name, conn in registry.conns.items():
+            if conn.replica is not None:
+                continue  # held by another replica, which saves it
             state = conn.state(now, stale_after)
             saved = self._saved.get(name)
             if not due_for_saving(state, saved, now, RESAVE_S):
@@ -147,4 +149,4 @@ class Housekeeping:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):  # the last word on every node, on the way out
-            await asyncio.to_thread(self.swarm.store.save_nodes, self.swarm.registry.records())
+            await asyncio.to_thread(self.swarm.store.save_nodes, self.swarm.registry.records(local=True))

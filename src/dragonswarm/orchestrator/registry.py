@@ -46,6 +46,13 @@ class NodeConn:
     cut_off: str | None = None  # why we ended this connection, when it broke the protocol (kept in its record)
     left: asyncio.Event = field(default_factory=asyncio.Event)
     cadence: Cadence = field(default_factory=Cadence)  # the reporting periods its `welcome` allowed
+    # With replicas (`federation`): the replica holding this node's connection (None: this one),
+    # the jobs it runs here for other replicas, and, for a node held elsewhere, the work its
+    # holder and the other replicas have placed on it.
+    replica: str | None = None
+    foreign: set[str] = field(default_factory=set)
+    others: int = 0
+    remote_live: bool = True  # a remote node's state, as its holder last published it
     _dumped: tuple[Heartbeat, dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
@@ -70,7 +77,10 @@ class NodeConn:
         return now - self.last_seen
 
     def state(self, now: float, stale_after: float) -> str:
-        """`stale_after` is for a node beating every `heartbeat_s`; a quiet one may be silent longer."""
+        """`stale_after` is for a node beating every `heartbeat_s`; a quiet one may be silent longer.
+        A node held by another replica is what its holder says (which drops it when it goes)."""
+        if self.replica is not None:
+            return "live" if self.remote_live else "stale"
         return "live" if self.age(now) <= stale_after * self.cadence.slack(self.heartbeat) else "stale"
 
     def gone(self, now: float, stale_after: float, gone_after: float) -> bool:
@@ -80,7 +90,7 @@ class NodeConn:
 
     def placement_state(self, now: float, stale_after: float) -> NodeState:
         hb = self.heartbeat
-        held = len(self.jobs) + len(self.draining)
+        held = len(self.jobs) + len(self.draining) + len(self.foreign) + self.others
         # What we placed there we know exactly; what the owner runs comes with heartbeats.
         # A machine serving its owner is not given work for others.
         busy = held + (hb.local_busy if hb else 0)
@@ -121,6 +131,8 @@ class NodeConn:
                                 "tokens": self.tokens}
         if self.cut_off:
             info["cut_off"] = self.cut_off
+        if self.replica:
+            info["replica"] = self.replica
         if self.heartbeat:
             info.update(self._heartbeat_info(self.heartbeat))
         last_seen = time.time() - self.age(now)
@@ -153,9 +165,10 @@ class Registry:
         self.refresh(conn)
 
     def claimed(self, name: str, now: float) -> bool:
-        """A live connection already speaks for this name."""
+        """A live connection to this replica already speaks for this name (one held by another
+        replica is replaced: the node has moved here)."""
         old = self.conns.get(name)
-        return old is not None and old.state(now, self.stale_after) == "live"
+        return old is not None and old.replica is None and old.state(now, self.stale_after) == "live"
 
     def leave(self, conn: NodeConn) -> bool:
         if self.conns.get(conn.name) is not conn:
@@ -267,9 +280,10 @@ class Registry:
             counts[conn.state(now, self.stale_after)] += 1
         return counts
 
-    def records(self) -> list[NodeRecord]:
+    def records(self, local: bool = False) -> list[NodeRecord]:
+        """Every node's record; `local`: only those connected to this replica."""
         now = time.monotonic()
-        return [c.record(now, self.stale_after) for c in self.conns.values()]
+        return [c.record(now, self.stale_after) for c in self.conns.values() if not (local and c.replica)]
 
 
 def offered(conn: NodeConn) -> dict[str, tuple[list[str], list[str]]]:

@@ -242,8 +242,9 @@ class Swarm:
         """A connection closed (or was replaced): every fragment it ran moves on."""
         if not self.registry.leave(conn) and not conn.jobs:
             return
-        record = conn.record(time.monotonic(), self.settings.stale_after_s)
-        self.save_later([dataclasses.replace(record, state="gone")])
+        if conn.replica is None:  # a node held by another replica is that replica's to record
+            record = conn.record(time.monotonic(), self.settings.stale_after_s)
+            self.save_later([dataclasses.replace(record, state="gone")])
         self.dispatcher.affinity.forget(conn.name)
         for job_id in list(conn.jobs):
             f = self.running.get(job_id)

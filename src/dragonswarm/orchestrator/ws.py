@@ -22,6 +22,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from dragonswarm.errors import DragonError, Forbidden, InvalidRequest
 from dragonswarm.orchestrator.auth import authenticate, bearer, node_identity
+from dragonswarm.orchestrator.federation import Federation
 from dragonswarm.orchestrator.registry import NodeConn
 from dragonswarm.orchestrator.swarm import Swarm
 from dragonswarm.protocol.cadence import Cadence
@@ -135,6 +136,7 @@ async def _confirmed(ws: WebSocket, store: Store, name: str) -> bool:
 
 
 async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, cadence: Cadence) -> None:
+    federation: Federation | None = ws.app.state.federation
     outbox: asyncio.Queue[str | None] = asyncio.Queue()
     closing: list[tuple[int, str]] = []
 
@@ -150,7 +152,7 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, cadence: Cadence) ->
     swarm.registry.join(conn)
     log.info("node %s joined (%s)", hello.name, ", ".join(m.name for m in hello.models))
     writer = asyncio.create_task(_write(ws, outbox), name=f"ws-writer-{hello.name}")
-    reader = asyncio.create_task(_read(ws, swarm, conn), name=f"ws-reader-{hello.name}")
+    reader = asyncio.create_task(_read(ws, swarm, conn, federation), name=f"ws-reader-{hello.name}")
     swarm.dispatcher.dispatch()
     try:
         await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -169,6 +171,8 @@ async def _serve(ws: WebSocket, swarm: Swarm, hello: Hello, cadence: Cadence) ->
             task.cancel()
         await asyncio.gather(reader, writer, return_exceptions=True)  # no send may overlap the close
         swarm.node_left(conn)
+        if federation is not None:
+            federation.node_left(conn)
         log.info("node %s left", hello.name)
         code, reason = closing[0] if closing else (1000, "")
         with contextlib.suppress(Exception):
@@ -192,7 +196,7 @@ class FloodGuard:
         return len(self.times) == self.times.maxlen and now - self.times[0] < self.window_s
 
 
-async def _read(ws: WebSocket, swarm: Swarm, conn: NodeConn) -> None:
+async def _read(ws: WebSocket, swarm: Swarm, conn: NodeConn, federation: Federation | None) -> None:
     guard = FloodGuard()
     with contextlib.suppress(WebSocketDisconnect):
         while True:
@@ -209,6 +213,9 @@ async def _read(ws: WebSocket, swarm: Swarm, conn: NodeConn) -> None:
                 swarm.on_heartbeat(conn, parsed)
             elif isinstance(parsed, JobEvent):
                 conn.last_seen = time.monotonic()
-                swarm.on_event(conn, parsed)
+                if federation is not None and federation.owns(parsed.job):  # run here for another replica
+                    federation.relay(conn, parsed, raw if isinstance(raw, str) else raw.decode())
+                else:
+                    swarm.on_event(conn, parsed)
             else:
                 raise ProtocolError(f"{parsed.type} out of place")

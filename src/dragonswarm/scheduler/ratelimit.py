@@ -35,6 +35,7 @@ class Charge:
     at: float  # when it was admitted
     tokens: int  # what it is charged now, net of refunds
     logged: bool = True  # still counted in its key's window (False once older than the window)
+    handle: str = ""  # a shared limiter's own name for it (its member in Redis); "" in process
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,25 @@ class _Log:
             self.tokens -= old.tokens
 
 
+def answer_without_log(key: str, tokens: int, now: float, rpm: int, tpm: int) -> Charge | Refusal | None:
+    """What every limiter answers before it looks at a key's window: a refusal for a request bigger
+    than the limit itself, an unlogged charge when there is no limit, else None (look)."""
+    if tokens < 0:
+        raise ValueError("a token estimate cannot be negative")
+    if tpm and tokens > tpm:
+        return Refusal(f"this request may use up to {tokens} tokens, more than this key's limit of {tpm} "
+                       "tokens per minute: it can never be admitted; ask for fewer tokens", None)  # fmt: skip
+    if not rpm and not tpm:
+        return Charge(key, now, tokens, logged=False)  # no limit: nothing to remember
+    return None
+
+
+def limited(rpm: int, tpm: int, wait: float) -> Refusal:
+    """The refusal of a request that fits once `wait` seconds have passed."""
+    limits = " and ".join(f"{n} {what}" for n, what in ((rpm, "requests"), (tpm, "tokens")) if n)
+    return Refusal(f"rate limit reached for this key ({limits} per minute); retry in {math.ceil(wait)} s", wait)
+
+
 @dataclass
 class RateLimiter:
     """Requests per minute and tokens per minute per key; 0 turns a limit off."""
@@ -71,13 +91,9 @@ class RateLimiter:
 
     def admit(self, key: str, tokens: int, now: float) -> Charge | Refusal:
         """Charge a request of at most `tokens` tokens, or say why not and for how long (charging nothing)."""
-        if tokens < 0:
-            raise ValueError("a token estimate cannot be negative")
-        if self.tpm and tokens > self.tpm:
-            return Refusal(f"this request may use up to {tokens} tokens, more than this key's limit of {self.tpm} "
-                           "tokens per minute: it can never be admitted; ask for fewer tokens", None)  # fmt: skip
-        if not self.rpm and not self.tpm:
-            return Charge(key, now, tokens, logged=False)  # no limit: nothing to remember
+        answer = answer_without_log(key, tokens, now, self.rpm, self.tpm)
+        if answer is not None:
+            return answer
         self._sweep(now)
         log = self._logs.get(key)
         if log is None:
@@ -86,8 +102,7 @@ class RateLimiter:
         log.expire(now)
         wait = self._wait(log, tokens, now)
         if wait > 0:
-            return Refusal(f"rate limit reached for this key ({self._limits()} per minute); "
-                           f"retry in {math.ceil(wait)} s", wait)  # fmt: skip
+            return limited(self.rpm, self.tpm, wait)
         charge = Charge(key, now, tokens)
         log.charges.append(charge)
         log.tokens += tokens
@@ -125,9 +140,6 @@ class RateLimiter:
                     until = max(until, old.at + WINDOW_S)
                     break
         return until - now
-
-    def _limits(self) -> str:
-        return " and ".join(f"{n} {what}" for n, what in ((self.rpm, "requests"), (self.tpm, "tokens")) if n)
 
     def _sweep(self, now: float) -> None:
         """Forget keys idle for a whole window, so keys that stop calling do not hold memory."""

@@ -1,0 +1,344 @@
+"""Replicas of one swarm sharing one Redis: each holds its own nodes' connections and sees
+every other replica's nodes, so a request sent to any replica can run on any node.
+
+Each replica, once a second, publishes the nodes connected to it (what placement reads:
+their hello, last heartbeat, how busy they are) and reads what the others published. A
+node held by another replica appears here as a *remote* `NodeConn` (`conn.replica` names
+its holder): placement, failover, stall detection and merging treat it like any other.
+What is sent to it (`run`, `cancel`) goes into its holder's inbox stream; the holder
+passes it to the node and relays the node's events for that job back into the requesting
+replica's event stream, batched (all events of one loop turn in one entry), in order.
+
+So Redis carries control messages and batched events only for work that crosses replicas;
+a request served by a node on its own replica never touches Redis.
+
+When a replica stops refreshing its liveness key (it died, or lost Redis), the others drop
+its nodes at once and the fragments they ran there move on; its nodes reconnect to another
+replica (a node is given several orchestrator URLs). When a requesting replica dies, the
+holders cancel what they ran for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from dragonswarm.orchestrator.registry import NodeConn
+from dragonswarm.orchestrator.swarm import Swarm
+from dragonswarm.protocol.cadence import Cadence
+from dragonswarm.protocol.swarm import Cancel, Heartbeat, Hello, JobEvent, ProtocolError, RunFragment, dump
+from dragonswarm.store import rediskeys as K
+from dragonswarm.store.redis import client_options
+
+log = logging.getLogger("dragonswarm.orchestrator")
+
+PUBLISH_S = 0.5  # how often this replica's nodes are published and the others' read
+BLOCK_MS = 1000  # a stream read waits this long for news
+FLUSH_S = 0.005  # events for another replica are gathered this long, then sent as one entry
+
+
+def federation_client(url: str) -> aioredis.Redis:
+    """Our options, with room for the blocking stream reads (a read waits `BLOCK_MS` for news)."""
+    options = {**client_options(), "socket_timeout": BLOCK_MS / 1000 + client_options()["socket_timeout"]}
+    return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
+
+
+@dataclass
+class Foreign:
+    """A job this replica's node runs for another replica."""
+
+    replica: str
+    node: str
+
+
+def published(conn: NodeConn, live: bool, foreign_by: Mapping[str, int]) -> bytes:
+    """What the other replicas need of a local node to place work on it. It changes only when
+    the node reports, its state flips or its work changes: readers skip what they have seen."""
+    return orjson.dumps({
+        "hello": conn.hello.model_dump(mode="json"),
+        "hb": conn.heartbeat.model_dump(mode="json") if conn.heartbeat else None,
+        "live": live,  # as its holder sees it: the holder alone lets a silent node go
+        "jobs": len(conn.jobs) + len(conn.draining),  # what this replica placed there
+        "foreign": dict(foreign_by),  # ... and what it runs there for each other replica
+        "cadence": [conn.cadence.heartbeat_s, conn.cadence.idle_heartbeat_s],
+    })  # fmt: skip
+
+
+@dataclass
+class Federation:
+    swarm: Swarm
+    redis: aioredis.Redis
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    foreign: dict[str, Foreign] = field(default_factory=dict)  # job id -> who asked for it
+    live_replicas: set[str] = field(default_factory=set)  # the others, as last read
+    _outgoing: dict[str, list[list[str]]] = field(default_factory=dict)  # replica -> [node, event] pairs
+    _flush: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _sending: set[asyncio.Task[None]] = field(default_factory=set)  # messages on their way to inboxes
+    _published: dict[str, bytes] = field(default_factory=dict)  # node -> what was last published
+    _read: dict[tuple[str, str], str] = field(default_factory=dict)  # (replica, node) -> what was last read
+
+    # --- this replica's nodes, run for others -----------------------------------------------------
+
+    def owns(self, job: str) -> bool:
+        """Is this a job one of our nodes runs for another replica?"""
+        return job in self.foreign
+
+    def relay(self, conn: NodeConn, ev: JobEvent, raw: str) -> None:
+        """An event from our node for another replica's job: pass it on, in order."""
+        job = self.foreign.get(ev.job)
+        if job is None:
+            return
+        if ev.ev in ("done", "error"):
+            del self.foreign[ev.job]
+            conn.foreign.discard(ev.job)
+            self.swarm.registry.refresh(conn)
+            self.swarm.dispatcher.dispatch()
+        self._send_event(job.replica, conn.name, raw)
+
+    def node_left(self, conn: NodeConn) -> None:
+        """Our node's connection closed: what it ran for others ends with an error they fail over on."""
+        for job_id in list(conn.foreign):
+            job = self.foreign.pop(job_id, None)
+            if job is not None:
+                self._send_event(job.replica, conn.name, dump(JobEvent(job=job_id, ev="error", code="node_gone",
+                                                                         message="the node left its replica")))
+        conn.foreign.clear()
+
+    def _send_event(self, replica: str, node: str, raw: str) -> None:
+        self._outgoing.setdefault(replica, []).append([node, raw])
+        self._flush.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._flush.wait()
+            await asyncio.sleep(FLUSH_S)  # the rest of this burst joins the same entry
+            self._flush.clear()
+            batches, self._outgoing = self._outgoing, {}
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for replica, events in batches.items():
+                        pipe.xadd(K.events(replica), {"e": orjson.dumps(events)},
+                                  maxlen=K.STREAM_MAXLEN, approximate=True)  # fmt: skip
+                        pipe.expire(K.events(replica), K.STREAM_TTL_S)  # a dead replica's stream goes
+                    await pipe.execute()
+            except RedisError as exc:  # the requesting replicas will see their fragments stall and move them
+                log.error("relaying %d events to other replicas failed: %s", sum(map(len, batches.values())), exc)
+
+    def _take(self, node: str, requester: str, raw: str) -> None:
+        """A message for one of our nodes from another replica."""
+        conn = self.swarm.registry.conns.get(node)
+        message = orjson.loads(raw)
+        job = message.get("job", "")
+        if conn is None or conn.replica is not None:
+            if message.get("type") == "run":
+                self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code="node_gone",
+                                                                message=f"node {node} is not on this replica")))
+            return
+        if message.get("type") == "run":
+            RunFragment.model_validate(message)  # a replica is trusted, but a bad message stops here
+            self.foreign[job] = Foreign(requester, node)
+            conn.foreign.add(job)
+            self.swarm.registry.refresh(conn)
+        conn.send(raw)
+
+    async def _inbox(self) -> None:
+        last = "$"
+        while True:
+            try:
+                answer = await self.redis.xread({K.inbox(self.id): last}, block=BLOCK_MS, count=500)
+            except RedisError as exc:
+                log.error("reading this replica's inbox failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for entry_id, fields in _entries(answer):
+                last = entry_id
+                try:
+                    self._take(fields["n"], fields["r"], fields["m"])
+                except Exception:
+                    log.exception("a message from another replica was refused")
+
+    # --- other replicas' nodes, run for us --------------------------------------------------------
+
+    def _forward(self, conn: NodeConn, text: str) -> None:
+        """`conn.send` of a remote node: to its holder's inbox."""
+        assert conn.replica is not None
+        task = asyncio.get_running_loop().create_task(self._xadd_inbox(conn.replica, conn.name, text))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _xadd_inbox(self, replica: str, node: str, text: str) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(K.inbox(replica), {"n": node, "r": self.id, "m": text}, maxlen=K.STREAM_MAXLEN,
+                          approximate=True)  # fmt: skip
+                pipe.expire(K.inbox(replica), K.STREAM_TTL_S)
+                await pipe.execute()
+        except RedisError as exc:
+            log.error("sending to node %s on replica %s failed: %s", node, replica, exc)
+
+    async def _events(self) -> None:
+        last = "$"
+        while True:
+            try:
+                answer = await self.redis.xread({K.events(self.id): last}, block=BLOCK_MS, count=500)
+            except RedisError as exc:
+                log.error("reading this replica's events failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for entry_id, fields in _entries(answer):
+                last = entry_id
+                for node, raw in orjson.loads(fields["e"]):
+                    self._event(node, raw)
+
+    def _event(self, node: str, raw: str) -> None:
+        conn = self.swarm.registry.conns.get(node)
+        try:
+            ev = JobEvent.model_validate_json(raw)
+        except ValueError:
+            log.warning("a relayed event from node %s did not parse", node)
+            return
+        if conn is None or conn.replica is None or (ev.job not in conn.jobs and ev.job not in conn.draining):
+            return  # the node left, or the job was already given up
+        conn.last_seen = time.monotonic()
+        try:
+            self.swarm.on_event(conn, ev)
+        except ProtocolError as exc:  # its holder cuts it off for its own work; we stop using it
+            log.warning("node %s (on replica %s) broke the protocol: %s", node, conn.replica, exc)
+            self.swarm.node_left(conn)
+
+    def _remote(self, replica: str, name: str, state: dict[str, Any], now: float) -> None:
+        conn = self.swarm.registry.conns.get(name)
+        if conn is not None and conn.replica is None:
+            return  # it is connected here now: our own connection is the truth
+        hello = Hello.model_validate(state["hello"])
+        if conn is None or conn.replica != replica or conn.hello != hello:
+            if conn is not None:
+                self.swarm.node_left(conn)
+            heartbeat_s, idle_s = state["cadence"]
+            remote = NodeConn(hello=hello, send=lambda text: None, close=lambda code, reason: None,
+                              cadence=Cadence(heartbeat_s, idle_s), replica=replica)  # fmt: skip
+            remote.send = lambda text: self._forward(remote, text)  # the holder cuts it, not us: no close
+            self.swarm.registry.join(remote)
+            conn = remote
+        conn.others = state["jobs"] + sum(n for r, n in state["foreign"].items() if r != self.id)
+        hb = Heartbeat.model_validate(state["hb"]) if state["hb"] else None
+        if hb is not None:
+            conn.heartbeat = hb
+        conn.remote_live = bool(state["live"])
+        conn.last_seen = now
+        self.swarm.registry.refresh(conn)
+
+    def _drop_replica(self, replica: str) -> None:
+        for key in [k for k in self._read if k[0] == replica]:
+            del self._read[key]
+        for conn in [c for c in self.swarm.registry.conns.values() if c.replica == replica]:
+            self.swarm.node_left(conn)
+        for job_id in [j for j, f in self.foreign.items() if f.replica == replica]:  # nobody waits for these
+            held = self.swarm.registry.conns.get(self.foreign[job_id].node)
+            if held is not None and held.replica is None:
+                held.send(dump(Cancel(job=job_id)))  # its `done` is relayed nowhere and ends the entry
+
+    async def _publish_and_read(self) -> None:
+        registry, now = self.swarm.registry, time.monotonic()
+        local = {name: c for name, c in registry.conns.items() if c.replica is None}
+        foreign_by: dict[str, dict[str, int]] = {}
+        for job in self.foreign.values():
+            counts = foreign_by.setdefault(job.node, {})
+            counts[job.replica] = counts.get(job.replica, 0) + 1
+        stale_after = registry.stale_after
+        fresh = {name: published(c, c.state(now, stale_after) == "live", foreign_by.get(name, {}))
+                 for name, c in local.items()}  # fmt: skip
+        changed = {n: v for n, v in fresh.items() if self._published.get(n) != v}
+        gone = [n for n in self._published if n not in fresh]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(K.replica(self.id), "1", ex=K.REPLICA_TTL_S)
+            pipe.sadd(K.REPLICAS, self.id)
+            if changed:
+                pipe.hset(K.replica_nodes(self.id), mapping=changed)  # type: ignore[arg-type]
+            if gone:
+                pipe.hdel(K.replica_nodes(self.id), *gone)
+            pipe.expire(K.replica_nodes(self.id), K.REPLICA_NODES_TTL_S)
+            pipe.smembers(K.REPLICAS)
+            replicas = (await pipe.execute())[-1]
+        self._published = fresh
+        others = sorted(r for r in replicas if r != self.id)  # the client decodes answers
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for r in others:
+                pipe.exists(K.replica(r))
+            alive = await pipe.execute()
+        live = {r for r, a in zip(others, alive, strict=True) if a}
+        for dead in [r for r in others if r not in live]:
+            await self.redis.srem(K.REPLICAS, dead)
+        for lost in self.live_replicas - live:
+            log.warning("replica %s stopped answering: its nodes and the work on them move", lost)
+        for lost in self.live_replicas - live:
+            self._drop_replica(lost)
+        self.live_replicas = live
+        now = time.monotonic()
+        for r in sorted(live):
+            nodes = await self.redis.hgetall(K.replica_nodes(r))
+            seen = set()
+            for name, raw_state in nodes.items():
+                assert isinstance(name, str) and isinstance(raw_state, str)  # the client decodes answers
+                seen.add(name)
+                held = registry.conns.get(name)
+                if held is not None and held.replica == r and self._read.get((r, name)) == raw_state:
+                    held.last_seen = now  # nothing new: its holder still has it
+                    continue
+                self._read[(r, name)] = raw_state
+                try:
+                    self._remote(r, name, orjson.loads(raw_state), now)
+                except Exception:
+                    log.exception("node %s published by replica %s was not understood", name, r)
+            for key in [k for k in self._read if k[0] == r and k[1] not in seen]:
+                del self._read[key]
+            for conn in [c for c in registry.conns.values() if c.replica == r and c.name not in seen]:
+                self.swarm.node_left(conn)  # it left that replica
+
+    async def _publisher(self) -> None:
+        while True:
+            try:
+                await self._publish_and_read()
+            except RedisError as exc:
+                log.error("sharing this replica's nodes through Redis failed: %s", exc)
+            except Exception:
+                log.exception("sharing this replica's nodes failed")
+            await asyncio.sleep(PUBLISH_S)
+
+    # --- lifetime ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for job, name in ((self._publisher(), "publish"), (self._inbox(), "inbox"), (self._events(), "events"),
+                          (self._flusher(), "relay")):  # fmt: skip
+            self._tasks.append(loop.create_task(job, name=f"federation-{name}"))
+        log.info("replica %s sharing nodes and work through Redis", self.id)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._sending, return_exceptions=True)  # a last cancel still goes out
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(K.replica(self.id), K.replica_nodes(self.id))
+                pipe.srem(K.REPLICAS, self.id)
+                await pipe.execute()
+        await self.redis.aclose()
+
+
+def _entries(answer: Any) -> Iterator[tuple[str, dict[str, str]]]:
+    """The entries of an XREAD answer, in order: (entry id, fields)."""
+    for _, entries in answer or ():
+        yield from entries

@@ -1,0 +1,336 @@
+"""The Redis store: what orchestrator replicas share (keys, node identities, node records, usage).
+
+Same `Store` as the SQLite file, same answers, so that any replica may serve any caller.
+Each step two replicas could race on is one atomic step in Redis: offering, confirming
+and revoking a node's credential are Lua scripts (a read and a write that nothing may come
+between), a key's first revocation time is an HSETNX, and writes of several keys go in one
+MULTI transaction. Key names and TTLs come from `rediskeys.py`.
+
+Times are stored as Python's `repr` of the float, which reads back exactly. The client is
+redis-py's synchronous one, with a connection pool: the orchestrator calls its store from
+threads. A Redis that fails a call raises `StoreUnavailable` (503, retry), logged here once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.typing import EncodableT
+
+from dragonswarm.errors import ConfigError, StoreUnavailable
+from dragonswarm.store import rediskeys as rk
+from dragonswarm.store.base import (
+    KeyRecord,
+    NodeIdentity,
+    NodeRecord,
+    Role,
+    Usage,
+    check_new_key,
+    hash_key,
+    key_prefix,
+    new_credential,
+    new_key,
+)
+
+log = logging.getLogger("dragonswarm.store")
+
+CONNECT_TIMEOUT_S = 5.0
+# A command that has not been answered in this long fails (and the request with it, as a
+# 503) rather than holding a thread of the server's small pool forever.
+COMMAND_TIMEOUT_S = 10.0
+# Connections one client keeps to Redis. A caller beyond them waits (up to COMMAND_TIMEOUT_S)
+# for one to come free: redis-py's default pool fails the call at once ("Too many
+# connections"), which under a burst of requests turned admissions into errors. Redis runs
+# one command at a time, so more connections would not answer sooner.
+MAX_CONNECTIONS = 32
+
+
+def client_options() -> dict[str, Any]:
+    """The pool options every client of ours uses, the asyncio one included."""
+    return {"decode_responses": True, "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_timeout": COMMAND_TIMEOUT_S, "health_check_interval": 30,
+            "max_connections": MAX_CONNECTIONS, "timeout": COMMAND_TIMEOUT_S}  # fmt: skip
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def redacted(url: str) -> str:
+    """The URL with its password masked: the only form of a Redis URL that may be printed or logged."""
+    try:
+        parts = urlsplit(url)
+        userinfo, at, host = parts.netloc.rpartition("@")
+        if at and ":" in userinfo:
+            user = userinfo.partition(":")[0]
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        if "password" in parts.query.lower():  # redis-py also takes ?password=
+            parts = parts._replace(query="***")
+        return urlunsplit(parts)
+    except ValueError:
+        return "<a Redis URL that does not parse>"
+
+
+def _scrubbed(text: str, url: str) -> str:
+    """An error message with the URL's password taken out, in case a library quoted it."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for `url`, checked with a PING. A URL that does not parse or a Redis that cannot be
+    used (unreachable, wrong password) is a `ConfigError`: one line, the password masked."""
+    try:
+        client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(url, **client_options()))
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {redacted(url)}: {_scrubbed(str(exc), url)}") from None
+    try:
+        client.ping()
+    except (redis.RedisError, ValueError) as exc:  # ValueError: a port or database that is not a number
+        client.close()
+        raise ConfigError(f"cannot use Redis at {redacted(url)}: {_scrubbed(str(exc), url)}") from None
+    return client
+
+
+def _shared(method: Callable[P, T]) -> Callable[P, T]:
+    """A store method whose Redis failures become `StoreUnavailable` (the API answers 503)."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as exc:
+            log.warning("the shared store (Redis) failed in %s: %s", method.__name__, exc)
+            raise StoreUnavailable("the orchestrator's shared store is unavailable; retry shortly") from exc
+
+    return call
+
+
+# Offer a credential to a name nobody holds (never confirmed, never revoked). KEYS: identity, names.
+# ARGV: credential hash, created, name. Returns 1 if offered.
+OFFER = """
+if redis.call('HEXISTS', KEYS[1], 'confirmed') == 1 or redis.call('HEXISTS', KEYS[1], 'revoked') == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'hash', ARGV[1], 'created', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
+
+# Bind a name to the credential offered last, if it is this one. KEYS: identity. ARGV: credential
+# hash, now. Comparing hashes with == leaks nothing worth having (see base.hash_key): a
+# 256-bit credential is not found by learning which hash prefixes match.
+CONFIRM = """
+if redis.call('HEXISTS', KEYS[1], 'revoked') == 1 or redis.call('HGET', KEYS[1], 'hash') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSETNX', KEYS[1], 'confirmed', ARGV[2])
+return 1
+"""
+
+# Revoke an admitted node, keeping the first revocation's time. KEYS: identity. ARGV: now.
+REVOKE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSETNX', KEYS[1], 'revoked', ARGV[1])
+return 1
+"""
+
+
+def _encodable(fields: dict[str, str]) -> dict[EncodableT, EncodableT]:
+    """The same fields, typed as redis-py's `hset` takes them (its mapping type is invariant)."""
+    return {name: value for name, value in fields.items()}  # a comprehension retypes it
+
+
+def _time(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _key_record(fields: dict[str, str]) -> KeyRecord:
+    return KeyRecord(int(fields["id"]), fields["name"], cast(Role, fields["role"]), fields["prefix"],
+                     float(fields["created"]), _time(fields.get("expires")), _time(fields.get("revoked")))  # fmt: skip
+
+
+def _identity(name: str, fields: dict[str, str]) -> NodeIdentity:
+    return NodeIdentity(name, float(fields["created"]), _time(fields.get("revoked")), _time(fields.get("confirmed")))
+
+
+class RedisStore:
+    """`Store` over a Redis server that several orchestrator replicas share."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r = client
+        self._offer = client.register_script(OFFER)
+        self._confirm = client.register_script(CONFIRM)
+        self._revoke = client.register_script(REVOKE)
+
+    @classmethod
+    def connect(cls, url: str) -> RedisStore:
+        """The store on the Redis at `url`; `ConfigError` if it cannot be used (see `connect`)."""
+        return cls(connect(url))
+
+    @_shared
+    def create_key(self, role: Role, name: str, expires: float | None = None) -> tuple[str, KeyRecord]:
+        check_new_key(role, name)
+        key = new_key()
+        digest = hash_key(key)
+        created = time.time()
+        key_id = self._r.incr(rk.KEY_IDS)
+        fields = {"id": str(key_id), "name": name, "role": role, "prefix": key_prefix(key), "created": repr(created)}
+        if expires is not None:
+            fields["expires"] = repr(float(expires))
+        with self._r.pipeline(transaction=True) as tx:
+            tx.hset(rk.key(digest), mapping=_encodable(fields))
+            tx.hset(rk.KEYS, str(key_id), digest)
+            tx.execute()
+        return key, _key_record(fields)
+
+    @_shared
+    def find_key(self, key: str) -> KeyRecord | None:
+        fields = cast(dict[str, str], self._r.hgetall(rk.key(hash_key(key))))
+        return _key_record(fields) if fields else None
+
+    def _keys(self) -> list[tuple[str, KeyRecord]]:
+        """(hash, record) of every key, oldest first."""
+        index = cast(dict[str, str], self._r.hgetall(rk.KEYS))
+        digests = [index[key_id] for key_id in sorted(index, key=int)]
+        with self._r.pipeline(transaction=False) as reads:
+            for digest in digests:
+                reads.hgetall(rk.key(digest))
+            records = reads.execute()
+        return [(digest, _key_record(fields)) for digest, fields in zip(digests, records, strict=True) if fields]
+
+    @_shared
+    def list_keys(self) -> list[KeyRecord]:
+        return [record for _, record in self._keys()]
+
+    @_shared
+    def revoke_key(self, ident: str) -> KeyRecord | None:
+        if ident.isdigit():
+            digest = cast(str | None, self._r.hget(rk.KEYS, str(int(ident))))
+            digests = [digest] if digest else []
+        else:
+            digests = [digest for digest, record in self._keys() if record.prefix == ident]
+        if len(digests) != 1:
+            return None
+        self._r.hsetnx(rk.key(digests[0]), "revoked", repr(time.time()))  # a second revocation keeps the first time
+        return _key_record(cast(dict[str, str], self._r.hgetall(rk.key(digests[0]))))
+
+    @_shared
+    def offer_identity(self, name: str) -> str | None:
+        credential = new_credential()
+        offered = self._offer(keys=[rk.identity(name), rk.IDENTITIES],
+                              args=[hash_key(credential), repr(time.time()), name])  # fmt: skip
+        return credential if offered == 1 else None
+
+    @_shared
+    def confirm_identity(self, name: str, credential: str) -> bool:
+        return bool(self._confirm(keys=[rk.identity(name)], args=[hash_key(credential), repr(time.time())]) == 1)
+
+    @_shared
+    def forget_identity(self, name: str) -> bool:
+        with self._r.pipeline(transaction=True) as tx:
+            tx.delete(rk.identity(name))
+            tx.srem(rk.IDENTITIES, name)
+            tx.delete(rk.node(name))
+            tx.zrem(rk.NODES, name)
+            identity, _, record, _ = tx.execute()
+        return bool(identity or record)
+
+    @_shared
+    def find_identity(self, name: str, credential: str) -> NodeIdentity | None:
+        fields = cast(dict[str, str], self._r.hgetall(rk.identity(name)))
+        if not fields or not hmac.compare_digest(fields["hash"], hash_key(credential)):
+            return None
+        return _identity(name, fields)
+
+    @_shared
+    def get_identity(self, name: str) -> NodeIdentity | None:
+        fields = cast(dict[str, str], self._r.hgetall(rk.identity(name)))
+        return _identity(name, fields) if fields else None
+
+    @_shared
+    def revoke_identity(self, name: str) -> bool:
+        return bool(self._revoke(keys=[rk.identity(name)], args=[repr(time.time())]) == 1)
+
+    @_shared
+    def list_identities(self) -> list[NodeIdentity]:
+        names = sorted(cast(set[str], self._r.smembers(rk.IDENTITIES)))
+        with self._r.pipeline(transaction=False) as reads:
+            for name in names:
+                reads.hgetall(rk.identity(name))
+            found = reads.execute()
+        return [_identity(name, fields) for name, fields in zip(names, found, strict=True) if fields]
+
+    @_shared
+    def save_nodes(self, nodes: Sequence[NodeRecord]) -> None:
+        # Serialised before anything is sent: a record that is not JSON fails the whole save.
+        rows = [(n, json.dumps(n.info)) for n in nodes]
+        if not rows:
+            return
+        now = time.time()
+        with self._r.pipeline(transaction=True) as tx:
+            for record, info in rows:
+                name = rk.node(record.name)
+                tx.hsetnx(name, "first_seen", repr(record.first_seen))
+                tx.hset(name, mapping={"last_seen": repr(record.last_seen), "state": record.state, "info": info})
+                tx.expire(name, rk.NODE_TTL_S)
+                tx.zadd(rk.NODES, {record.name: now + rk.NODE_TTL_S})
+            tx.zremrangebyscore(rk.NODES, "-inf", f"({now!r}")  # names whose records expired
+            tx.expire(rk.NODES, rk.NODE_TTL_S)
+            tx.execute()
+
+    @_shared
+    def list_nodes(self) -> list[NodeRecord]:
+        names = sorted(cast(list[str], self._r.zrangebyscore(rk.NODES, repr(time.time()), "+inf")))
+        with self._r.pipeline(transaction=False) as reads:
+            for name in names:
+                reads.hgetall(rk.node(name))
+            found: list[dict[str, str]] = reads.execute()
+        return [NodeRecord(name, float(f["first_seen"]), float(f["last_seen"]), f["state"], json.loads(f["info"]))
+                for name, f in zip(names, found, strict=True) if f]  # fmt: skip
+
+    @_shared
+    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError("token counts cannot be negative")
+        with self._r.pipeline(transaction=True) as tx:
+            tx.hincrby(rk.USAGE, rk.usage_field(key_id, "r", model), 1)
+            tx.hincrby(rk.USAGE, rk.usage_field(key_id, "p", model), prompt_tokens)
+            tx.hincrby(rk.USAGE, rk.usage_field(key_id, "c", model), completion_tokens)
+            tx.execute()
+
+    def _usage(self) -> dict[tuple[int, str], dict[str, int]]:
+        rows: dict[tuple[int, str], dict[str, int]] = {}
+        for field, value in cast(dict[str, str], self._r.hgetall(rk.USAGE)).items():
+            key_id, kind, model = rk.parse_usage_field(field)
+            counts = rows.setdefault((key_id, model), dict.fromkeys(rk.USAGE_KINDS.values(), 0))
+            counts[rk.USAGE_KINDS[kind]] = int(value)
+        return rows
+
+    @_shared
+    def usage_by_key(self) -> dict[int, tuple[int, int, int]]:
+        totals: dict[int, tuple[int, int, int]] = {}
+        for (key_id, _), c in self._usage().items():
+            r, p, q = totals.get(key_id, (0, 0, 0))
+            totals[key_id] = (r + c["requests"], p + c["prompt_tokens"], q + c["completion_tokens"])
+        return totals
+
+    @_shared
+    def list_usage(self) -> list[Usage]:
+        return [Usage(key_id, model, c["requests"], c["prompt_tokens"], c["completion_tokens"])
+                for (key_id, model), c in sorted(self._usage().items())]  # fmt: skip
+
+    def close(self) -> None:
+        self._r.close()

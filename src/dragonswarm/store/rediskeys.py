@@ -1,0 +1,116 @@
+"""Every Redis key the project uses, and every TTL: the one place that names them.
+
+All keys start with `dragon:`, so a Redis shared with other programs can tell ours apart
+(and `redis-cli --scan --pattern 'dragon:*'` lists them). Names built from a value (a
+node's name, a key's hash, a rate-limit lane) are functions here, never f-strings elsewhere.
+Lua scripts receive every key they touch as KEYS, built here, so no script composes a name.
+
+| key | type | holds | TTL |
+|---|---|---|---|
+| `dragon:keys:next-id` | string | the last API key id handed out (INCR) | none |
+| `dragon:keys` | hash | key id -> sha256 of the key: the listing, oldest first by id | none |
+| `dragon:key:<sha256>` | hash | one API key's record: id, name, role, prefix, created, expires?, revoked? | none |
+| `dragon:identities` | set | names of admitted nodes | none |
+| `dragon:identity:<name>` | hash | hash (of its credential), created, confirmed?, revoked? | none |
+| `dragon:nodes` | zset | node name -> unix time its record expires | `NODE_TTL_S` |
+| `dragon:node:<name>` | hash | first_seen, last_seen, state, info (JSON) | `NODE_TTL_S` |
+| `dragon:usage` | hash | `<key id>:<r|p|c>:<model>` -> requests, prompt or completion tokens | none |
+| `dragon:rate:{<lane>}:log` | zset | charge id -> admission time (ms, the Redis server's clock) | `RATE_TTL_S` |
+| `dragon:rate:{<lane>}:charges` | hash | charge id -> tokens charged, net of refunds | `RATE_TTL_S` |
+| `dragon:rate:{<lane>}:state` | hash | sum (of the log's tokens), latest (ms: never moves back) | `RATE_TTL_S` |
+| `dragon:replicas` | set | the ids of replicas that announced themselves | none (dead ones removed) |
+| `dragon:replica:<id>` | string | this replica is alive | `REPLICA_TTL_S` |
+| `dragon:replica:<id>:nodes` | hash | node name -> what placement needs of it (JSON) | `REPLICA_NODES_TTL_S` |
+| `dragon:replica:<id>:inbox` | stream | `run`/`cancel` from other replicas for its nodes | `STREAM_TTL_S` |
+| `dragon:replica:<id>:events` | stream | node events for the jobs it placed elsewhere | `STREAM_TTL_S` |
+
+A key's plaintext is never stored: only its sha256 (in a key's name and the listing).
+The rate-limit keys of one lane share a hash tag (`{<lane>}`), so one script may touch all
+three on a Redis Cluster too.
+"""
+
+from __future__ import annotations
+
+PREFIX = "dragon:"
+
+# API keys (store/redis.py)
+KEY_IDS = PREFIX + "keys:next-id"
+KEYS = PREFIX + "keys"
+
+# Node identities: admitted machines and their credentials' hashes
+IDENTITIES = PREFIX + "identities"
+
+# Node records, as the orchestrator last saw each node
+NODES = PREFIX + "nodes"
+# A record not saved for a day is dropped: a machine gone that long is listed no more. Each
+# save refreshes it, and a replica saves its live nodes every few seconds.
+NODE_TTL_S = 86_400
+
+# Usage counters per key and model (HINCRBY)
+USAGE = PREFIX + "usage"
+USAGE_KINDS = {"r": "requests", "p": "prompt_tokens", "c": "completion_tokens"}
+
+# Rate limits (store/redis_limits.py): a charge leaves the window after 60 s, so a lane's keys
+# are useless a window after its last admission; the second more covers clock granularity.
+RATE_TTL_S = 61
+
+
+def key(sha256: str) -> str:
+    """One API key's record, named by the hash of the key."""
+    return f"{PREFIX}key:{sha256}"
+
+
+def identity(name: str) -> str:
+    """One admitted node's identity."""
+    return f"{PREFIX}identity:{name}"
+
+
+def node(name: str) -> str:
+    """One node's record."""
+    return f"{PREFIX}node:{name}"
+
+
+def usage_field(key_id: int, kind: str, model: str) -> str:
+    """A counter in `USAGE`; the model goes last, so any model name splits back out whole."""
+    return f"{key_id}:{kind}:{model}"
+
+
+def parse_usage_field(field: str) -> tuple[int, str, str]:
+    """(key id, kind, model) of a `USAGE` field."""
+    key_id, _, rest = field.partition(":")
+    kind, _, model = rest.partition(":")
+    return int(key_id), kind, model
+
+
+def rate(lane: str) -> tuple[str, str, str]:
+    """A rate-limit lane's log, charges and state, in the order the limiter's scripts take them."""
+    tag = f"{PREFIX}rate:{{{lane}}}"
+    return f"{tag}:log", f"{tag}:charges", f"{tag}:state"
+
+
+# Replicas sharing work (orchestrator/federation.py)
+REPLICAS = PREFIX + "replicas"
+REPLICA_TTL_S = 3  # refreshed twice a second: a replica silent this long is taken for dead
+REPLICA_NODES_TTL_S = 10  # its nodes' hash outlives a crash by this much at most
+STREAM_MAXLEN = 100_000  # inbox and event streams are trimmed to about this many entries
+STREAM_TTL_S = 3600  # ... and deleted an hour after their last entry (a replica that died)
+
+
+def replica(replica_id: str) -> str:
+    """A replica's liveness."""
+    return f"{PREFIX}replica:{replica_id}"
+
+
+def replica_nodes(replica_id: str) -> str:
+    """The nodes a replica holds."""
+    return f"{PREFIX}replica:{replica_id}:nodes"
+
+
+def inbox(replica_id: str) -> str:
+    """Messages for the nodes a replica holds."""
+    return f"{PREFIX}replica:{replica_id}:inbox"
+
+
+def events(replica_id: str) -> str:
+    """Node events for the jobs a replica placed on other replicas' nodes."""
+    return f"{PREFIX}replica:{replica_id}:events"

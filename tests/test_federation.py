@@ -1,0 +1,256 @@
+"""Requests cross replicas: two orchestrators on one real Redis, each holding its own nodes,
+each able to place work on the other's; a replica killed mid-stream; a node moving over."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.conftest import NodeProcess, OrchestratorProcess, wait_until
+
+from dragonswarm.node.link import BACKOFF_S, RETRY_NEXT_S, reconnect_delay
+
+Start = Callable[..., Any]
+
+
+def test_a_lost_link_tries_the_other_replicas_at_once_then_backs_off() -> None:
+    assert reconnect_delay(0, 1) == BACKOFF_S[0]  # one orchestrator: as before
+    assert reconnect_delay(3, 1) == BACKOFF_S[3]
+    assert [reconnect_delay(f, 3) for f in range(6)] == [RETRY_NEXT_S, RETRY_NEXT_S, BACKOFF_S[0],
+                                                         RETRY_NEXT_S, RETRY_NEXT_S, BACKOFF_S[1]]  # fmt: skip
+    assert reconnect_delay(1001, 2) == BACKOFF_S[-1]
+
+
+def post(orch: OrchestratorProcess, path: str, body: dict[str, Any]) -> httpx.Response:
+    with orch.client() as c:
+        return c.post(path, json={"model": "tiny", "temperature": 0, "cache_prompt": False, **body})
+
+
+def sse_text(orch: OrchestratorProcess, body: dict[str, Any]) -> tuple[str, list[str]]:
+    texts: dict[int, list[str]] = {}
+    finishes = []
+    with orch.client() as c, c.stream("POST", "/v1/completions", json={"model": "tiny", "temperature": 0,
+                                      "cache_prompt": False, "stream": True, **body}) as r:  # fmt: skip
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                texts.setdefault(choice["index"], []).append(choice["text"])
+                if choice.get("finish_reason"):
+                    finishes.append(choice["finish_reason"])
+    return "|".join("".join(texts[i]) for i in sorted(texts)), finishes
+
+
+def on(orch: OrchestratorProcess) -> set[str]:
+    """The nodes this replica holds itself (GET /v1/nodes: a node held elsewhere names its replica)."""
+    return {n["name"] for n in orch.nodes().values() if n["state"] == "live" and not n.get("replica")}
+
+
+def seen_by(orch: OrchestratorProcess) -> set[str]:
+    return {n["name"] for n in orch.nodes().values() if n["state"] == "live"}
+
+
+@pytest.fixture
+def two_replicas(start_orchestrator: Start, redis_url: str) -> tuple[OrchestratorProcess, OrchestratorProcess]:
+    a = start_orchestrator(redis=redis_url)
+    b = start_orchestrator(redis=redis_url, replica_of=a)
+    return a, b
+
+
+def test_a_request_to_one_replica_runs_on_the_others_node(two_replicas: tuple[OrchestratorProcess, ...],
+                                                          start_node: Start, tiny_model: Path) -> None:  # fmt: skip
+    a, b = two_replicas
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    assert on(a) == set() and on(b) == {"w-b"}
+    body = {"prompt": "the quick brown fox", "max_tokens": 24}
+    direct = post(b, "/v1/completions", body)
+    crossed = post(a, "/v1/completions", body)
+    assert direct.status_code == crossed.status_code == 200, crossed.text
+    assert crossed.json()["dragon"]["nodes"] == ["w-b"]
+    assert crossed.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"]  # same answer, via Redis
+    assert crossed.json()["usage"] == direct.json()["usage"]
+    streamed, finishes = sse_text(a, body)
+    assert streamed == direct.json()["choices"][0]["text"] and finishes == ["length"]
+    chat = post(a, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    assert chat.status_code == 200 and chat.json()["dragon"]["nodes"] == ["w-b"], chat.text
+
+
+def test_fragments_split_across_nodes_of_both_replicas(two_replicas: tuple[OrchestratorProcess, ...],
+                                                       start_node: Start, tiny_model: Path) -> None:  # fmt: skip
+    a, b = two_replicas
+    start_node("--name", "w-a", "--model", f"tiny={tiny_model}", swarm=a)
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    for orch in (a, b):
+        wait_until(lambda o=orch: seen_by(o) == {"w-a", "w-b"}, 30, "each replica to see both nodes")  # type: ignore[misc]
+    prompts = ["alpha beta", "gamma delta"]
+    alone = [post(a, "/v1/completions", {"prompt": p, "max_tokens": 16}).json()["choices"][0]["text"] for p in prompts]
+    for orch in (a, b):
+        r = post(orch, "/v1/completions", {"prompt": prompts, "max_tokens": 16})
+        assert r.status_code == 200, r.text
+        assert sorted(r.json()["dragon"]["nodes"]) == ["w-a", "w-b"]  # one fragment on each replica's node
+        assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == alone
+        streamed, finishes = sse_text(orch, {"prompt": prompts, "max_tokens": 16})
+        assert streamed == "|".join(alone) and finishes == ["length", "length"]
+
+
+def test_a_replica_killed_mid_stream(two_replicas: tuple[OrchestratorProcess, ...], start_node: Start,
+                                     tiny_model: Path) -> None:  # fmt: skip
+    a, b = two_replicas
+    urls = f"{b.url},{a.url}"  # held by B first, A when B is gone
+    w1: NodeProcess = start_node("--name", "w1", "--model", f"tiny={tiny_model}", "--orchestrator", urls, swarm=b)
+    wait_until(lambda: "w1" in seen_by(a) and "w1" in on(b), 30, "A to see w1 on B")
+    body = {"prompt": "once upon a time", "max_tokens": 400}
+    reference, _ = sse_text(a, body)
+
+    texts: list[str] = []
+    with a.client() as c, c.stream("POST", "/v1/completions", json={"model": "tiny", "temperature": 0,
+                                   "cache_prompt": False, "stream": True, **body}) as r:  # fmt: skip
+        assert r.status_code == 200
+        killed_at = None
+        finish = None
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"]
+            if not choice:
+                continue
+            texts.append(choice[0]["text"])
+            finish = choice[0].get("finish_reason") or finish
+            if killed_at is None and len(texts) >= 8:
+                b.stop(signal.SIGKILL)  # the replica holding the node, not the one the client talks to
+                killed_at = time.monotonic()
+    assert killed_at is not None, "the answer ended before the replica could be killed"
+    assert "".join(texts) == reference  # no gap, no repeat: it went on elsewhere
+    assert finish == "length"
+    wait_until(lambda: "w1" in on(a), 10, "w1 to rejoin replica A")
+    assert "swarm link to" in w1.log()
+    # A client of the dead replica gets an error it can retry, and the retry on A succeeds.
+    with pytest.raises(httpx.TransportError):
+        post(b, "/v1/completions", body)
+    assert post(a, "/v1/completions", {**body, "max_tokens": 4}).status_code == 200
+
+
+def test_one_key_one_limit_on_both_replicas(start_orchestrator: Start, redis_url: str, start_node: Start,
+                                            tiny_model: Path) -> None:  # fmt: skip
+    a = start_orchestrator("--rate-rpm", "2", redis=redis_url)
+    b = start_orchestrator("--rate-rpm", "2", redis=redis_url, replica_of=a)
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    statuses = []
+    for orch in (a, b, a):
+        with orch.client() as c:  # A's user key, on both replicas: one key, one limit
+            c.headers["Authorization"] = f"Bearer {a.keys['user']}"
+            statuses.append(c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}
+                                   ).status_code)  # fmt: skip
+    assert statuses == [200, 200, 429]
+
+
+def test_dragon_up_with_two_replicas(tmp_path: Path, tiny_model: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    from dragonswarm.tls import client_context
+
+    home, port = tmp_path / "up", free_port()
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dragonswarm.cli", "up", "--home", str(home), "--workers", "2",
+                                 "--replicas", "2", "--port", str(port), "--api-port", str(free_port()),
+                                 "--no-bundled-model", "--model", f"tiny={tiny_model}"], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "DRAGON_OWNER_NOISE": "1.0"})  # fmt: skip
+    try:
+        wait_until(lambda: (home / "swarm.json").exists() or proc.poll() is not None, 180, "swarm.json")
+        assert proc.poll() is None, log_path.read_text()
+        info = json.loads((home / "swarm.json").read_text())
+        assert len(info["api_urls"]) == 2 and info["api_url"] == info["api_urls"][0]
+        password = (home / "redis" / "password").read_text().strip()
+        assert password not in (home / "swarm.json").read_text() and ":***@" in info["redis"]
+        verify = client_context(Path(info["ca_cert"]))
+        auth = {"Authorization": f"Bearer {info['api_key']}"}
+        for api in info["api_urls"]:  # any replica serves any request, on nodes held by both
+
+            def spread(api: str = api) -> bool:
+                r = httpx.post(api + "/completions", headers=auth, verify=verify, timeout=60,
+                               json={"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 4})  # fmt: skip
+                assert r.status_code == 200, r.text
+                # What another replica's nodes are doing is up to half a second old: a node that just
+                # finished may still look busy there, and its fragment waits for a node seen free.
+                return sorted(r.json()["dragon"]["nodes"]) == ["local", "worker-1", "worker-2"]
+
+            wait_until(spread, 30, f"a request to {api} on all three nodes", interval=0.6)
+        admin = {"Authorization": "Bearer " + (home / "keys" / "admin.key").read_text().strip()}
+        listed = httpx.get(info["api_urls"][0] + "/nodes", headers=admin, verify=verify).json()["data"]
+        replica_of = {n["name"]: n.get("replica") for n in listed}
+        assert replica_of["worker-1"] and not replica_of["local"]  # spread: worker-1 starts on the second replica
+        # A replica that dies is restarted; meanwhile the other serves.
+        second = next(n for n in info["nodes"] if n["name"] == "orchestrator-2")
+        os.kill(second["pid"], signal.SIGKILL)
+        r = httpx.post(info["api_urls"][0] + "/completions", headers=auth, verify=verify, timeout=60,
+                       json={"model": "tiny", "prompt": "x", "max_tokens": 4})  # fmt: skip
+        assert r.status_code == 200, r.text
+        wait_until(lambda: b"orchestrator-2 exited" in log_path.read_bytes(), 10, "the restart notice")
+
+        def answers() -> bool:
+            try:
+                return httpx.get(info["api_urls"][1].removesuffix("/v1") + "/health", verify=verify,
+                                 timeout=2).status_code == 200  # fmt: skip
+            except httpx.TransportError:
+                return False
+
+        wait_until(answers, 60, "orchestrator-2 back")
+        logs = "".join(p.read_text(errors="replace") for p in (home / "logs").glob("*.log"))
+        assert password not in logs and password not in log_path.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0, log_path.read_text()
+    with pytest.raises(ProcessLookupError):
+        os.kill(info["redis_pid"], 0)
+
+
+def test_redis_restarted_and_nothing_lost(tmp_path: Path, start_orchestrator: Start,
+                                          start_node: Start, tiny_model: Path) -> None:  # fmt: skip
+    from dragonswarm.store.redis_server import start_local_redis
+
+    folder = tmp_path / "redis"
+    server = start_local_redis(folder)  # its own, with an append-only file: this test restarts it
+    try:
+        a = start_orchestrator(redis=server.url)
+        b = start_orchestrator(redis=server.url, replica_of=a)
+        start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+        wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+        assert post(a, "/v1/completions", {"prompt": "before", "max_tokens": 3}).status_code == 200
+
+        def requests_counted() -> int:
+            with a.client("admin") as c:
+                return int(next(k["requests"] for k in c.get("/v1/usage").json()["data"] if k["name"] == "test user"))
+
+        wait_until(lambda: requests_counted() == 1, 10, "the request counted")  # written once the answer is out
+
+        port = server.port
+        server.stop()
+        during = post(a, "/v1/completions", {"prompt": "during", "max_tokens": 3})
+        assert during.status_code == 503 and during.json()["error"]["code"] == "store_unavailable"
+        server = start_local_redis(folder, port)  # the same data and password, on the same port
+
+        def crosses_again() -> bool:
+            r = post(a, "/v1/completions", {"prompt": "after", "max_tokens": 3})
+            return r.status_code == 200 and r.json()["dragon"]["nodes"] == ["w-b"]
+
+        wait_until(crosses_again, 30, "a request to A on B's node once Redis is back", interval=0.5)
+        wait_until(lambda: requests_counted() >= 2, 10, "the count from before the restart, and more")
+        assert "w-b" in on(b)
+    finally:
+        server.stop()
