@@ -254,3 +254,36 @@ def test_redis_restarted_and_nothing_lost(tmp_path: Path, start_orchestrator: St
         assert "w-b" in on(b)
     finally:
         server.stop()
+
+
+def test_the_queue_is_counted_across_replicas(start_orchestrator: Start, redis_url: str, start_node: Start,
+                                              tiny_model: Path) -> None:  # fmt: skip
+    import threading
+
+    a = start_orchestrator("--max-queue", "2", redis=redis_url)
+    b = start_orchestrator("--max-queue", "2", redis=redis_url, replica_of=a)
+    start_node("--name", "w1", "--model", f"tiny={tiny_model}", "--share", "0.1", swarm=a)
+    wait_until(lambda: "w1" in seen_by(b), 30, "replica B to see A's node")
+    done: list[int] = []
+
+    def call(body: dict[str, Any]) -> None:
+        with a.client() as c:
+            done.append(c.post("/v1/completions", json={"model": "tiny", **body}, timeout=300).status_code)
+
+    busy = threading.Thread(target=call, args=({"prompt": "hold the worker", "max_tokens": 1500},))
+    busy.start()
+    wait_until(lambda: a.nodes()["w1"]["running"] == 1, 30, "the worker to be busy")
+    queued = threading.Thread(target=call, args=({"prompt": ["a", "b"], "max_tokens": 4},))
+    queued.start()
+    wait_until(lambda: a.queued() == 2, 30, "two fragments queued on replica A")
+
+    def elsewhere() -> int:
+        with b.client("admin") as c:
+            return int(c.get("/v1/nodes", params={"summary": "true"}).json()["queue"]["queued_elsewhere"])
+
+    wait_until(lambda: elsewhere() == 2, 10, "replica B to count A's queue")
+    refused = post(b, "/v1/completions", {"prompt": "one too many", "max_tokens": 4})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full", refused.text
+    busy.join(300)
+    queued.join(300)
+    assert done == [200, 200]

@@ -465,3 +465,17 @@ def test_serve_locally_cases() -> None:
     assert not serve_locally(has_model=False, busy=False, owner_busy=False, linked=True)
     assert not serve_locally(has_model=True, busy=True, owner_busy=False, linked=True)
     assert not serve_locally(has_model=True, busy=False, owner_busy=True, linked=True)
+
+
+def test_admission_counts_what_other_replicas_hold_waiting() -> None:
+    queue: FairQueue[str] = FairQueue(max_total=4, max_per_user=4)
+    queue.elsewhere = {"a": 4}  # user a already holds the whole queue on another replica
+    with pytest.raises(QueueFull):
+        queue.push_all("a", ["x"])
+    queue.elsewhere = {"z": 3}
+    with pytest.raises(QueueFull, match="queue is full: 3 waiting"):
+        queue.push_all("a", ["x", "y"])
+    queue.push_all("a", ["x"])  # the one place left
+    queue.elsewhere = {}
+    queue.push_all("a", ["y"])  # the other replica's queue drained
+    assert queue.by_user() == {"a": 2}

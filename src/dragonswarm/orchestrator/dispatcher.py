@@ -102,4 +102,5 @@ class Dispatcher:
         return True
 
     def status(self) -> dict[str, int]:
-        return {"queued": len(self.queue), "retrying": len(self.retries), "users_waiting": self.queue.users()}
+        return {"queued": len(self.queue), "retrying": len(self.retries), "users_waiting": self.queue.users(),
+                "queued_elsewhere": sum(self.queue.elsewhere.values())}  # on other replicas, as they last said

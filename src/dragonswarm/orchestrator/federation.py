@@ -261,6 +261,7 @@ class Federation:
                  for name, c in local.items()}  # fmt: skip
         changed = {n: v for n, v in fresh.items() if self._published.get(n) != v}
         gone = [n for n in self._published if n not in fresh]
+        queue = self.swarm.dispatcher.queue.by_user()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(K.replica(self.id), "1", ex=K.REPLICA_TTL_S)
             pipe.sadd(K.REPLICAS, self.id)
@@ -269,6 +270,10 @@ class Federation:
             if gone:
                 pipe.hdel(K.replica_nodes(self.id), *gone)
             pipe.expire(K.replica_nodes(self.id), K.REPLICA_NODES_TTL_S)
+            pipe.delete(K.replica_queue(self.id))
+            if queue:
+                pipe.hset(K.replica_queue(self.id), mapping=queue)  # type: ignore[arg-type]
+                pipe.expire(K.replica_queue(self.id), K.REPLICA_NODES_TTL_S)
             pipe.smembers(K.REPLICAS)
             replicas = (await pipe.execute())[-1]
         self._published = fresh
@@ -286,6 +291,12 @@ class Federation:
             self._drop_replica(lost)
         self.live_replicas = live
         now = time.monotonic()
+        elsewhere: dict[str, int] = {}
+        for r in sorted(live):
+            for lane, count in (await self.redis.hgetall(K.replica_queue(r))).items():
+                assert isinstance(lane, str)  # the client decodes answers
+                elsewhere[lane] = elsewhere.get(lane, 0) + int(count)
+        self.swarm.dispatcher.queue.elsewhere = elsewhere
         for r in sorted(live):
             nodes = await self.redis.hgetall(K.replica_nodes(r))
             seen = set()
@@ -332,7 +343,7 @@ class Federation:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(RedisError):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(K.replica(self.id), K.replica_nodes(self.id))
+                pipe.delete(K.replica(self.id), K.replica_nodes(self.id), K.replica_queue(self.id))
                 pipe.srem(K.REPLICAS, self.id)
                 await pipe.execute()
         await self.redis.aclose()

@@ -54,20 +54,23 @@ class FairQueue(Generic[T]):
         # to the back; a newcomer joins at the back, so emptying and pushing again cannot jump the line.
         self._queues: OrderedDict[str, deque[T]] = OrderedDict()
         self._total = 0
+        # What other replicas of the swarm hold waiting, per user, as they last published it:
+        # admission counts the whole swarm's queue, so a user cannot take a full share on each.
+        self.elsewhere: dict[str, int] = {}
 
     def push_all(self, user: str, items: Sequence[T]) -> None:
         """Queue all of `items` for `user`, or none of them (raise QueueFull) when they exceed `room(user)`."""
         if not items:
             return
-        waiting, users = self.waiting(user), self._users_with(user)
-        own, free = admission_room(waiting, self._total, users, self.max_total, self.max_per_user)
+        waiting, users, total = self._held(user), self._users_with(user), self._total_everywhere()
+        own, free = admission_room(waiting, total, users, self.max_total, self.max_per_user)
         if len(items) > own:
             share = fair_share(self.max_total, self.max_per_user, users)
             raise QueueFull(f"too many requests waiting for this user: {waiting} waiting, {len(items)} more asked, "
                             f"at most {share} while {users} users share the queue")  # fmt: skip
         if len(items) > free:
             held = " (room is kept for users with nothing waiting)" if waiting else ""
-            raise QueueFull(f"the queue is full: {self._total} waiting, {len(items)} more asked, "
+            raise QueueFull(f"the queue is full: {total} waiting, {len(items)} more asked, "
                             f"at most {self.max_total}{held}")  # fmt: skip
         queue = self._queues.get(user)
         if queue is None:
@@ -121,12 +124,23 @@ class FairQueue(Generic[T]):
 
     def room(self, user: str) -> int:
         """How many more items `user` may queue now."""
-        return min(admission_room(self.waiting(user), self._total, self._users_with(user), self.max_total,
+        return min(admission_room(self._held(user), self._total_everywhere(), self._users_with(user), self.max_total,
                                   self.max_per_user))  # fmt: skip
 
+    def _held(self, user: str) -> int:
+        return self.waiting(user) + self.elsewhere.get(user, 0)
+
+    def _total_everywhere(self) -> int:
+        return self._total + sum(self.elsewhere.values())
+
     def _users_with(self, user: str) -> int:
-        """How many users would be waiting once `user` has something queued."""
-        return len(self._queues) + (user not in self._queues)
+        """How many users would be waiting, here or elsewhere, once `user` has something queued."""
+        waiting = set(self._queues) | {u for u, n in self.elsewhere.items() if n}
+        return len(waiting) + (user not in waiting)
+
+    def by_user(self) -> dict[str, int]:
+        """How many items each user has waiting here."""
+        return {user: len(queue) for user, queue in self._queues.items()}
 
     def users(self) -> int:
         """How many users have something waiting."""

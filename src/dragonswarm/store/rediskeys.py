@@ -21,6 +21,7 @@ Lua scripts receive every key they touch as KEYS, built here, so no script compo
 | `dragon:replicas` | set | the ids of replicas that announced themselves | none (dead ones removed) |
 | `dragon:replica:<id>` | string | this replica is alive | `REPLICA_TTL_S` |
 | `dragon:replica:<id>:nodes` | hash | node name -> what placement needs of it (JSON) | `REPLICA_NODES_TTL_S` |
+| `dragon:replica:<id>:queue` | hash | user lane -> fragments waiting in its queue | `REPLICA_NODES_TTL_S` |
 | `dragon:replica:<id>:inbox` | stream | `run`/`cancel` from other replicas for its nodes | `STREAM_TTL_S` |
 | `dragon:replica:<id>:events` | stream | node events for the jobs it placed elsewhere | `STREAM_TTL_S` |
 
@@ -114,3 +115,8 @@ def inbox(replica_id: str) -> str:
 def events(replica_id: str) -> str:
     """Node events for the jobs a replica placed on other replicas' nodes."""
     return f"{PREFIX}replica:{replica_id}:events"
+
+
+def replica_queue(replica_id: str) -> str:
+    """What a replica has waiting in its fair queue, per user: admission counts the whole swarm's."""
+    return f"{PREFIX}replica:{replica_id}:queue"
