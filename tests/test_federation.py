@@ -287,3 +287,16 @@ def test_the_queue_is_counted_across_replicas(start_orchestrator: Start, redis_u
     busy.join(300)
     queued.join(300)
     assert done == [200, 200]
+
+
+def test_revoked_on_one_replica_cut_where_held(two_replicas: tuple[OrchestratorProcess, ...], start_node: Start,
+                                               tiny_model: Path) -> None:  # fmt: skip
+    a, b = two_replicas
+    node = start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    with a.client("admin") as c:
+        r = c.post("/v1/nodes/w-b/revoke")
+    assert r.status_code == 200 and r.json()["was_connected"], r.text
+    wait_until(lambda: "w-b" not in on(b), 10, "B to cut the node A revoked")
+    wait_until(lambda: "has been revoked" in node.log(), 30, "the node to be refused when it comes back")
+    assert "w-b" not in seen_by(a) and "w-b" not in seen_by(b)

@@ -15,6 +15,7 @@ from fastapi.responses import Response
 
 from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited
 from dragonswarm.orchestrator.auth import Caller, inference, require
+from dragonswarm.orchestrator.federation import Federation
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.limits import Limiter
 from dragonswarm.orchestrator.registry import model_key
@@ -87,7 +88,7 @@ async def revoke_node(request: Request, name: str, key: Admin) -> dict[str, Any]
     swarm = swarm_of(request)
     if not await asyncio.to_thread(swarm.store.revoke_identity, name):
         raise NotFound(f"no node named {name!r} was ever admitted", param="name")
-    return {"name": name, "revoked": True, "was_connected": _cut(swarm, name, CLOSE_REVOKED, "revoked")}
+    return {"name": name, "revoked": True, "was_connected": _cut(request, name, CLOSE_REVOKED, "revoked")}
 
 
 @router.post("/v1/nodes/{name}/forget")
@@ -98,14 +99,19 @@ async def forget_node(request: Request, name: str, key: Admin) -> dict[str, Any]
     swarm = swarm_of(request)
     if not await asyncio.to_thread(swarm.store.forget_identity, name):
         raise NotFound(f"no node named {name!r} is known", param="name")
-    return {"name": name, "forgotten": True, "was_connected": _cut(swarm, name, CLOSE_FORGOTTEN, "forgotten")}
+    return {"name": name, "forgotten": True, "was_connected": _cut(request, name, CLOSE_FORGOTTEN, "forgotten")}
 
 
-def _cut(swarm: Swarm, name: str, code: int, reason: str) -> bool:
-    """End a node's connection now, if it has one; its work moves on."""
+def _cut(request: Request, name: str, code: int, reason: str) -> bool:
+    """End a node's connection now, if it has one (at the replica holding it); its work moves on."""
+    swarm = swarm_of(request)
     conn = swarm.registry.conns.get(name)
     if conn is None:
         return False
+    federation: Federation | None = request.app.state.federation
+    if conn.replica is not None and federation is not None:
+        federation.cut(conn, code, reason)
+        return True
     conn.close(code, reason)
     swarm.node_left(conn)
     return True

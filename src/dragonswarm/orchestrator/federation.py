@@ -44,6 +44,7 @@ log = logging.getLogger("dragonswarm.orchestrator")
 
 PUBLISH_S = 0.5  # how often this replica's nodes are published and the others' read
 BLOCK_MS = 1000  # a stream read waits this long for news
+CUT = "dragon.cut"  # between replicas only: end this node's connection (never sent to a node)
 FLUSH_S = 0.005  # events for another replica are gathered this long, then sent as one entry
 
 
@@ -145,6 +146,11 @@ class Federation:
                 self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code="node_gone",
                                                                 message=f"node {node} is not on this replica")))
             return
+        if message.get("type") == CUT:  # revoked or forgotten on another replica: cut here, where it is held
+            log.warning("node %s cut off at replica %s's word: %s", node, requester, message.get("reason"))
+            conn.close(int(message.get("code", 1008)), str(message.get("reason", ""))[:120])
+            self.swarm.node_left(conn)
+            return
         if message.get("type") == "run":
             RunFragment.model_validate(message)  # a replica is trusted, but a bad message stops here
             self.foreign[job] = Foreign(requester, node)
@@ -169,6 +175,11 @@ class Federation:
                     log.exception("a message from another replica was refused")
 
     # --- other replicas' nodes, run for us --------------------------------------------------------
+
+    def cut(self, conn: NodeConn, code: int, reason: str) -> None:
+        """End a remote node's connection at its holder (an admin revoked or forgot it here)."""
+        self._forward(conn, orjson.dumps({"type": CUT, "code": code, "reason": reason}).decode())
+        self.swarm.node_left(conn)
 
     def _forward(self, conn: NodeConn, text: str) -> None:
         """`conn.send` of a remote node: to its holder's inbox."""
