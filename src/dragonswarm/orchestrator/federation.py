@@ -45,7 +45,8 @@ log = logging.getLogger("dragonswarm.orchestrator")
 PUBLISH_S = 0.5  # how often this replica's nodes are published and the others' read
 BLOCK_MS = 1000  # a stream read waits this long for news
 CUT = "dragon.cut"  # between replicas only: end this node's connection (never sent to a node)
-FLUSH_S = 0.005  # events for another replica are gathered this long, then sent as one entry
+FLUSH_S = 0.005
+COMPLAIN_EVERY_S = 30.0  # events for another replica are gathered this long, then sent as one entry
 
 
 def federation_client(url: str) -> aioredis.Redis:
@@ -88,6 +89,20 @@ class Federation:
     _sending: set[asyncio.Task[None]] = field(default_factory=set)  # messages on their way to inboxes
     _published: dict[str, bytes] = field(default_factory=dict)  # node -> what was last published
     _read: dict[tuple[str, str], str] = field(default_factory=dict)  # (replica, node) -> what was last read
+
+    _failing_since: float | None = None
+    _last_complaint: float | None = None
+
+    def _trouble(self, what: str, exc: Exception) -> None:
+        """Redis failed: said once, then every `COMPLAIN_EVERY_S` while it lasts (the loops retry
+        several times a second; the log must not flood)."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if self._last_complaint is None or now - self._last_complaint >= COMPLAIN_EVERY_S:
+            self._last_complaint = now
+            lasting = f" (failing for {now - self._failing_since:.0f} s)" if now > self._failing_since else ""
+            log.error("%s failed: %s%s", what, exc, lasting)
 
     # --- this replica's nodes, run for others -----------------------------------------------------
 
@@ -134,7 +149,7 @@ class Federation:
                         pipe.expire(K.events(replica), K.STREAM_TTL_S)  # a dead replica's stream goes
                     await pipe.execute()
             except RedisError as exc:  # the requesting replicas will see their fragments stall and move them
-                log.error("relaying %d events to other replicas failed: %s", sum(map(len, batches.values())), exc)
+                self._trouble(f"relaying {sum(map(len, batches.values()))} events to other replicas", exc)
 
     def _take(self, node: str, requester: str, raw: str) -> None:
         """A message for one of our nodes from another replica."""
@@ -164,7 +179,7 @@ class Federation:
             try:
                 answer = await self.redis.xread({K.inbox(self.id): last}, block=BLOCK_MS, count=500)
             except RedisError as exc:
-                log.error("reading this replica's inbox failed: %s", exc)
+                self._trouble("reading this replica's inbox", exc)
                 await asyncio.sleep(1.0)
                 continue
             for entry_id, fields in _entries(answer):
@@ -196,7 +211,7 @@ class Federation:
                 pipe.expire(K.inbox(replica), K.STREAM_TTL_S)
                 await pipe.execute()
         except RedisError as exc:
-            log.error("sending to node %s on replica %s failed: %s", node, replica, exc)
+            self._trouble(f"sending to node {node} on replica {replica}", exc)
 
     async def _events(self) -> None:
         last = "$"
@@ -204,7 +219,7 @@ class Federation:
             try:
                 answer = await self.redis.xread({K.events(self.id): last}, block=BLOCK_MS, count=500)
             except RedisError as exc:
-                log.error("reading this replica's events failed: %s", exc)
+                self._trouble("reading this replica's events", exc)
                 await asyncio.sleep(1.0)
                 continue
             for entry_id, fields in _entries(answer):
@@ -333,9 +348,13 @@ class Federation:
             try:
                 await self._publish_and_read()
             except RedisError as exc:
-                log.error("sharing this replica's nodes through Redis failed: %s", exc)
+                self._trouble("sharing this replica's nodes through Redis", exc)
             except Exception:
                 log.exception("sharing this replica's nodes failed")
+            else:
+                if self._failing_since is not None:
+                    log.warning("Redis answers again: sharing work with the other replicas once more")
+                    self._failing_since = self._last_complaint = None
             await asyncio.sleep(PUBLISH_S)
 
     # --- lifetime ---------------------------------------------------------------------------------
