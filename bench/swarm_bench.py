@@ -94,8 +94,9 @@ class Streamed:
 
 
 def stream_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    # `cache: false`: every round is computed, not answered by the orchestrator's response cache.
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream_options": {"include_usage": True}, "cache": False}  # fmt: skip
 
 
 class StreamParser:
@@ -285,7 +286,7 @@ def bench_fanout(root: Path, tiny: Path, rounds: int, max_tokens: int, sizes: tu
             orch.wait_live([n.name for n in nodes], procs)
             swarms[k] = (orch, nodes)
         tls = orch.tls
-        body = {"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": max_tokens, "temperature": 0}
+        body = {"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": max_tokens, "temperature": 0, "cache": False}
         # A client per swarm: each orchestrator has a private CA of its own.
         clients = {k: stack.enter_context(httpx.Client(timeout=600, verify=orch.verify))
                    for k, (orch, _) in swarms.items()}  # fmt: skip
@@ -404,7 +405,7 @@ def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, bursts:
             up = start_up(procs, "up", workers, f"{TINY}={tiny}", env)
             url, auth = up.api_url + "/completions", {"Authorization": f"Bearer {up.api_key}"}
             # Warm every node's runner: four prompts go to four nodes.
-            body = {"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": 4, "temperature": 0}
+            body = {"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": 4, "temperature": 0, "cache": False}
             verify = up.orchestrator.verify
             httpx.post(url, json=body, headers=auth, timeout=120, verify=verify).raise_for_status()
             with httpx.Client(timeout=120, verify=verify) as client:

@@ -26,7 +26,7 @@ import httpx
 import psutil
 
 from dragonswarm.governor.sampler import tree_cpu_seconds
-from dragonswarm.store.sqlite import open_store
+from dragonswarm.store.backends import open_store
 
 T = TypeVar("T")
 N_CPUS = psutil.cpu_count() or 1
@@ -224,12 +224,15 @@ class Orchestrator:
 
 
 def start_orchestrator(procs: Processes, name: str, *flags: str, env: dict[str, str] | None = None,
-                       module: str = "dragonswarm.cli") -> Orchestrator:  # fmt: skip
+                       module: str = "dragonswarm.cli", redis: str | None = None) -> Orchestrator:  # fmt: skip
     """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store
     (`env`: more environment, say a PYTHONPATH that runs another commit's source; `module`: a
-    wrapper that runs the CLI with something added)."""
+    wrapper that runs the CLI with something added; `redis`: its state in that Redis, given in
+    DRAGON_REDIS so that the password stays off the command line)."""
     home = procs.root / name
-    store = open_store(home)
+    store = open_store(home, redis)
+    if redis:
+        env = {**(env or {}), "DRAGON_REDIS": redis}
     try:
         keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}
     finally:

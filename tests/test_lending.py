@@ -194,8 +194,9 @@ def test_a_run_that_crosses_the_switch_is_handed_back(start_node: Start, tiny_mo
 def served_by(orch: OrchestratorProcess, prompts: int = 2) -> set[str]:
     """The nodes that served a request of `prompts` prompts at once (one fragment each)."""
     with orch.client() as c:
+        # `cache: false`: asked again and again, it must be placed each time, not answered from the cache.
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": [f"p{i}" for i in range(prompts)],
-                                            "max_tokens": 4, "temperature": 0})  # fmt: skip
+                                            "max_tokens": 4, "temperature": 0, "cache": False})  # fmt: skip
     assert r.status_code == 200, r.text
     nodes = set(r.json()["dragon"]["nodes"])
     assert nodes == set(r.headers["x-dragon-nodes"].split(","))  # no fragment moved: first nodes are all nodes

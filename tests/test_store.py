@@ -227,13 +227,13 @@ def test_open_store_uses_state_db_under_home(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_file_header_says_wal_and_schema_version_3(sqlite_store: SqliteStore, tmp_path: Path) -> None:
+def test_file_header_says_wal_and_schema_version_4(sqlite_store: SqliteStore, tmp_path: Path) -> None:
     # Read from the SQLite file header (https://sqlite.org/fileformat.html) rather than
     # through sqlite3, which only store/ imports. Closing checkpoints the WAL into the file.
     sqlite_store.close()
     header = (tmp_path / "home" / "state.db").read_bytes()[:100]
     assert header[18:20] == b"\x02\x02"  # read/write format 2 = WAL
-    assert int.from_bytes(header[60:64], "big") == 3  # PRAGMA user_version
+    assert int.from_bytes(header[60:64], "big") == 4  # PRAGMA user_version
 
 
 def test_threads_share_one_store(store: Store) -> None:
@@ -271,12 +271,41 @@ def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
 
     db = sqlite3.connect(tmp_path / "old.db")
     db.executescript("ALTER TABLE keys DROP COLUMN expires; ALTER TABLE keys DROP COLUMN revoked;"
-                     "DROP TABLE identities; PRAGMA user_version = 1;")  # fmt: skip
+                     "ALTER TABLE keys DROP COLUMN cache; DROP TABLE identities; PRAGMA user_version = 1;")  # fmt: skip
     db.close()
     store = SqliteStore(tmp_path / "old.db")
     found = store.find_key(key)
     store.close()
-    assert found is not None and found.name == "kept" and found.expires is None
+    assert found is not None and found.name == "kept" and found.expires is None and found.cache
+
+
+def test_a_version_3_file_is_migrated_with_every_key_using_the_cache(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "old.db")
+    key, _ = store.create_key("user", "kept", cache=False)
+    store.close()
+    import sqlite3  # a file of schema version 3: its keys have no cache column
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript("ALTER TABLE keys DROP COLUMN cache; PRAGMA user_version = 3;")
+    db.close()
+    store = SqliteStore(tmp_path / "old.db")
+    found = store.find_key(key)
+    _, opted_out = store.create_key("user", "new", cache=False)
+    store.close()
+    assert found is not None and found.name == "kept" and found.cache  # made before the opt-out existed
+    assert not opted_out.cache
+
+
+def test_a_key_may_opt_out_of_the_response_cache(open_db: Callable[[], Store]) -> None:
+    store = open_db()
+    cached, with_cache = store.create_key("user", "cached")
+    fresh, without = store.create_key("user", "fresh", cache=False)
+    assert with_cache.cache and not without.cache
+    other = open_db()  # another connection reads what was stored, not what was returned
+    assert other.find_key(cached) == with_cache and other.find_key(fresh) == without
+    assert [k.cache for k in other.list_keys()] == [True, False]
+    revoked = other.revoke_key(str(without.id))
+    assert revoked is not None and not revoked.cache
 
 
 def test_node_identities(store: Store) -> None:

@@ -134,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--insecure", action="store_true", default=None,
                       help="serve plain HTTP instead of TLS (only on a network you trust)")  # fmt: skip
     _redis(orch, "keep the state in this Redis, shared with other replicas, instead of SQLite under --home")
+    orch.add_argument("--no-response-cache", dest="response_cache", action="store_false", default=None,
+                      help="never answer from the response cache (by default the answer to a request at "
+                      "temperature 0 or with a seed is kept and replayed to the same key)")  # fmt: skip
+    orch.add_argument("--cache-ttl", type=_duration, dest="cache_ttl_s", metavar="DURATION",
+                      help="how long a cached answer is kept: 30s, 90m, 12h (default 1h)")  # fmt: skip
+    orch.add_argument("--cache-shared", action="store_true", default=None,
+                      help="one response cache for every key: a key may be given an answer computed for "
+                      "another (by default each key has its own)")  # fmt: skip
+    orch.add_argument("--cache-max-mb", type=int, metavar="MB",
+                      help="the most the cached answers take in responses.db without --redis (default 256; "
+                      "with --redis, Redis's own maxmemory bounds them)")  # fmt: skip
 
     certs = commands.add_parser("certs", help="the swarm's own certificate authority")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION", parser_class=_Parser)
@@ -151,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="", help="a label to recognise the key by")
     create.add_argument("--home", help="the orchestrator's data directory")
     create.add_argument("--expires", type=_duration, metavar="DURATION", help="valid for this long: 90m, 12h, 30d")
+    create.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="its answers never come from nor go to the orchestrator's response cache")  # fmt: skip
     listing = keys_commands.add_parser("list", help="every key: id, role, name, shown prefix, state")
     listing.add_argument("--home", help="the orchestrator's data directory")
     revoke = keys_commands.add_parser("revoke", help="revoke a key for good (by id or shown prefix)")
@@ -273,7 +286,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
 
     names = ["host", "port", "home", "max_queue", "max_queue_per_user", "request_timeout_s", "stall_timeout_s",
              "log_level", "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure",
-             "max_node_capacity", "redis"]  # fmt: skip
+             "max_node_capacity", "redis", "response_cache", "cache_ttl_s", "cache_shared", "cache_max_mb"]  # fmt: skip
     settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
     if not settings.insecure:
@@ -331,10 +344,11 @@ def cmd_keys(args: argparse.Namespace) -> None:
         if args.keys_command == "create":
             expires = time.time() + args.expires if args.expires else None
             try:
-                key, record = store.create_key(args.role, args.name or f"{args.role} key", expires)
+                key, record = store.create_key(args.role, args.name or f"{args.role} key", expires, args.cache)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-            print(f"created {record.role} key #{record.id} ({record.name}); it is shown only this once:",
+            cache = "" if record.cache else ", no response cache"
+            print(f"created {record.role} key #{record.id} ({record.name}{cache}); it is shown only this once:",
                   file=sys.stderr)  # fmt: skip
             print(key)
         elif args.keys_command == "list":

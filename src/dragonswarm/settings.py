@@ -283,6 +283,13 @@ class OrchestratorSettings(_FileSettings):
     rate_rpm: int = Field(600, ge=0)
     rate_tpm: int = Field(2_000_000, ge=0)
     max_message_bytes: int = Field(1 << 20, ge=1024)  # one WebSocket message from a node
+    # The response cache (orchestrator/cache.py): the answer to a request that determines it
+    # (temperature 0, or a seed) is kept this long and replayed to the same key; in the Redis with
+    # `redis`, else in responses.db under home, at most `cache_max_mb` there, the oldest out first.
+    response_cache: bool = True
+    cache_ttl_s: float = Field(3600.0, gt=0.0)
+    cache_shared: bool = False  # one cache for every key (callers who may see each other's answers)
+    cache_max_mb: int = Field(256, ge=1)
     log_level: str = "info"
 
     @field_validator("redis", mode="before")

@@ -84,10 +84,10 @@ def keys_table(keys: Sequence[KeyRecord], now: float) -> str:
     """One row per key; the shown prefix is all that is ever printed of a key after creation."""
     if not keys:
         return "no keys yet: dragon keys create --role user|node|admin"
-    rows = [("ID", "ROLE", "NAME", "PREFIX", "CREATED", "EXPIRES", "STATE")]
+    rows = [("ID", "ROLE", "NAME", "PREFIX", "CREATED", "EXPIRES", "STATE", "CACHE")]
     for k in keys:
         rows.append((str(k.id), k.role, k.name, k.prefix + "…", _when(k.created),
-                     _when(k.expires) if k.expires else "never", k.state(now)))  # fmt: skip
+                     _when(k.expires) if k.expires else "never", k.state(now), "on" if k.cache else "off"))  # fmt: skip
     return _table(rows)
 
 

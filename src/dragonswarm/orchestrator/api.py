@@ -15,6 +15,7 @@ from fastapi.responses import Response
 
 from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited
 from dragonswarm.orchestrator.auth import Caller, inference, require
+from dragonswarm.orchestrator.cache import CacheState, Lookup, ResponseCache
 from dragonswarm.orchestrator.federation import Federation
 from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.limits import Limiter
@@ -156,35 +157,53 @@ async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: l
         raise RateLimited(charge.reason, retry_after=max(1, math.ceil(charge.wait)))
     # A node handing its owner's request over is the request's origin: it is kept off that node.
     req = SwarmRequest(user=caller.lane, model=model, origin=caller.node)
+    cache: ResponseCache | None = request.app.state.cache
+    lookup = cache.lookup(caller, body, model, gens) if cache else None
     reply = Reply.for_request(body, model, len(gens))
-    reply.headers = lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes)}
-    reply.route = req.route
-    events = _metered(swarm, limiter, caller, req, told, charge, swarm.run(req, gens))
+    reply.headers = lambda: {"X-Dragon-Nodes": ",".join(req.first_nodes), "X-Dragon-Cache": _cache_state(lookup)}
+    reply.route = lambda: _route(req, lookup, len(gens))
+    events = swarm.run(req, gens)
+    if cache and lookup:
+        events = cache.answer(lookup, req, swarm.registry.files(model), events)
     try:
-        return await respond(request, reply, events)
+        return await respond(request, reply, _metered(swarm, limiter, caller, req, told, charge, lookup, events))
     except Overloaded:
         swarm.metrics.refused(caller.name, "queue")
         raise
 
 
+def _cache_state(lookup: Lookup | None) -> CacheState:
+    return lookup.state if lookup else "off"
+
+
+def _route(req: SwarmRequest, lookup: Lookup | None, fragments: int) -> dict[str, object]:
+    """The `dragon` object: the nodes that worked on the answer, or none when it came from the cache."""
+    if lookup and lookup.state == "hit":
+        return {"nodes": [], "fragments": fragments, "cache": "hit"}
+    return {**req.route(), "cache": _cache_state(lookup)}
+
+
 async def _metered(swarm: Swarm, limiter: Limiter, caller: Caller, req: SwarmRequest, told: RequestFacts,
-                   charge: Charge, events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:
+                   charge: Charge, lookup: Lookup | None,
+                   events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
     """Pass events through; once the request ends, record the key's usage and give back
     the tokens charged at admission but not used. Counted as the work goes (prompts as
     they start, each token relayed), so a stream cut short costs what it used. The same
-    counts go to the request's log line and the metrics."""
+    counts go to the request's log line and the metrics. An answer from the cache counts
+    for the key as the answer it is (its usage says so too), but as no tokens generated."""
     began = False
     model = req.model
     watched = observed(events, told)
     try:
         async for index, event in watched:
             began = True
-            if event["ev"] == "text":
+            if event["ev"] == "text" and not (lookup and lookup.state == "hit"):
                 swarm.metrics.tokens(model, len(event.get("ids", ())))
             yield index, event
     finally:
         await watched.aclose()  # and the swarm's own stream with it
         told.fragments, told.nodes = len(req.fragments), list(req.nodes)
+        told.cache = lookup.state if lookup else None
         prompt, completion = told.prompt_tokens, told.completion_tokens
         # Shielded like the usage below: a shared limiter's round trip must finish even while the
         # request's task is being cancelled, or the charge stays whole for the window.

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from dragonswarm import __version__
 from dragonswarm.orchestrator.api import router as api_router
+from dragonswarm.orchestrator.cache import ResponseCache
 from dragonswarm.orchestrator.dashboard import router as dashboard_router
 from dragonswarm.orchestrator.federation import Federation, federation_client
 from dragonswarm.orchestrator.housekeeping import Housekeeping
@@ -26,6 +27,7 @@ from dragonswarm.orchestrator.ws import router as ws_router
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.backends import open_store
 from dragonswarm.store.base import Store
+from dragonswarm.store.responses import ResponseStore, open_responses
 from dragonswarm.tls import TlsFiles
 from dragonswarm.web.errors import BodyLimit, install_error_handlers
 from dragonswarm.web.requestlog import RequestFacts, RequestLog
@@ -38,7 +40,9 @@ log = logging.getLogger("dragonswarm.orchestrator")
 KEEP_ALIVE_S = 75
 
 
-def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
+def create_app(settings: OrchestratorSettings, store: Store, responses: ResponseStore | None = None) -> FastAPI:
+    """The orchestrator's app over its store; `responses`: where its response cache keeps answers
+    (None: no cache)."""
     metrics = Metrics()
     swarm = Swarm(settings, store, metrics)
     loop_lag = LoopLag()
@@ -48,6 +52,7 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     limiter = make_limiter(settings)
     redis_url = settings.redis.get_secret_value() if settings.redis else None
     federation = Federation(swarm, federation_client(redis_url)) if redis_url else None
+    cache = ResponseCache(responses, metrics, shared=settings.cache_shared) if responses else None
 
     def request_done(facts: RequestFacts) -> None:
         metrics.request_done(facts)
@@ -70,6 +75,8 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
             await swarm.close()
             await loop_lag.close()
             await limiter.close()
+            if cache:
+                await cache.close()
             store.close()
 
     # No open documentation pages: every endpoint but /health needs a key.
@@ -82,6 +89,7 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
     app.state.started = time.time()
     app.state.overview = overview
     app.state.federation = federation
+    app.state.cache = cache
     app.state.logins = Logins()
     app.include_router(api_router)
     app.include_router(ws_router)
@@ -95,7 +103,11 @@ def create_app(settings: OrchestratorSettings, store: Store) -> FastAPI:
 def run_orchestrator(settings: OrchestratorSettings) -> None:
     """Serve the orchestrator until interrupted. Also the Python API behind `dragon orchestrator`."""
     redis_url = settings.redis.get_secret_value() if settings.redis else None
-    app = create_app(settings, open_store(settings.home, redis_url))
+    store = open_store(settings.home, redis_url)  # first: an unusable Redis is one line and exit 2 here
+    responses = None
+    if settings.response_cache:
+        responses = open_responses(settings.home, redis_url, settings.cache_ttl_s, settings.cache_max_mb << 20)
+    app = create_app(settings, store, responses)
     tls: dict[str, str] = {}
     if settings.insecure:
         log.warning("serving plain HTTP (--insecure): keys, prompts and answers cross the network unencrypted")

@@ -52,6 +52,11 @@ class Metrics:
                                  registry=r)  # fmt: skip
         self.refusals = Counter("dragon:rate_limit_refusals", "Requests refused by a key's limits (429) or a "
                                 "full queue", ["key", "limit"], registry=r)  # fmt: skip
+        # Only requests the cache may answer (orchestrator/cache.py: `wanted`) are looked up.
+        self.cache_hits = Counter("dragon:response_cache_hits", "Requests answered from the response cache",
+                                  ["model"], registry=r)  # fmt: skip
+        self.cache_misses = Counter("dragon:response_cache_misses", "Requests the response cache could have "
+                                    "answered but did not hold", ["model"], registry=r)  # fmt: skip
         # Per key, for the dashboard: counter values are not meant to be read back.
         self.refused_by_key: Tally[str] = Tally()
         self.tokens_out = 0  # all generated tokens relayed, for tokens/s
@@ -80,6 +85,12 @@ class Metrics:
         """Tokens relayed as they go, so tokens/s follows a long stream, not its end."""
         self.generation_tokens.labels(model).inc(count)
         self.tokens_out += count
+
+    def cache_hit(self, model: str) -> None:
+        self.cache_hits.labels(model).inc()
+
+    def cache_miss(self, model: str) -> None:
+        self.cache_misses.labels(model).inc()
 
     def failover(self, cause: str) -> None:
         self.failovers.labels(cause).inc()

@@ -30,7 +30,9 @@ class StreamOptions(BaseModel):
 
 class SamplingParams(BaseModel):
     """Fields shared by both endpoints. `top_k`, `min_p`, `repeat_penalty` and `cache_prompt`
-    are llama.cpp's server extensions, sent by clients through `extra_body`."""
+    are llama.cpp's server extensions, sent by clients through `extra_body`; `cache` is this
+    project's own: `false` asks the orchestrator for a fresh answer, not one from its response
+    cache (a node has no such cache, so it has nothing to skip)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -50,6 +52,7 @@ class SamplingParams(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_prompt: bool = True
+    cache: bool = True
 
     @field_validator("logit_bias")
     @classmethod

@@ -27,6 +27,7 @@ class KeyRecord:
     created: float  # unix time
     expires: float | None = None  # unix time; None: never
     revoked: float | None = None  # unix time it was revoked; None: in force
+    cache: bool = True  # False: its answers never come from nor go to the response cache
 
     def refusal(self, now: float) -> str | None:
         """Why this key may not be used now, or None if it may."""
@@ -111,8 +112,10 @@ def check_new_key(role: str, name: str) -> None:
 class Store(Protocol):
     """The orchestrator's state. Implementations must be safe to call from several threads."""
 
-    def create_key(self, role: Role, name: str, expires: float | None = None) -> tuple[str, KeyRecord]:
-        """Make a key; the plaintext is returned this once and only its hash is stored."""
+    def create_key(self, role: Role, name: str, expires: float | None = None,
+                   cache: bool = True) -> tuple[str, KeyRecord]:  # fmt: skip
+        """Make a key; the plaintext is returned this once and only its hash is stored.
+        `cache` False: the key opts out of the orchestrator's response cache."""
 
     def find_key(self, key: str) -> KeyRecord | None:
         """The record of a plaintext key (revoked and expired ones too), or None if it is unknown."""

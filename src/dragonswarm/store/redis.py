@@ -159,7 +159,8 @@ def _time(value: str | None) -> float | None:
 
 def _key_record(fields: dict[str, str]) -> KeyRecord:
     return KeyRecord(int(fields["id"]), fields["name"], cast(Role, fields["role"]), fields["prefix"],
-                     float(fields["created"]), _time(fields.get("expires")), _time(fields.get("revoked")))  # fmt: skip
+                     float(fields["created"]), _time(fields.get("expires")), _time(fields.get("revoked")),
+                     cache=fields.get("cache") != "0")  # fmt: skip
 
 
 def _identity(name: str, fields: dict[str, str]) -> NodeIdentity:
@@ -181,7 +182,8 @@ class RedisStore:
         return cls(connect(url))
 
     @_shared
-    def create_key(self, role: Role, name: str, expires: float | None = None) -> tuple[str, KeyRecord]:
+    def create_key(self, role: Role, name: str, expires: float | None = None,
+                   cache: bool = True) -> tuple[str, KeyRecord]:  # fmt: skip
         check_new_key(role, name)
         key = new_key()
         digest = hash_key(key)
@@ -190,6 +192,8 @@ class RedisStore:
         fields = {"id": str(key_id), "name": name, "role": role, "prefix": key_prefix(key), "created": repr(created)}
         if expires is not None:
             fields["expires"] = repr(float(expires))
+        if not cache:  # absent: the cache is used, as by every key made before the field was
+            fields["cache"] = "0"
         with self._r.pipeline(transaction=True) as tx:
             tx.hset(rk.key(digest), mapping=_encodable(fields))
             tx.hset(rk.KEYS, str(key_id), digest)

@@ -9,7 +9,7 @@ Lua scripts receive every key they touch as KEYS, built here, so no script compo
 |---|---|---|---|
 | `dragon:keys:next-id` | string | the last API key id handed out (INCR) | none |
 | `dragon:keys` | hash | key id -> sha256 of the key: the listing, oldest first by id | none |
-| `dragon:key:<sha256>` | hash | one API key's record: id, name, role, prefix, created, expires?, revoked? | none |
+| `dragon:key:<sha256>` | hash | one API key: id, name, role, prefix, created, expires?, revoked?, cache? | none |
 | `dragon:identities` | set | names of admitted nodes | none |
 | `dragon:identity:<name>` | hash | hash (of its credential), created, confirmed?, revoked? | none |
 | `dragon:nodes` | zset | node name -> unix time its record expires | `NODE_TTL_S` |
@@ -24,6 +24,7 @@ Lua scripts receive every key they touch as KEYS, built here, so no script compo
 | `dragon:replica:<id>:queue` | hash | user lane -> fragments waiting in its queue | `REPLICA_NODES_TTL_S` |
 | `dragon:replica:<id>:inbox` | stream | `run`/`cancel` from other replicas for its nodes | `STREAM_TTL_S` |
 | `dragon:replica:<id>:events` | stream | node events for the jobs it placed elsewhere | `STREAM_TTL_S` |
+| `dragon:response:<sha256>` | string | one cached answer's events (JSON), by its cache key | `--cache-ttl` |
 
 A key's plaintext is never stored: only its sha256 (in a key's name and the listing).
 The rate-limit keys of one lane share a hash tag (`{<lane>}`), so one script may touch all
@@ -120,3 +121,10 @@ def events(replica_id: str) -> str:
 def replica_queue(replica_id: str) -> str:
     """What a replica has waiting in its fair queue, per user: admission counts the whole swarm's."""
     return f"{PREFIX}replica:{replica_id}:queue"
+
+
+# The response cache (store/responses_redis.py). Its TTL is the orchestrator's setting
+# (`--cache-ttl`), not a constant: the operator decides how long an answer stays good.
+def response(key: str) -> str:
+    """One cached answer, named by its cache key (a sha256: the model file, the request, the scope)."""
+    return f"{PREFIX}response:{key}"

@@ -34,7 +34,7 @@ from dragonswarm.store.base import (
     new_key,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 5.0
 
 SCHEMA = """
@@ -82,6 +82,11 @@ ALTER TABLE identities ADD COLUMN confirmed REAL;
 UPDATE identities SET confirmed = created
 """
 
+# Version 4: a key may opt out of the response cache (every key made before uses it).
+SCHEMA_V4 = """
+ALTER TABLE keys ADD COLUMN cache INTEGER NOT NULL DEFAULT 1
+"""
+
 
 def open_store(home: Path) -> Store:
     """The store kept under a DRAGON_HOME."""
@@ -121,7 +126,7 @@ class SqliteStore:
                 raise ConfigError(
                     f"{self.path} has schema version {version}, newer than this dragonswarm ({SCHEMA_VERSION})"
                 )
-            steps = [(1, SCHEMA), (2, SCHEMA_V2), (3, SCHEMA_V3)]
+            steps = [(1, SCHEMA), (2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4)]
             for target, script in steps:
                 if version < target:
                     for statement in script.split(";"):
@@ -148,18 +153,19 @@ class SqliteStore:
         with self._lock:
             yield self._db
 
-    def create_key(self, role: Role, name: str, expires: float | None = None) -> tuple[str, KeyRecord]:
+    def create_key(self, role: Role, name: str, expires: float | None = None,
+                   cache: bool = True) -> tuple[str, KeyRecord]:  # fmt: skip
         check_new_key(role, name)
         key = new_key()
         created = time.time()
         with self._write() as db:
             cursor = db.execute(
-                "INSERT INTO keys (name, role, prefix, hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
-                (name, role, key_prefix(key), hash_key(key), created, expires),
+                "INSERT INTO keys (name, role, prefix, hash, created, expires, cache) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, role, key_prefix(key), hash_key(key), created, expires, int(cache)),
             )
             key_id = cursor.lastrowid
         assert key_id is not None  # an INSERT into a rowid table always sets it
-        return key, KeyRecord(key_id, name, role, key_prefix(key), created, expires)
+        return key, KeyRecord(key_id, name, role, key_prefix(key), created, expires, cache=cache)
 
     def find_key(self, key: str) -> KeyRecord | None:
         # An equality lookup on the hash leaks no timing worth having: learning which hash
@@ -288,8 +294,8 @@ class SqliteStore:
             self._db.close()
 
 
-KEY_COLUMNS = "id, name, role, prefix, created, expires, revoked"
+KEY_COLUMNS = "id, name, role, prefix, created, expires, revoked, cache"
 
 
-def _key_record(row: tuple[int, str, Role, str, float, float | None, float | None]) -> KeyRecord:
-    return KeyRecord(*row)
+def _key_record(row: tuple[int, str, Role, str, float, float | None, float | None, int]) -> KeyRecord:
+    return KeyRecord(*row[:7], cache=bool(row[7]))

@@ -44,6 +44,7 @@ class RequestFacts:
     completion_tokens: int = 0
     first_token: float | None = None  # monotonic: when the first generated token went out
     last_token: float | None = None
+    cache: str | None = None  # the orchestrator's response cache: "hit" or "miss" when it was looked in
     error: str | None = None  # an error code, also when it came inside a stream already begun
     status: int = 0  # the HTTP status sent
     ended: float = 0.0
@@ -89,6 +90,8 @@ class RequestFacts:
             parts.append(f"tokens={self.prompt_tokens}+{self.completion_tokens}")
             ttft = self.ttft()
             parts.append(f"ttft={ttft:.3f}s" if ttft is not None else "ttft=-")
+        if self.cache:
+            parts.append(f"cache={self.cache}")
         parts.append(f"duration={self.duration():.3f}s status={self.status}")
         if self.error:
             parts.append(f"error={self.error}")
