@@ -117,7 +117,8 @@ def up(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[U
                                  "--model", f"tiny={tiny_model}:code,chat"], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "DRAGON_OWNER_NOISE": "1.0"})  # see conftest.start_node  # fmt: skip
     try:
-        wait_until(lambda: (home / "swarm.json").exists() or proc.poll() is not None, 120, "swarm.json")
+        # swarm.json is written just before the banner is printed
+        wait_until(lambda: "Ctrl-C stops" in log_path.read_text() or proc.poll() is not None, 120, "the banner")
         assert proc.poll() is None, log_path.read_text()
         info = json.loads((home / "swarm.json").read_text())
         yield Up(home, f"https://127.0.0.1:{port}", info["api_key"], (home / "keys" / "admin.key").read_text().strip(),
