@@ -5,7 +5,8 @@ for other machines.
 A simulated node says `hello` (one model, `capacity` fragments at once), reads `welcome`,
 confirms the credential it offers and then uses that credential, and reports at the cadence
 the welcome gives: a heartbeat every `heartbeat_s` while it works, every `idle_heartbeat_s`
-while it is quiet, and a WebSocket ping every 2 of those periods, as `node/link.py` does.
+while it is quiet (its CPU load and round trip varying from beat to beat, as a machine's do),
+and a WebSocket ping every 2 of those periods, as `node/link.py` does.
 Given several orchestrator URLs it moves to the next one when its link is lost, after
 `node.link.reconnect_delay` (0.2 s, then a backoff per round of all of them), with the same
 jitter.
@@ -38,7 +39,15 @@ MODEL = "chat"
 # The fixed answer: a token is a word, its id its place in this list.
 WORDS = ("The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "swarm", "streams",
          "every", "token", "in", "order", "to", "each", "of", "its", "many", "users")  # fmt: skip
-BUSY_BEAT = orjson.loads(BEAT) | {"cpu_ours": 0.25, "share_in_force": 0.25}
+QUIET_BEAT = orjson.loads(BEAT)
+BUSY_BEAT = QUIET_BEAT | {"cpu_ours": 0.25, "share_in_force": 0.25}
+
+
+def beat(running: list[str]) -> str:
+    """A heartbeat whose figures move from beat to beat, as a real machine's do (the CPU it sees,
+    its round trip): what a replica publishes of its nodes changes with each one."""
+    figures = {"cpu_total": round(random.uniform(0.05, 0.3), 3), "rtt_ms": round(random.uniform(0.3, 0.6), 3)}
+    return orjson.dumps((BUSY_BEAT | {"running": running} if running else QUIET_BEAT) | figures).decode()
 
 
 def answer(n: int) -> list[str]:
@@ -178,8 +187,7 @@ class SimNode:
             now = time.monotonic()
             busy = bool(self.jobs)
             if busy or busy != sent_busy or now - sent_at >= idle_s - heartbeat_s / 2:
-                beat = BUSY_BEAT | {"running": list(self.jobs)[:64]} if busy else None
-                await ws.send(orjson.dumps(beat).decode() if beat else BEAT)
+                await ws.send(beat(list(self.jobs)[:64]))
                 self.stats.beats += 1
                 sent_at, sent_busy = now, busy
             if now >= next_ping:
