@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import ssl
 import sys
 import tempfile
@@ -81,7 +82,8 @@ def _row(user: int, replica: int, sent: float, status: int, headers: dict[str, s
          first: float) -> Row:  # fmt: skip
     """What one answer came to, parsed after it ended."""
     got = body.count(b'"text":"') - body.count(b'"text":""')
-    error = body[:200].decode(errors="replace") if status != 200 or b'"error"' in body else ""
+    at = body.find(b'"error"')
+    error = body[max(0, at):][:300].decode(errors="replace") if status != 200 or at >= 0 else ""
     return (user, replica, sent, first, time.monotonic(), status, headers.get("retry-after", ""),
             headers.get("x-dragon-nodes", ""), got, body.rstrip().endswith(b"[DONE]"), error)  # fmt: skip
 
@@ -248,6 +250,8 @@ def run_variant(label: str, root: Path, args: argparse.Namespace) -> dict[str, A
             stats = gens.stop() if gens is not None else []
             if redis is not None:
                 redis.stop()
+            if args.logs:  # the processes' logs, kept for a run worth reading
+                shutil.copytree(home / "logs", args.logs / label, dirs_exist_ok=True)
         result["workers"] = totals(stats)
     return result
 
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                         "stand in for other machines")
     parser.add_argument("--generators", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "users")
+    parser.add_argument("--logs", type=Path, help="keep each variant's process logs in this folder")
     args = parser.parse_args(argv)
     args.workers = args.workers or args.users
     limit = raise_open_files((args.users + args.workers) * 3 + 4096)
