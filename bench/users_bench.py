@@ -84,8 +84,11 @@ def _row(user: int, replica: int, sent: float, status: int, headers: dict[str, s
     got = body.count(b'"text":"') - body.count(b'"text":""')
     at = body.find(b'"error"')
     error = body[max(0, at):][:300].decode(errors="replace") if status != 200 or at >= 0 else ""
+    done = body.rstrip().endswith(b"[DONE]")
+    if not done and not error:
+        error = "ended without [DONE], last: " + body[-200:].decode(errors="replace")
     return (user, replica, sent, first, time.monotonic(), status, headers.get("retry-after", ""),
-            headers.get("x-dragon-nodes", ""), got, body.rstrip().endswith(b"[DONE]"), error)  # fmt: skip
+            headers.get("x-dragon-nodes", ""), got, done, error)  # fmt: skip
 
 
 async def _lean(client: StreamClient, key: str, user: int, replica: int, body: dict[str, Any]) -> Row:

@@ -51,7 +51,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 if name not in ("generators", "clients")}  # fmt: skip
     out |= {
         "requests": len(rows), "ok": len(ok), "refused_429": len(refused), "failed": len(failed),
-        "failed_samples": sorted({f"{r[5]}: {r[10]}"[:160] for r in failed})[:5],
+        "failed_samples": sorted({f"{r[5]}, {r[8]} of {wanted} tokens: {r[10]}"[:240] for r in failed})[:5],
         "ttft_ms": spread(ttft), "ttft_first_round_ms": spread(ttft_first), "ttft_later_ms": spread(ttft_later),
         "total_ms": spread([(r[4] - r[2]) * 1000 for r in ok]),
         "crossed": crossed, "crossed_fraction": round(crossed / max(1, len(ok)), 3),
