@@ -206,6 +206,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         finally:
             result["loadavg_after"] = loadavg()
             stats = gens.stop() if gens is not None else []
+            procs.close()  # the orchestrators first: they write to Redis until they stop
             redis.stop()
         result["clients"] = totals(stats)
         kill = marks.get("kill")

@@ -251,6 +251,7 @@ def run_variant(label: str, root: Path, args: argparse.Namespace) -> dict[str, A
             procs.check_alive()
         finally:
             stats = gens.stop() if gens is not None else []
+            procs.close()  # the orchestrators first: they write to Redis until they stop
             if redis is not None:
                 redis.stop()
             if args.logs:  # the processes' logs, kept for a run worth reading
