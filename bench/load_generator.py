@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -167,18 +168,20 @@ class SimNode:
                 message = orjson.loads(raw)
                 if message["type"] == "run" and self.cfg.serve and message["job"] not in self.jobs:
                     job = message["job"]
-                    task = asyncio.create_task(self._job(ws, job, message["gen"]))
-                    self.jobs[job] = task
-                    task.add_done_callback(lambda _, job=job: self.jobs.pop(job, None))
+                    self.jobs[job] = asyncio.create_task(self._job(ws, job, message["gen"]))
+                    self.jobs[job].add_done_callback(functools.partial(self._forget, job))
                 elif message["type"] == "cancel":
                     self.stats.cancels += 1
-                    task = self.jobs.get(message["job"])
-                    if task is not None:
-                        task.cancel()
+                    running = self.jobs.get(message["job"])
+                    if running is not None:
+                        running.cancel()
                     else:
                         await ws.send(_event(message["job"], "done", finish_reason="cancelled", completion_tokens=0))
         finally:
             beats.cancel()
+
+    def _forget(self, job: str, _: object) -> None:
+        self.jobs.pop(job, None)
 
     async def _beats(self, ws: Any, heartbeat_s: float, idle_s: float) -> None:
         """Heartbeats as `Cadence.due` sends them, and pings every 2 periods as `SwarmLink._pings`."""

@@ -8,6 +8,7 @@ The replicas share one CA: the first makes it in its home, the others get a copy
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -21,10 +22,11 @@ import redis
 
 from bench.loop_bench import gc_window, window
 from bench.swarm_procs import Orchestrator, Processes, start_orchestrator, wait_until
+from dragonswarm.store.base import Role
 from dragonswarm.store.redis_server import LocalRedis, start_local_redis
 
 REPO = Path(__file__).resolve().parent.parent
-ROLES = ("admin", "user", "node")
+ROLES: tuple[Role, ...] = ("admin", "user", "node")
 
 
 @dataclass
@@ -57,7 +59,7 @@ def create_keys(redis_url: str | None, home: Path, users: int = 0) -> tuple[dict
 
     store = open_store(home, redis_url)
     try:
-        keys = {role: store.create_key(role, f"bench {role}")[0] for role in ROLES}
+        keys: dict[str, str] = {role: store.create_key(role, f"bench {role}")[0] for role in ROLES}
         many = [store.create_key("user", f"user-{i:04d}")[0] for i in range(users)]
     finally:
         store.close()
@@ -68,7 +70,7 @@ def start_replicas(procs: Processes, names: list[str], keys: dict[str, str], red
                    env: dict[str, str] | None = None) -> list[Replica]:  # fmt: skip
     """Orchestrators on this worktree's source, each with the loop-lag probe; with `redis_url`, all
     on that Redis (one CA), else each with its own SQLite file (give `keys` made in the first's home)."""
-    out = []
+    out: list[Replica] = []
     for name in names:
         home = procs.root / name
         home.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,7 @@ def start_replicas(procs: Processes, names: list[str], keys: dict[str, str], red
         orch = start_orchestrator(procs, name, env=full_env, module="bench.loop_probe", keys=keys)
         replica = Replica(name, orch, probe)
         if redis_url:
-            replica.id = wait_until(lambda orch=orch: _replica_id(orch), 30, f"{name}'s replica id")
+            replica.id = wait_until(functools.partial(_replica_id, orch), 30, f"{name}'s replica id")
         out.append(replica)
     return out
 

@@ -21,6 +21,7 @@ load average is recorded before and after: other work shares these 2 cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -63,6 +64,10 @@ def seen_live(replica: Replica) -> int:
     return int(r.json()["states"].get("live", 0))
 
 
+def _sees(replica: Replica, n: int) -> bool:
+    return seen_live(replica) >= n
+
+
 def published(client: Any, replica: Replica, count_live: bool = False) -> int:
     """Nodes a replica publishes as held by it (HLEN), or of those the ones it calls live."""
     key = K.replica_nodes(replica.id)
@@ -75,7 +80,9 @@ def quantiles(values: list[float]) -> dict[str, float]:
     values = sorted(values)
     if not values:
         return {}
-    pick = lambda q: values[min(len(values) - 1, int(len(values) * q / 100))]  # noqa: E731
+    def pick(q: int) -> float:
+        return values[min(len(values) - 1, int(len(values) * q / 100))]
+
     return {"p50": round(pick(50), 2), "p90": round(pick(90), 2), "p99": round(pick(99), 2),
             "max": round(values[-1], 2), "n": len(values)}  # fmt: skip
 
@@ -160,7 +167,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             print(f"all {n} welcomed after {result['all_welcomed_s']} s", flush=True)
             result["all_live_s"] = {}
             for r in (a, b):
-                wait_until(lambda r=r: seen_live(r) >= n, args.join_timeout_s, f"{r.name} to see {n} live",
+                wait_until(functools.partial(_sees, r, n), args.join_timeout_s, f"{r.name} to see {n} live",
                            interval=0.25)  # fmt: skip
                 result["all_live_s"][r.name] = round(time.monotonic() - t0, 2)
             marks["joined"] = time.monotonic()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import random
 import shutil
@@ -37,6 +38,7 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from bench.load_generator import MODEL, GenConfig, start_generators, totals
 from bench.loop_bench import raise_open_files
 from bench.outputs import save
 from bench.replica_procs import (
+    Replica,
     between,
     create_keys,
     git,
@@ -64,11 +67,23 @@ from bench.users_report import summarize, write_markdown
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"errors": 0, "p99_added_ms": 100.0}
 # variant -> (replicas, the replica each worker joins, the replica each user calls), by index
-LAYOUTS = {
-    "one": (1, lambda i: 0, lambda i: 0),
-    "split": (2, lambda i: i % 2, lambda i: i % 2),
-    "local": (2, lambda i: 0, lambda i: 0),
-    "cross": (2, lambda i: 1, lambda i: 0),
+def _first(i: int) -> int:
+    return 0
+
+
+def _second(i: int) -> int:
+    return 1
+
+
+def _alternate(i: int) -> int:
+    return i % 2
+
+
+LAYOUTS: dict[str, tuple[int, Callable[[int], int], Callable[[int], int]]] = {
+    "one": (1, _first, _first),
+    "split": (2, _alternate, _alternate),
+    "local": (2, _first, _first),
+    "cross": (2, _second, _first),
 }
 
 # --- the users -------------------------------------------------------------------------------------------
@@ -223,7 +238,8 @@ def run_variant(label: str, root: Path, args: argparse.Namespace) -> dict[str, A
             wait_until(lambda: sum(gens.connected(k) for k in range(n_replicas)) >= args.workers, 300,
                        f"{args.workers} workers linked", interval=0.1)  # fmt: skip
             for r in reps:
-                wait_until(lambda r=r: _live(r) >= args.workers, 120, f"{r.name} to see every worker", interval=0.25)
+                wait_until(functools.partial(_sees, r, args.workers), 120, f"{r.name} to see every worker",
+                           interval=0.25)  # fmt: skip
             result["workers_held"] = [gens.connected(k) for k in range(n_replicas)]
             time.sleep(args.settle_s)  # the join storm's garbage and freezes are over
             pids = {r.name: r.pid for r in reps} | ({"redis": redis.process.pid} if redis else {}) | \
@@ -260,7 +276,11 @@ def run_variant(label: str, root: Path, args: argparse.Namespace) -> dict[str, A
     return result
 
 
-def _live(replica: Any) -> int:
+def _sees(replica: Replica, n: int) -> bool:
+    return _live(replica) >= n
+
+
+def _live(replica: Replica) -> int:
     r = httpx.get(replica.orch.api + "/nodes", params={"summary": "true"}, headers=replica.orch.auth("admin"),
                   timeout=60, verify=replica.orch.verify)  # fmt: skip
     r.raise_for_status()
