@@ -224,6 +224,7 @@ class Orchestrator:
 
 
 def start_orchestrator(procs: Processes, name: str, *flags: str, env: dict[str, str] | None = None,
+<<<<<<< HEAD
                        module: str = "dragonswarm.cli", redis: str | None = None) -> Orchestrator:  # fmt: skip
     """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store
     (`env`: more environment, say a PYTHONPATH that runs another commit's source; `module`: a
@@ -237,6 +238,21 @@ def start_orchestrator(procs: Processes, name: str, *flags: str, env: dict[str, 
         keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}
     finally:
         store.close()
+=======
+                       module: str = "dragonswarm.cli",
+                       keys: dict[str, str] | None = None) -> Orchestrator:  # fmt: skip
+    """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store
+    (`env`: more environment, say a PYTHONPATH that runs another commit's source; `module`: a
+    wrapper that runs the CLI with something added; `keys`: role -> key already in the store it
+    will use, say a shared Redis, instead of new ones in its own SQLite file)."""
+    home = procs.root / name
+    if keys is None:
+        store = open_store(home)
+        try:
+            keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}
+        finally:
+            store.close()
+>>>>>>> bench-scale
     port = free_port()
     started = procs.start(name, ["orchestrator", "--home", str(home), "--port", str(port), *flags], env, module)
 
