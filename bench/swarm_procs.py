@@ -224,35 +224,22 @@ class Orchestrator:
 
 
 def start_orchestrator(procs: Processes, name: str, *flags: str, env: dict[str, str] | None = None,
-<<<<<<< HEAD
-                       module: str = "dragonswarm.cli", redis: str | None = None) -> Orchestrator:  # fmt: skip
-    """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store
-    (`env`: more environment, say a PYTHONPATH that runs another commit's source; `module`: a
-    wrapper that runs the CLI with something added; `redis`: its state in that Redis, given in
-    DRAGON_REDIS so that the password stays off the command line)."""
-    home = procs.root / name
-    store = open_store(home, redis)
-    if redis:
-        env = {**(env or {}), "DRAGON_REDIS": redis}
-    try:
-        keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}
-    finally:
-        store.close()
-=======
-                       module: str = "dragonswarm.cli",
+                       module: str = "dragonswarm.cli", redis: str | None = None,
                        keys: dict[str, str] | None = None) -> Orchestrator:  # fmt: skip
     """`dragon orchestrator` on a free port, with an admin, a user and a node key in its store
     (`env`: more environment, say a PYTHONPATH that runs another commit's source; `module`: a
-    wrapper that runs the CLI with something added; `keys`: role -> key already in the store it
-    will use, say a shared Redis, instead of new ones in its own SQLite file)."""
+    wrapper that runs the CLI with something added; `redis`: its state in that Redis, given in
+    DRAGON_REDIS so that the password stays off the command line; `keys`: role -> key already in
+    the store it will use, say a shared Redis, instead of new ones)."""
     home = procs.root / name
+    if redis:
+        env = {**(env or {}), "DRAGON_REDIS": redis}
     if keys is None:
-        store = open_store(home)
+        store = open_store(home, redis)
         try:
             keys = {role: store.create_key(role, f"bench {role}")[0] for role in ("admin", "user", "node")}
         finally:
             store.close()
->>>>>>> bench-scale
     port = free_port()
     started = procs.start(name, ["orchestrator", "--home", str(home), "--port", str(port), *flags], env, module)
 
