@@ -118,6 +118,8 @@ class Federation:
         if ev.ev in ("done", "error"):
             del self.foreign[ev.job]
             conn.foreign.discard(ev.job)
+            # A second `done` (one crossing a cancel) is then a late answer, not a protocol breach.
+            conn.finished.append(ev.job)
             self.swarm.registry.refresh(conn)
             self.swarm.dispatcher.dispatch()
         self._send_event(job.replica, conn.name, raw)
@@ -212,6 +214,10 @@ class Federation:
                 await pipe.execute()
         except RedisError as exc:
             self._trouble(f"sending to node {node} on replica {replica}", exc)
+            message = orjson.loads(text)
+            if message.get("type") == "run":  # lost on the way: move it now, not after the stall timeout
+                self._event(node, dump(JobEvent(job=message.get("job", ""), ev="error", code="node_gone",
+                                                message="its replica could not be reached through Redis")))
 
     async def _events(self) -> None:
         last = "$"
