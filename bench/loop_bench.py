@@ -310,9 +310,13 @@ def run_variant(label: str, root: Path, src: Path, version: int, nodes: int, pro
         passes = [tuple(map(float, line.split())) for line in gc_file.read_text().splitlines() if line] \
             if gc_file.exists() else []  # fmt: skip
         result["gc"] = {"join": gc_window(passes, marks["t0"], marks["live"])}
+        stuck_file = probe_file.with_name(probe_file.name + ".stuck")
+        stuck = stuck_reports(stuck_file.read_text()) if stuck_file.exists() else []
+        result["stuck"] = {"join": stuck_window(stuck, marks["t0"], marks["live"])}
         if "t2" in marks:
             result["probe"]["steady"] = window(samples, marks["t1"], marks["t2"])
             result["gc"]["steady"] = gc_window(passes, marks["t1"], marks["t2"])
+            result["stuck"]["steady"] = stuck_window(stuck, marks["t1"], marks["t2"])
         times = sorted(t - marks["t0"] for s in gen_stats for t in s["welcomed"])
         if times:
             result["welcome_s"] = {q: round(times[min(len(times) - 1, int(len(times) * q / 100))], 2)
@@ -325,6 +329,28 @@ def window(samples: list[tuple[float, ...]], start: float, end: float) -> dict[s
     from dragonswarm.orchestrator.looplag import summarize
 
     return dict(summarize([lag for when, lag in samples if start <= when <= end], round(end - start, 1)))
+
+
+def stuck_reports(text: str) -> list[tuple[float, str]]:
+    """The probe's reports of a stuck loop (`loop_probe.watch`): when, and the innermost frame
+    of ours in the loop thread's stack (or the innermost frame at all)."""
+    out = []
+    for block in text.split("--- ")[1:]:
+        head, *lines = block.splitlines()
+        frames = [ln.strip() for ln in lines if ln.startswith("  File ")]
+        ours = [f for f in frames if "/dragonswarm/" in f and "loop_probe" not in f]
+        where = (ours or frames or ["?"])[-1].replace("File ", "")
+        out.append((float(head.split()[0]), where.split("/src/")[-1].split("/site-packages/")[-1]))
+    return out
+
+
+def stuck_window(reports: list[tuple[float, str]], start: float, end: float) -> list[tuple[str, int]]:
+    """Where the loop was stuck between two monotonic times: the five most reported places."""
+    counts: dict[str, int] = {}
+    for when, where in reports:
+        if start <= when <= end:
+            counts[where] = counts.get(where, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])[:5]
 
 
 def gc_window(passes: list[tuple[float, ...]], start: float, end: float) -> dict[str, Any]:
@@ -405,6 +431,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         ("steady: the orchestrator's own monitor, last 60 s (`GET /v1/nodes`)", "steady.loop", ""),
         ("join storm: garbage collector, passes / total s / longest ms by generation", "gc.join", ""),
         ("steady: garbage collector, passes / total s / longest ms by generation", "gc.steady", ""),
+        ("join storm: where the loop was stuck ≥ 0.2 s (innermost frame of ours, reports)", "stuck.join", ""),
+        ("steady: where the loop was stuck ≥ 0.2 s", "stuck.steady", ""),
         ("steady: orchestrator CPU (cores)", "steady.orchestrator_cpu", ""),
         ("steady: node states", "steady.states", ""),
         ("`GET /v1/nodes` at the end: counts / the whole list (s)", "steady.get_nodes_s", ""),
@@ -422,6 +450,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 passes = r.get("gc", {}).get(key.split(".")[1])
                 cells.append(", ".join(f"{g}: {v['passes']} / {v['total_s']} / {v['max_ms']}"
                                        for g, v in passes.items()) if passes else "-")  # fmt: skip
+            elif key.startswith("stuck."):
+                places = r.get("stuck", {}).get(key.split(".")[1])
+                cells.append("; ".join(f"`{where}` ×{n}" for where, n in places) if places else "none")
             elif key == "clients":
                 c = r.get("clients", {})
                 cells.append(f"{c.get('beats', 0):,} / {c.get('pings', 0):,} (failed connects {c.get('failures', 0)}, "

@@ -9,6 +9,10 @@ It also times the garbage collector's passes, written to `LOOP_PROBE_FILE.gc` as
 Like `orchestrator.looplag`, it sleeps 20 ms and records how late it woke; it writes its samples
 once a second (a few kB), with the system-wide monotonic clock, so the benchmark can take any
 window of them (the join storm, the steady minute) after the run.
+
+And it says where the loop was stuck: a thread looks every 50 ms, and when the probe has not
+woken for `STUCK_S`, it writes the event loop thread's stack to `LOOP_PROBE_FILE.stuck`
+(once per stretch, then again each second it lasts).
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ import asyncio
 import gc
 import os
 import sys
+import threading
 import time
+import traceback
 
 from dragonswarm.cli import main
 
 PERIOD_S = 0.02
+STUCK_S = 0.2
+_woke = [time.monotonic()]  # when the probe last woke (a list: the watchdog thread reads it)
 _tasks: set[asyncio.Task[None]] = set()  # held, so the probe is not collected
 
 
@@ -32,7 +40,7 @@ async def probe(path: str) -> None:
         while True:
             start = time.monotonic()
             await asyncio.sleep(PERIOD_S)
-            now = time.monotonic()
+            now = _woke[0] = time.monotonic()
             lines.append(f"{now:.4f} {max(0.0, now - start - PERIOD_S):.5f}\n")
             if now - flushed >= 1.0:
                 f.write("".join(lines))
@@ -62,10 +70,28 @@ def time_gc(path: str) -> None:
     gc.callbacks.append(callback)
 
 
+def watch(path: str, loop_thread: int) -> None:
+    """Write the loop thread's stack while the probe is `STUCK_S` late (a daemon thread)."""
+    reported = 0.0
+    with open(path, "a") as out:
+        while True:
+            time.sleep(0.05)
+            now, woke = time.monotonic(), _woke[0]
+            if now - woke < STUCK_S + PERIOD_S or now - reported < 1.0:
+                continue
+            frame = sys._current_frames().get(loop_thread)
+            if frame is None:
+                continue
+            reported = now
+            out.write(f"--- {now:.4f} stuck {now - woke:.2f} s\n{''.join(traceback.format_stack(frame))}")
+            out.flush()
+
+
 def _start_with_probe(start: object, path: str) -> object:
     def patched(self: object) -> None:
         start(self)  # type: ignore[operator]
         _tasks.add(asyncio.get_running_loop().create_task(probe(path), name="loop-probe"))
+        threading.Thread(target=watch, args=(path + ".stuck", threading.get_ident()), daemon=True).start()
 
     return patched
 

@@ -119,3 +119,15 @@ def test_the_orchestrator_waits_longer_for_a_quiet_node(start_orchestrator: Call
         assert nodes["quiet"]["state"] == "live", nodes["quiet"]
         # Not for good: it goes stale too, later.
         wait_until(lambda: orch.nodes()["quiet"]["state"] == "stale", 10, "the quiet node to go stale")
+
+
+def test_a_new_heartbeat_changes_the_silence_allowed() -> None:
+    """The silence a node's last beat allows is kept per beat (housekeeping reads it for every
+    node twice a second): a beat that says work started shortens it at once."""
+    now = 1000.0
+    conn = node_conn(beat(), 10.0, now)
+    assert conn.state(now, 3.5) == "live" and not conn.overdue(now, 3.5)
+    conn.heartbeat = beat(running=["j-1"])
+    assert conn.state(now, 3.5) == "stale" and conn.overdue(now, 3.5)
+    conn.heartbeat = beat()
+    assert conn.state(now, 3.5) == "live"

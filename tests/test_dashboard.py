@@ -25,7 +25,7 @@ from tests.browser import browser_context
 from tests.conftest import free_port, wait_until
 
 from dragonswarm.orchestrator.logins import Logins
-from dragonswarm.orchestrator.overview import row_order, swarm_cpu
+from dragonswarm.orchestrator.overview import row_order
 from dragonswarm.tls import client_context
 from dragonswarm.web.requestlog import RequestFacts
 
@@ -54,11 +54,6 @@ def test_rows_that_need_an_eye_come_first() -> None:
             {"name": "stale", "state": "stale"}, {"name": "owner", "state": "live", "owner_busy": True},
             {"name": "working", "state": "live", "running": 1}]  # fmt: skip
     assert [r["name"] for r in sorted(rows, key=row_order)] == ["working", "owner", "stale", "idle", "gone"]
-
-
-def test_swarm_cpu_is_weighted_by_cores() -> None:
-    assert swarm_cpu([(2, 1.0, 0.5), (6, 0.0, 0.0)]) == (0.25, 0.125)
-    assert swarm_cpu([]) == (0.0, 0.0)
 
 
 def test_a_request_line_has_names_and_numbers_only() -> None:

@@ -12,9 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from tests.conftest import NodeProcess, OrchestratorProcess, wait_until
 
 from dragonswarm.node.link import BACKOFF_S, RETRY_NEXT_S, reconnect_delay
+from dragonswarm.orchestrator.federation import refusal
+from dragonswarm.protocol.runner import Generation
+from dragonswarm.protocol.swarm import RunFragment, dump
+from dragonswarm.scheduler.placement import NodeState
+from dragonswarm.store import rediskeys as K
 
 Start = Callable[..., Any]
 
@@ -308,3 +314,50 @@ def test_revoked_on_one_replica_cut_where_held(two_replicas: tuple[OrchestratorP
     wait_until(lambda: "has been revoked" in node.log(), 30, "the node to be refused when it comes back")
     # A drops it when it next reads B's list (half a second)
     wait_until(lambda: "w-b" not in seen_by(a) and "w-b" not in seen_by(b), 10, "both replicas to drop it")
+
+
+def test_a_holder_turns_down_what_its_node_has_no_room_for() -> None:
+    def node(**kw: Any) -> NodeState:
+        fields = {"name": "w1", "models": frozenset({"m"}), "loaded": frozenset(), "capacity": 1, "assigned": 0,
+                  "owner_busy": False, "load": 0.1, "live": True}  # fmt: skip
+        return NodeState(**(fields | kw))
+
+    assert refusal(node()) is None
+    assert refusal(node(capacity=2, assigned=1)) is None
+    assert "full (1 of 1)" in (refusal(node(assigned=1)) or "")
+    assert "owner" in (refusal(node(owner_busy=True)) or "")
+    assert "stale" in (refusal(node(live=False)) or "")
+
+
+def test_a_run_for_a_node_already_working_goes_back_to_its_sender(two_replicas: tuple[OrchestratorProcess, ...],
+                                                                  start_node: Start, tiny_model: Path,
+                                                                  redis_url: str) -> None:  # fmt: skip
+    """Two replicas may book one free node in the same half second (each places from a view of
+    the other's nodes up to 0.5 s old). Its holder must send the second run back at once, as
+    `node_busy`, not queue it behind the first on the node."""
+    a, b = two_replicas
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        holder, hello = next((rid, json.loads(raw)["hello"]) for rid in r.smembers(K.REPLICAS)
+                             for name, raw in r.hgetall(K.replica_nodes(rid)).items() if name == "w-b")  # fmt: skip
+        run = RunFragment(job="from-elsewhere", model="tiny", sha256=hello["models"][0]["sha256"],
+                          gen=Generation(prompt="hello", max_tokens=4))  # fmt: skip
+        finishes = []
+        with b.client() as c, c.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "once upon a time",
+                                       "max_tokens": 300, "stream": True, "cache_prompt": False}) as resp:  # fmt: skip
+            assert resp.status_code == 200
+            sent = False
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                if not sent:  # w-b is generating for B's own client: another replica's run arrives
+                    r.xadd(K.inbox(holder), {"n": "w-b", "r": "elsewhere", "m": dump(run)})
+                    answer = r.xread({K.events("elsewhere"): "0"}, block=10_000)
+                    sent = True
+                finishes += [ch["finish_reason"] for ch in json.loads(line[6:])["choices"] if ch.get("finish_reason")]
+        assert finishes == ["length"]  # B's own stream went on undisturbed
+        events = [json.loads(raw) for _, entries in answer for _, fields in entries
+                  for _, raw in json.loads(fields["e"])]  # fmt: skip
+        assert [(e["job"], e["ev"], e.get("code")) for e in events] == [("from-elsewhere", "error", "node_busy")]
+        assert "full (1 of 1)" in events[0]["message"]

@@ -78,12 +78,3 @@ def test_the_worst_recent_lag() -> None:
     assert lag.worst_since(8.0) == 2.0
     assert lag.worst_since(0.0) == 2.0
     assert LoopLag().worst_since(0.0) == 0.0
-
-
-def test_a_node_record_is_saved_on_a_change_of_state_or_when_old() -> None:
-    from dragonswarm.orchestrator.housekeeping import due_for_saving
-
-    assert due_for_saving("live", None, 100.0, 30.0)  # never saved
-    assert not due_for_saving("live", (90.0, "live"), 100.0, 30.0)
-    assert due_for_saving("stale", (90.0, "live"), 100.0, 30.0)  # its state changed
-    assert due_for_saving("live", (70.0, "live"), 100.0, 30.0)  # old enough

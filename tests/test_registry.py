@@ -3,14 +3,17 @@ from-scratch rebuild after random sequences of joins and leaves."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dragonswarm.orchestrator.registry import NodeConn, Registry, model_key
-from dragonswarm.protocol.swarm import VERSION, Hello, ModelInfo
+from dragonswarm.protocol.cadence import Cadence
+from dragonswarm.protocol.swarm import VERSION, Heartbeat, Hello, ModelInfo
 
 NAMES = ["w0", "w1", "w2", "w3", "w4", "w5"]
 MODELS = ["tiny", "coder", "chat"]
@@ -163,8 +166,54 @@ def test_unchanged_records_are_resaved_spread_over_the_period() -> None:
     now = time.monotonic()
     assert len(keeper.records_due(now)) == 300  # never saved: all of them
     budget = resave_budget(300, SAVE_S, RESAVE_S)
-    assert budget == 21
+    assert budget == math.ceil(300 * SAVE_S / RESAVE_S) + 1
     later = now + RESAVE_S + 0.1  # all old enough now, and all stale (no heartbeat since): a change
     assert len(keeper.records_due(later)) == 300
-    rounds = [len(keeper.records_due(later + RESAVE_S + k * SAVE_S)) for k in range(15)]
-    assert rounds == [budget] * 14 + [300 - 14 * budget]  # spread over the period, and every one written
+    n = math.ceil(300 / budget)
+    rounds = [len(keeper.records_due(later + RESAVE_S + k * SAVE_S)) for k in range(n)]
+    assert rounds == [budget] * (n - 1) + [300 - (n - 1) * budget]  # spread over the period, every one written
+    back = reg.conns["n7"]
+    at = later + RESAVE_S + (n - 1) * SAVE_S + 1  # no re-save due yet: the oldest is not RESAVE_S old
+    assert at - (later + RESAVE_S) < RESAVE_S
+    back.seen(at, 3.5)  # heard from again: live, a change saved at once
+    assert [r.name for r in keeper.records_due(at)] == ["n7"]
+
+
+def test_the_swarms_cpu_is_weighted_by_cores_and_follows_each_nodes_last_report() -> None:
+    def beat(total: float, ours: float) -> Heartbeat:
+        return Heartbeat(cpu_total=total, cpu_ours=ours, owner_load=total - ours, owner_busy=False, ram_available=1,
+                         share_in_force=0.5, local_busy=0, loaded=[], running=[])  # fmt: skip
+
+    reg = Registry(stale_after=3.5)
+    assert reg.cpu.use() == (0.0, 0.0)
+    small, big = conn("small", []), conn("big", [])
+    big.hello = big.hello.model_copy(update={"cpus": 6})
+    reg.join(small)
+    reg.join(big)
+    assert reg.cpu.use() == (0.0, 0.0)  # no figures before a first heartbeat
+    reg.heartbeat(small, beat(1.0, 0.5))
+    reg.heartbeat(big, beat(0.0, 0.0))
+    assert reg.cpu.use() == pytest.approx((0.25, 0.125))  # 2 of 8 cores busy, 1 of them ours
+    reg.heartbeat(small, beat(0.5, 0.0))  # a new report replaces the last, it does not add to it
+    assert reg.cpu.use() == pytest.approx((0.125, 0.0))
+    reg.leave(small)
+    assert reg.cpu.use() == (0.0, 0.0) and reg.cpu.nodes == 1
+    again = conn("big", [])  # the same node on a new connection: counted once
+    reg.join(again)
+    reg.heartbeat(again, beat(1.0, 1.0))
+    assert reg.cpu.use() == (1.0, 1.0) and reg.cpu.nodes == 1
+
+
+def test_the_sweep_looks_only_at_nodes_past_their_stale_time() -> None:
+    """A node's `stale_at` follows its last heartbeat and the period that beat allows."""
+    reg = Registry(stale_after=3.5)
+    node = conn("n1", [])
+    node.cadence = Cadence(heartbeat_s=1.0, idle_heartbeat_s=5.0)
+    reg.join(node)
+    now = time.monotonic()
+    assert node.stale_at == pytest.approx(node.last_seen + 3.5, abs=0.01)  # no beat yet: the working period
+    reg.heartbeat(node, Heartbeat(cpu_total=0.1, cpu_ours=0.0, owner_load=0.1, owner_busy=False, ram_available=1,
+                                  share_in_force=0.5, local_busy=0, loaded=[], running=[]))  # fmt: skip
+    assert node.stale_at == pytest.approx(now + 3.5 * 5, abs=0.5)  # quiet: five times as long
+    node.seen(now + 10, 3.5)
+    assert node.stale_at == pytest.approx(now + 10 + 3.5 * 5)

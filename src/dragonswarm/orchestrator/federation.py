@@ -1,13 +1,16 @@
 """Replicas of one swarm sharing one Redis: each holds its own nodes' connections and sees
 every other replica's nodes, so a request sent to any replica can run on any node.
 
-Each replica, once a second, publishes the nodes connected to it (what placement reads:
+Each replica, twice a second, publishes the nodes connected to it (what placement reads:
 their hello, last heartbeat, how busy they are) and reads what the others published. A
 node held by another replica appears here as a *remote* `NodeConn` (`conn.replica` names
 its holder): placement, failover, stall detection and merging treat it like any other.
 What is sent to it (`run`, `cancel`) goes into its holder's inbox stream; the holder
 passes it to the node and relays the node's events for that job back into the requesting
 replica's event stream, batched (all events of one loop turn in one entry), in order.
+Two replicas may place work on one free node within the same half second: its holder, which
+counts all of it, turns down a run the node has no room for (`node_busy`), and the requester
+places it elsewhere at once, not counting it against the request's attempts.
 
 So Redis carries control messages and batched events only for work that crosses replicas;
 a request served by a node on its own replica never touches Redis.
@@ -34,9 +37,10 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from dragonswarm.orchestrator.registry import NodeConn
-from dragonswarm.orchestrator.swarm import Swarm
+from dragonswarm.orchestrator.swarm import NODE_BUSY, Swarm
 from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.swarm import Cancel, Heartbeat, Hello, JobEvent, ProtocolError, RunFragment, dump
+from dragonswarm.scheduler.placement import NodeState
 from dragonswarm.store import rediskeys as K
 from dragonswarm.store.redis import client_options
 
@@ -74,6 +78,19 @@ def published(conn: NodeConn, live: bool, foreign_by: Mapping[str, int]) -> byte
         "foreign": dict(foreign_by),  # ... and what it runs there for each other replica
         "cadence": [conn.cadence.heartbeat_s, conn.cadence.idle_heartbeat_s],
     })  # fmt: skip
+
+
+def refusal(state: NodeState) -> str | None:
+    """Why a holder turns down another replica's run on its node, or None. Two replicas may
+    place work on one free node within the same half second; the holder, which counts every
+    job there, runs the first and sends the others back to be placed elsewhere at once."""
+    if not state.live:
+        return f"node {state.name} is stale"
+    if state.owner_busy:
+        return f"node {state.name} is serving its owner"
+    if state.assigned >= state.capacity:
+        return f"node {state.name} is full ({state.assigned} of {state.capacity})"
+    return None
 
 
 @dataclass
@@ -170,6 +187,10 @@ class Federation:
             return
         if message.get("type") == "run":
             RunFragment.model_validate(message)  # a replica is trusted, but a bad message stops here
+            state = conn.placement_state(time.monotonic(), self.swarm.registry.stale_after)
+            if why := refusal(state):  # placed from a view up to `PUBLISH_S` old: it may be taken since
+                self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code=NODE_BUSY, message=why)))
+                return
             self.foreign[job] = Foreign(requester, node)
             conn.foreign.add(job)
             self.swarm.registry.refresh(conn)
@@ -242,7 +263,7 @@ class Federation:
             return
         if conn is None or conn.replica is None or (ev.job not in conn.jobs and ev.job not in conn.draining):
             return  # the node left, or the job was already given up
-        conn.last_seen = time.monotonic()
+        conn.seen(time.monotonic(), self.swarm.registry.stale_after)
         try:
             self.swarm.on_event(conn, ev)
         except ProtocolError as exc:  # its holder cuts it off for its own work; we stop using it
@@ -295,7 +316,6 @@ class Federation:
         gone = [n for n in self._published if n not in fresh]
         queue = self.swarm.dispatcher.queue.by_user()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(K.replica(self.id), "1", ex=K.REPLICA_TTL_S)
             pipe.sadd(K.REPLICAS, self.id)
             if changed:
                 pipe.hset(K.replica_nodes(self.id), mapping=changed)  # type: ignore[arg-type]
@@ -337,7 +357,7 @@ class Federation:
                 seen.add(name)
                 held = registry.conns.get(name)
                 if held is not None and held.replica == r and self._read.get((r, name)) == raw_state:
-                    held.last_seen = now  # nothing new: its holder still has it
+                    held.seen(now, registry.stale_after)  # nothing new: its holder still has it
                     continue
                 self._read[(r, name)] = raw_state
                 try:
@@ -348,6 +368,16 @@ class Federation:
                 del self._read[key]
             for conn in [c for c in registry.conns.values() if c.replica == r and c.name not in seen]:
                 self.swarm.node_left(conn)  # it left that replica
+
+    async def _alive(self) -> None:
+        """Say this replica is alive, on its own: reading the others' nodes can take longer than
+        the key lives on a loaded replica, and the others then took it for dead and dropped its nodes."""
+        while True:
+            try:
+                await self.redis.set(K.replica(self.id), "1", ex=K.REPLICA_TTL_S)
+            except RedisError as exc:
+                self._trouble("saying this replica is alive", exc)
+            await asyncio.sleep(PUBLISH_S)
 
     async def _publisher(self) -> None:
         while True:
@@ -367,7 +397,8 @@ class Federation:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for job, name in ((self._publisher(), "publish"), (self._inbox(), "inbox"), (self._events(), "events"),
+        for job, name in ((self._alive(), "alive"), (self._publisher(), "publish"), (self._inbox(), "inbox"),
+                          (self._events(), "events"),
                           (self._flusher(), "relay")):  # fmt: skip
             self._tasks.append(loop.create_task(job, name=f"federation-{name}"))
         log.info("replica %s sharing nodes and work through Redis", self.id)

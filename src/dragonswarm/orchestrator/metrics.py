@@ -30,7 +30,8 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 # Why a fragment moved to another worker (`Swarm.fail_over`'s cause).
-FAILOVER_CAUSES = ("stalled", "connection_lost", "runner_error", "cancelled_by_node", "context_too_small")
+FAILOVER_CAUSES = ("stalled", "connection_lost", "runner_error", "cancelled_by_node", "context_too_small",
+                   "node_busy")
 
 
 class Metrics:

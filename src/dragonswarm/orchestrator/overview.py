@@ -18,7 +18,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,17 +87,6 @@ def gone_row(record: NodeRecord) -> dict[str, Any]:
             "served": record.info.get("served", 0), "tokens": record.info.get("tokens", 0)}  # fmt: skip
 
 
-def swarm_cpu(machines: Iterable[tuple[int, float, float]]) -> tuple[float, float]:
-    """The swarm's CPU over its machines (cores, use, our use), weighted by their cores: all use, and ours."""
-    cores = total = ours = 0.0
-    for n, cpu_total, cpu_ours in machines:
-        n = n or 1
-        cores += n
-        total += cpu_total * n
-        ours += cpu_ours * n
-    return (total / cores, ours / cores) if cores else (0.0, 0.0)
-
-
 @dataclass
 class Series:
     """Ten minutes of one-second points."""
@@ -156,9 +144,7 @@ class Overview:
         swarm, registry, metrics = self.swarm, self.swarm.registry, self.metrics
         mono = time.monotonic()
         stale_after = registry.stale_after
-        live = [c for c in registry.conns.values() if c.state(mono, stale_after) == "live"]
-        cpu_total, cpu_ours = swarm_cpu((c.hello.cpus, c.heartbeat.cpu_total, c.heartbeat.cpu_ours)
-                                        for c in live if c.heartbeat)  # fmt: skip
+        cpu_total, cpu_ours = registry.cpu.use()  # kept as nodes report: no pass over them each second
         elapsed = max(1e-3, mono - self._at)
         tokens_per_s = (metrics.tokens_out - self._tokens_then) / elapsed
         self._tokens_then, self._at = metrics.tokens_out, mono
@@ -170,7 +156,8 @@ class Overview:
         if not self.viewers:
             return None
         rows = [node_row(c, c.state(mono, stale_after)) for c in registry.conns.values()]
-        counts = {"live": len(live), "stale": len(rows) - len(live)}
+        live = sum(1 for row in rows if row["state"] == "live")
+        counts = {"live": live, "stale": len(rows) - live}
         rows.extend(gone_row(r) for r in self.gone)
         rows.sort(key=row_order)
         while self.ttfts and self.ttfts[0][0] < mono - TTFT_WINDOW_S:

@@ -32,6 +32,7 @@ from dragonswarm.store.base import NodeRecord, Store
 log = logging.getLogger("dragonswarm.orchestrator")
 
 # Errors that are the request's fault: moving the fragment to another worker would not help.
+NODE_BUSY = "node_busy"  # a replica refused another's run: the node it holds is full (`federation`)
 CLIENT_ERRORS = {"context_length_exceeded", "invalid_request", "unsupported_parameter"}
 CLOSE_STALE = 4000  # WebSocket close code for a node whose heartbeats stopped
 CLOSE_REVOKED = 4003  # ... for a node an admin revoked
@@ -195,6 +196,13 @@ class Swarm:
                 self.release(conn, ev.job)
                 if ev.code == "context_length_exceeded" and self._needs_more_context(f, conn):
                     self.fail_over(f, "context_too_small", f"its context is too small: {ev.message}", counts=False)
+                elif ev.code == NODE_BUSY:
+                    # Another replica's node, fuller than our last view of it (another replica placed
+                    # work there meanwhile): count it busy until its holder publishes it again, and
+                    # place the fragment elsewhere, not held against its attempts.
+                    conn.others += 1
+                    self.registry.refresh(conn)
+                    self.fail_over(f, "node_busy", ev.message or "the node is busy", counts=False)
                 elif ev.code in CLIENT_ERRORS:
                     self.finish(f, error=ev.code or "invalid_request", message=ev.message or "invalid request",
                                  param=ev.param)  # fmt: skip

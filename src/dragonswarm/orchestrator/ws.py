@@ -212,7 +212,7 @@ async def _read(ws: WebSocket, swarm: Swarm, conn: NodeConn, federation: Federat
                     raise ProtocolError("heartbeat flood")
                 swarm.on_heartbeat(conn, parsed)
             elif isinstance(parsed, JobEvent):
-                conn.last_seen = time.monotonic()
+                conn.seen(time.monotonic(), swarm.registry.stale_after)
                 if federation is not None and federation.owns(parsed.job):  # run here for another replica
                     federation.relay(conn, parsed, raw if isinstance(raw, str) else raw.decode())
                 else:
