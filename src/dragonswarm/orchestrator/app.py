@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,12 +22,14 @@ from dragonswarm.orchestrator.looplag import LoopLag
 from dragonswarm.orchestrator.metrics import Metrics
 from dragonswarm.orchestrator.overview import Overview
 from dragonswarm.orchestrator.swarm import Swarm
+from dragonswarm.orchestrator.ws import nodes_first
 from dragonswarm.orchestrator.ws import router as ws_router
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.backends import open_store
 from dragonswarm.store.base import Store
 from dragonswarm.store.responses import ResponseStore, open_responses
 from dragonswarm.tls import TlsFiles
+from dragonswarm.web import eventloop
 from dragonswarm.web.errors import BodyLimit, install_error_handlers
 from dragonswarm.web.requestlog import RequestFacts, RequestLog
 
@@ -117,11 +118,12 @@ def run_orchestrator(settings: OrchestratorSettings) -> None:
     # No keepalive pings from us: a node heartbeats and pings, and housekeeping lets a silent
     # one go. No compression: node messages are small JSON, and at 10,000 nodes the pongs and
     # the per-connection deflate state were a fifth of the event loop's steady work.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+    config = uvicorn.Config(nodes_first(app), host=settings.host, port=settings.port, log_level="warning",
+                            access_log=False,
                             ws="websockets-sansio", ws_max_size=settings.max_message_bytes,
                             ws_ping_interval=None, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
                             **tls)  # type: ignore[arg-type]  # fmt: skip
     scheme = "http" if settings.insecure else "https"
     log.info("orchestrator on %s://%s:%d/v1", scheme, settings.host, settings.port)
-    asyncio.run(uvicorn.Server(config).serve())
+    eventloop.run(uvicorn.Server(config).serve())
