@@ -14,8 +14,9 @@ orchestrator's `GET /v1/nodes` shows all live), the orchestrator's loop lag (its
 monitor, p50 / p99 / max) over the join storm and over a steady minute after it, the
 orchestrator's CPU, and the machine's load average before and after (other programs share
 these cores). The reference, in the same run: the orchestrator of the commit before this
-change (`BEFORE_COMMIT`: the model index rebuilt on every join and leave, no idle period,
-so every node beats each second), from `git archive` with the same venv.
+change (`BEFORE_COMMIT`: asyncio's own event loop, every node connection through the web
+framework's middleware and routing, housekeeping and the dashboard's chart passing over
+every node), from `git archive` with the same venv.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ from bench.swarm_procs import Orchestrator, Processes, start_orchestrator, wait_
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 RESULTS = ROOT / "results"
-BEFORE_COMMIT = "b5099f3"  # the commit before this change: full rebuilds, a beat every second
+# The commit before this change: asyncio's own loop, node connections through the framework's
+# middleware and routing, housekeeping and the dashboard's chart passing over every node.
+BEFORE_COMMIT = "df72271"
 TARGETS = {"all_live_s": 30.0, "p99_ms": 50.0}
 SHAS = ["1" * 64, "2" * 64]
 PING_EVERY_BEATS = 2  # as `node.link`: a round trip every other heartbeat period
@@ -405,7 +408,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"load-generator processes (niceness {results.get('generator_nice', 0)}), all connecting at once; "
         f"then {results['steady_s']:.0f} s of heartbeats at the "
         f"cadence `welcome` gives{pinging}. "
-        f"Machine: {results['machine']}. Source: {results['source']}. Reference: the orchestrator of "
+        f"Machine: {results['machine']}. Source: {results['source']}, on the event loop "
+        f"{results.get('event_loop', 'asyncio')}. Reference: the orchestrator of "
         f"{results['before_commit']}, same venv, same run. Loop lag: a probe in the orchestrator (20 ms sleeps), "
         "from connecting to all live, and over the steady phase; the same probe in both orchestrators "
         "(`bench/loop_probe.py`).",
@@ -475,6 +479,17 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def event_loop_name() -> str:
+    """The loop this change's orchestrator runs on (`web.eventloop`); the reference's is asyncio's."""
+    from dragonswarm.web.eventloop import loop_factory
+
+    if loop_factory() is None:
+        return "asyncio"
+    import uvloop
+
+    return f"uvloop {uvloop.__version__}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=10_000)
@@ -498,13 +513,14 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
         "source": git("describe", "--always", "--dirty"), "before_commit": git("rev-parse", BEFORE_COMMIT),
+        "event_loop": event_loop_name(),
         "targets": TARGETS, "identity": identity_cost(), "runs": [],
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as tmp:
         root = Path(tmp)
         variants = [("this change", REPO / "src", VERSION)]
         if not args.no_reference:
-            variants.append((f"before ({BEFORE_COMMIT})", before_source(root), 3))
+            variants.append((f"before ({BEFORE_COMMIT})", before_source(root), VERSION))
         for label, src, version in variants:
             try:
                 run = run_variant(label, root, src, version, args.nodes, args.generators, args.steady_s,
