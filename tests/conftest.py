@@ -145,6 +145,7 @@ class OrchestratorProcess:
     flags: tuple[str, ...]
     keys: dict[str, str] = field(default_factory=dict)
     tls: bool = True
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
 
     @property
     def url(self) -> str:
@@ -216,7 +217,8 @@ class OrchestratorProcess:
             tls = [] if self.tls else ["--insecure"]
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dragonswarm.cli", "orchestrator", "--home", str(self.home),
-                 "--port", str(self.port), *tls, *self.flags], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                 "--port", str(self.port), *tls, *self.flags], stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env})  # fmt: skip
 
         def healthy() -> bool:
             assert self.proc is not None
@@ -268,8 +270,8 @@ def start_orchestrator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
     started on one Redis each get keys of their own, and every one of them is valid on all."""
     started: list[OrchestratorProcess] = []
 
-    def start(*flags: str, tls: bool = True, redis: str | None = None,
-              replica_of: OrchestratorProcess | None = None) -> OrchestratorProcess:  # fmt: skip
+    def start(*flags: str, tls: bool = True, redis: str | None = None, replica_of: OrchestratorProcess | None = None,
+              env: dict[str, str] | None = None) -> OrchestratorProcess:  # fmt: skip
         """`replica_of`: a replica of that orchestrator: its certificate too, so its nodes trust both."""
         home = tmp_path / f"orchestrator-{len(started)}"
         if replica_of is not None:
@@ -281,7 +283,7 @@ def start_orchestrator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
         keys["user2"] = store.create_key("user", "second user")[0]
         store.close()
         orch = OrchestratorProcess(None, free_port(), home, tmp_path / f"orchestrator-{len(started)}.log", flags, keys,
-                                   tls)  # fmt: skip
+                                   tls, env or {})  # fmt: skip
         started.append(orch)
         orch.start()
         return orch

@@ -329,6 +329,34 @@ def test_a_holder_turns_down_what_its_node_has_no_room_for() -> None:
     assert "stale" in (refusal(node(live=False)) or "")
 
 
+def holder_of(r: redis.Redis, node: str) -> tuple[str, dict[str, Any]]:
+    """The replica holding `node`, and the hello it published for it."""
+    return next((rid, json.loads(raw)["hello"]) for rid in r.smembers(K.REPLICAS)
+                for name, raw in r.hgetall(K.replica_nodes(rid)).items() if name == node)  # fmt: skip
+
+
+def test_a_cancel_for_a_job_not_run_there_is_answered_by_the_holder(two_replicas: tuple[OrchestratorProcess, ...],
+                                                                     start_node: Start, tiny_model: Path,
+                                                                     redis_url: str) -> None:  # fmt: skip
+    """A run turned down, over, or lost, then cancelled by its sender after the stall timeout: the
+    holder answers for the node. Passed on, the node's `done` for a job it does not hold made the
+    holder cut off its own healthy node (seen at 1,000 users)."""
+    a, b = two_replicas
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    joined = b.nodes()["w-b"]["first_seen"]
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        holder, _ = holder_of(r, "w-b")
+        r.xadd(K.inbox(holder), {"n": "w-b", "r": "elsewhere", "m": json.dumps({"type": "cancel", "job": "never-ran"})})
+        answer = r.xread({K.events("elsewhere"): "0"}, block=10_000)
+    events = [json.loads(raw) for _, entries in answer for _, fields in entries
+              for _, raw in json.loads(fields["e"])]  # fmt: skip
+    assert [(e["job"], e["ev"], e.get("finish_reason")) for e in events] == [("never-ran", "done", "cancelled")]
+    time.sleep(1.0)  # what the node would have answered has had time to arrive
+    assert "broke the protocol" not in b.log()
+    assert "w-b" in on(b) and b.nodes()["w-b"]["first_seen"] == joined  # the same connection, never cut
+
+
 def test_a_run_for_a_node_already_working_goes_back_to_its_sender(two_replicas: tuple[OrchestratorProcess, ...],
                                                                   start_node: Start, tiny_model: Path,
                                                                   redis_url: str) -> None:  # fmt: skip
@@ -339,8 +367,7 @@ def test_a_run_for_a_node_already_working_goes_back_to_its_sender(two_replicas: 
     start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
     wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
     with redis.Redis.from_url(redis_url, decode_responses=True) as r:
-        holder, hello = next((rid, json.loads(raw)["hello"]) for rid in r.smembers(K.REPLICAS)
-                             for name, raw in r.hgetall(K.replica_nodes(rid)).items() if name == "w-b")  # fmt: skip
+        holder, hello = holder_of(r, "w-b")
         run = RunFragment(job="from-elsewhere", model="tiny", sha256=hello["models"][0]["sha256"],
                           gen=Generation(prompt="hello", max_tokens=4))  # fmt: skip
         finishes = []

@@ -465,3 +465,25 @@ def test_owner_busy_and_no_idle_worker_the_owner_is_served_here(start_orchestrat
         assert orch.queued() == 0
     finally:
         subprocess.run(["pkill", "-f", "while True: pass"], check=False)
+
+
+def test_the_standard_event_loop_where_uvloop_is_missing(start_orchestrator: Start, start_node: Start, tiny_model: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The orchestrator runs on uvloop where it is installed; Windows has none, and there it
+    runs on asyncio's own loop (`DRAGON_EVENT_LOOP=asyncio` picks it here): the same service."""
+    from dragonswarm.web.eventloop import loop_factory
+
+    assert loop_factory() is not None  # uvloop comes with uvicorn[standard] on Linux
+    monkeypatch.setenv("DRAGON_EVENT_LOOP", "asyncio")
+    assert loop_factory() is None
+    monkeypatch.delenv("DRAGON_EVENT_LOOP")
+    orch = start_orchestrator(env={"DRAGON_EVENT_LOOP": "asyncio"})
+    start_node("--name", "w1", "--model", f"tiny={tiny_model}", swarm=orch)
+    orch.wait_live("w1")
+    whole = complete(orch, prompt="alpha beta", max_tokens=8)
+    assert whole.status_code == 200 and whole.json()["dragon"]["nodes"] == ["w1"], whole.text
+    with orch.client() as c, c.stream("POST", "/v1/completions", json={
+        "model": "tiny", "prompt": "alpha beta", "max_tokens": 8, "temperature": 0, "cache_prompt": False,
+        "stream": True}) as response:  # fmt: skip
+        assert response.status_code == 200
+        assert texts_by_index(sse_events(response)) == {0: whole.json()["choices"][0]["text"]}

@@ -194,6 +194,12 @@ class Federation:
             self.foreign[job] = Foreign(requester, node)
             conn.foreign.add(job)
             self.swarm.registry.refresh(conn)
+        elif message.get("type") == "cancel" and job not in self.foreign:
+            # Not run here (turned down, already over, or never arrived): answered as a node answers
+            # a cancel for a job it does not hold. Passed on, the node's answer would be an event
+            # for a job it does not hold, and this replica would cut off its own healthy node.
+            self._send_event(requester, node, dump(JobEvent(job=job, ev="done", finish_reason="cancelled")))
+            return
         conn.send(raw)
 
     async def _inbox(self) -> None:

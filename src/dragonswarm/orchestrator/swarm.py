@@ -155,7 +155,9 @@ class Swarm:
         if f.remaining_tokens() <= 0:
             self._emit_done(f, "length")
             return
-        log.warning("fragment %s moves off %s (%s) after %d tokens", f.id, failed, reason, f.tokens)
+        # A node found busy by its holder is placement at work, not a failure: no warning each time.
+        (log.info if cause == "node_busy" else log.warning)("fragment %s moves off %s (%s) after %d tokens", f.id,
+                                                             failed, reason, f.tokens)  # fmt: skip
         self.dispatcher.retry(f)
 
     # Events from nodes
