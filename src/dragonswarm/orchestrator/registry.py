@@ -94,10 +94,6 @@ class NodeConn:
         self.last_seen = now
         self.stale_at = now + stale_after * self.slack()
 
-    def overdue(self, now: float, stale_after: float) -> bool:
-        """Silent past the point where it counts stale: time alone may change its state."""
-        return now - self.last_seen > stale_after * self.slack()
-
     def state(self, now: float, stale_after: float) -> str:
         """`stale_after` is for a node beating every `heartbeat_s`; a quiet one may be silent longer.
         A node held by another replica is what its holder says (which drops it when it goes)."""
