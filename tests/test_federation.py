@@ -357,6 +357,29 @@ def test_a_cancel_for_a_job_not_run_there_is_answered_by_the_holder(two_replicas
     assert "w-b" in on(b) and b.nodes()["w-b"]["first_seen"] == joined  # the same connection, never cut
 
 
+def test_a_message_sent_while_its_replica_was_busy_is_not_lost(two_replicas: tuple[OrchestratorProcess, ...],
+                                                               start_node: Start, tiny_model: Path,
+                                                               redis_url: str) -> None:  # fmt: skip
+    """A replica's inbox entry added while its reader is between two reads (its loop busy, as in a
+    burst of 1,000 users) is read when it reads again: runs lost this way stalled for 30 s."""
+    a, b = two_replicas
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    assert b.proc is not None
+    with redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=30) as r:
+        holder, _ = holder_of(r, "w-b")
+        b.proc.send_signal(signal.SIGSTOP)  # B's blocking read (1 s) ends while B cannot read again
+        try:
+            time.sleep(1.5)
+            r.xadd(K.inbox(holder), {"n": "w-b", "r": "elsewhere", "m": json.dumps({"type": "cancel", "job": "j1"})})
+            time.sleep(0.5)
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        answer = r.xread({K.events("elsewhere"): "0"}, block=10_000)
+    assert [json.loads(raw)["job"] for _, entries in answer for _, fields in entries
+            for _, raw in json.loads(fields["e"])] == ["j1"]  # fmt: skip
+
+
 def test_a_run_for_a_node_already_working_goes_back_to_its_sender(two_replicas: tuple[OrchestratorProcess, ...],
                                                                   start_node: Start, tiny_model: Path,
                                                                   redis_url: str) -> None:  # fmt: skip

@@ -48,6 +48,10 @@ log = logging.getLogger("dragonswarm.orchestrator")
 
 PUBLISH_S = 0.5  # how often this replica's nodes are published and the others' read
 BLOCK_MS = 1000  # a stream read waits this long for news
+# Where this replica's stream readers start: at the beginning. Its streams are as new as its id,
+# so nothing in them predates it; "$" (only what comes after the call) lost every entry added
+# between two reads until a first one arrived, as a burst of runs did while the loop was busy.
+STREAM_START = "0-0"
 CUT = "dragon.cut"  # between replicas only: end this node's connection (never sent to a node)
 FLUSH_S = 0.005
 COMPLAIN_EVERY_S = 30.0  # events for another replica are gathered this long, then sent as one entry
@@ -203,7 +207,7 @@ class Federation:
         conn.send(raw)
 
     async def _inbox(self) -> None:
-        last = "$"
+        last = STREAM_START
         while True:
             try:
                 answer = await self.redis.xread({K.inbox(self.id): last}, block=BLOCK_MS, count=500)
@@ -247,7 +251,7 @@ class Federation:
                                                 message="its replica could not be reached through Redis")))
 
     async def _events(self) -> None:
-        last = "$"
+        last = STREAM_START
         while True:
             try:
                 answer = await self.redis.xread({K.events(self.id): last}, block=BLOCK_MS, count=500)
