@@ -90,7 +90,7 @@ class NodeConn:
         return self._slack[1]
 
     def seen(self, now: float, stale_after: float) -> None:
-        """Heard from it now (a heartbeat, an event, or its holder's word for a remote node)."""
+        """Heard from it at `now` (a heartbeat, an event, or its holder's word for a remote node)."""
         self.last_seen = now
         self.stale_at = now + stale_after * self.slack()
 
@@ -304,7 +304,7 @@ class Registry:
     def refresh(self, conn: NodeConn) -> None:
         """What placement reads of a node changed (a heartbeat, work placed or ended): show it."""
         if self.conns.get(conn.name) is conn:
-            conn.stale_at = conn.last_seen + self.stale_after * conn.slack()  # its last beat sets the period
+            conn.seen(conn.last_seen, self.stale_after)  # its last beat may have changed the period allowed
             self.cpu.count(conn)
             self.index.update(conn.placement_state(time.monotonic(), self.stale_after))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -23,13 +22,13 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from dragonswarm.errors import ConfigError, StoreUnavailable
+from dragonswarm.store.sqlitefile import immediate, open_private
 
 log = logging.getLogger("dragonswarm.store")
 
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_S = 5.0
 
 # The rowid orders answers by when they were kept: INSERT OR REPLACE gives a replaced answer a
 # new, larger one, so the oldest answers have the smallest.
@@ -58,15 +57,10 @@ class SqliteResponses:
         self.path = path
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-        os.chmod(path, 0o600)
         # One connection for the threads that call it, one at a time (the lock).
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        self._db = open_private(path)  # an answer lost to a power cut is only a miss
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # an answer lost to a power cut is only a miss
             self._migrate()
         except BaseException:
             self._db.close()
@@ -78,16 +72,11 @@ class SqliteResponses:
             raise ConfigError(f"{self.path} has schema version {version}, newer than this dragonswarm "
                               f"({SCHEMA_VERSION}); delete it (it holds only cached answers)")  # fmt: skip
         if version < SCHEMA_VERSION:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db) as db:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
@@ -113,16 +102,11 @@ class SqliteResponses:
 
         def write(db: sqlite3.Connection) -> None:
             now = time.time()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 db.execute("INSERT OR REPLACE INTO responses (key, expires, size, value) VALUES (?, ?, ?, ?)",
                            (key, now + self.ttl_s, len(value), value))  # fmt: skip
                 db.execute("DELETE FROM responses WHERE expires <= ?", (now,))
                 db.execute(EVICT, (self.max_bytes,))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
         await self._call(write)
 

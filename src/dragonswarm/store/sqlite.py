@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -33,9 +32,9 @@ from dragonswarm.store.base import (
     new_credential,
     new_key,
 )
+from dragonswarm.store.sqlitefile import immediate, open_private
 
 SCHEMA_VERSION = 4
-BUSY_TIMEOUT_S = 5.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -98,22 +97,11 @@ class SqliteStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Create the file ourselves so it is never readable by others, even for a moment:
-        # it holds key hashes. SQLite gives the -wal and -shm files the same mode.
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-        os.chmod(path, 0o600)
         # One connection shared by the server's threads; the lock keeps their transactions
         # from interleaving, which sqlite3 alone does not guarantee.
         self._lock = threading.Lock()
-        # isolation_level=None: we open transactions ourselves (see _write) instead of
-        # letting sqlite3 start deferred ones behind our back.
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        self._db = open_private(path)  # it holds key hashes: readable by its owner only
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # In WAL mode NORMAL loses no committed data on a crash of the process, only
-            # on power loss, and spares an fsync per request on the event loop.
-            self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except BaseException:
             self._db.close()
@@ -137,16 +125,9 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction. IMMEDIATE takes the write lock up front, so a busy file is
-        waited on (busy timeout) instead of failing when a deferred read upgrades to a write."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        """A write transaction (`sqlitefile.immediate`), one thread at a time."""
+        with self._lock, immediate(self._db) as db:
+            yield db
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
