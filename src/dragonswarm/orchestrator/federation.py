@@ -2,7 +2,10 @@
 every other replica's nodes, so a request sent to any replica can run on any node.
 
 Each replica, twice a second, publishes the nodes connected to it (what placement reads:
-their hello, last heartbeat, how busy they are) and reads what the others published. A
+their hello, last heartbeat, how busy they are) and reads what the others published. When
+work on one of its nodes starts or ends, it also tells the other replicas at once, through
+their event streams: a node freed here is taken by work waiting there within milliseconds,
+not at the next publication (that half second was most of what replicas added to p99). A
 node held by another replica appears here as a *remote* `NodeConn` (`conn.replica` names
 its holder): placement, failover, stall detection and merging treat it like any other.
 What is sent to it (`run`, `cancel`) goes into its holder's inbox stream; the holder
@@ -28,6 +31,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +114,10 @@ class Federation:
     _sending: set[asyncio.Task[None]] = field(default_factory=set)  # messages on their way to inboxes
     _published: dict[str, bytes] = field(default_factory=dict)  # node -> what was last published
     _read: dict[tuple[str, str], str] = field(default_factory=dict)  # (replica, node) -> what was last read
+    _news: set[str] = field(default_factory=set)  # our nodes whose load changed since the last flush
+    # Publishing is computing states, then writing them: one at a time, or an older state could
+    # overwrite a newer one (the flusher's news and the periodic publication race otherwise).
+    _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     _failing_since: float | None = None
     _last_complaint: float | None = None
@@ -158,19 +166,48 @@ class Federation:
         self._outgoing.setdefault(replica, []).append([node, raw])
         self._flush.set()
 
+    def load_changed(self, conn: NodeConn) -> None:
+        """Work on one of our nodes started or ended (`Registry.on_load`): tell the others with the next flush."""
+        if self.live_replicas:
+            self._news.add(conn.name)
+            self._flush.set()
+
+    def _states(self, names: set[str]) -> dict[str, bytes]:
+        """What is published of these nodes of ours, now."""
+        registry, now = self.swarm.registry, time.monotonic()
+        states = {}
+        for name in names:
+            conn = registry.conns.get(name)
+            if conn is not None and conn.replica is None:
+                foreign_by = Counter(self.foreign[j].replica for j in conn.foreign if j in self.foreign)
+                states[name] = published(conn, conn.state(now, registry.stale_after) == "live", foreign_by)
+        return states
+
     async def _flusher(self) -> None:
         while True:
             await self._flush.wait()
             await asyncio.sleep(FLUSH_S)  # the rest of this burst joins the same entry
             self._flush.clear()
             batches, self._outgoing = self._outgoing, {}
+            news, self._news = self._news, set()
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for replica, events in batches.items():
-                        pipe.xadd(K.events(replica), {"e": orjson.dumps(events)},
-                                  maxlen=K.STREAM_MAXLEN, approximate=True)  # fmt: skip
-                        pipe.expire(K.events(replica), K.STREAM_TTL_S)  # a dead replica's stream goes
-                    await pipe.execute()
+                async with self._publishing:
+                    # Sent even when the periodic publication has just written the same state: the
+                    # others read that only at their next read, up to `PUBLISH_S` from now.
+                    states = self._states(news)
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for replica, events in batches.items():
+                            pipe.xadd(K.events(replica), {"e": orjson.dumps(events)},
+                                      maxlen=K.STREAM_MAXLEN, approximate=True)  # fmt: skip
+                            pipe.expire(K.events(replica), K.STREAM_TTL_S)  # a dead replica's stream goes
+                        if states:  # after the events: a requester sees its job end before the node free
+                            pipe.hset(K.replica_nodes(self.id), mapping=states)  # type: ignore[arg-type]
+                            entry = {"r": self.id, "s": orjson.dumps({n: v.decode() for n, v in states.items()})}
+                            for replica in self.live_replicas:
+                                pipe.xadd(K.events(replica), entry, maxlen=K.STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                                pipe.expire(K.events(replica), K.STREAM_TTL_S)
+                        await pipe.execute()
+                    self._published.update(states)
             except RedisError as exc:  # the requesting replicas will see their fragments stall and move them
                 self._trouble(f"relaying {sum(map(len, batches.values()))} events to other replicas", exc)
 
@@ -261,8 +298,24 @@ class Federation:
                 continue
             for entry_id, fields in _entries(answer):
                 last = entry_id
+                if "s" in fields:
+                    self._news_from(fields["r"], orjson.loads(fields["s"]))
+                    continue
                 for node, raw in orjson.loads(fields["e"]):
                     self._event(node, raw)
+
+    def _news_from(self, replica: str, states: dict[str, str]) -> None:
+        """Another replica's nodes whose load changed: seen now, and waiting work placed on them."""
+        if replica not in self.live_replicas:
+            return  # not read yet, or taken for gone: its publication decides
+        now = time.monotonic()
+        for name, raw_state in states.items():
+            self._read[(replica, name)] = raw_state  # the same text its publication holds: not read twice
+            try:
+                self._remote(replica, name, orjson.loads(raw_state), now)
+            except Exception:
+                log.exception("node %s published by replica %s was not understood", name, replica)
+        self.swarm.dispatcher.dispatch()
 
     def _event(self, node: str, raw: str) -> None:
         conn = self.swarm.registry.conns.get(node)
@@ -313,32 +366,34 @@ class Federation:
                 held.send(dump(Cancel(job=job_id)))  # its `done` is relayed nowhere and ends the entry
 
     async def _publish_and_read(self) -> None:
-        registry, now = self.swarm.registry, time.monotonic()
-        local = {name: c for name, c in registry.conns.items() if c.replica is None}
-        foreign_by: dict[str, dict[str, int]] = {}
-        for job in self.foreign.values():
-            counts = foreign_by.setdefault(job.node, {})
-            counts[job.replica] = counts.get(job.replica, 0) + 1
-        stale_after = registry.stale_after
-        fresh = {name: published(c, c.state(now, stale_after) == "live", foreign_by.get(name, {}))
-                 for name, c in local.items()}  # fmt: skip
-        changed = {n: v for n, v in fresh.items() if self._published.get(n) != v}
-        gone = [n for n in self._published if n not in fresh]
-        queue = self.swarm.dispatcher.queue.by_user()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.sadd(K.REPLICAS, self.id)
-            if changed:
-                pipe.hset(K.replica_nodes(self.id), mapping=changed)  # type: ignore[arg-type]
-            if gone:
-                pipe.hdel(K.replica_nodes(self.id), *gone)
-            pipe.expire(K.replica_nodes(self.id), K.REPLICA_NODES_TTL_S)
-            pipe.delete(K.replica_queue(self.id))
-            if queue:
-                pipe.hset(K.replica_queue(self.id), mapping=queue)  # type: ignore[arg-type]
-                pipe.expire(K.replica_queue(self.id), K.REPLICA_NODES_TTL_S)
-            pipe.smembers(K.REPLICAS)
-            replicas = (await pipe.execute())[-1]
-        self._published = fresh
+        registry = self.swarm.registry
+        async with self._publishing:
+            now = time.monotonic()
+            local = {name: c for name, c in registry.conns.items() if c.replica is None}
+            foreign_by: dict[str, dict[str, int]] = {}
+            for job in self.foreign.values():
+                counts = foreign_by.setdefault(job.node, {})
+                counts[job.replica] = counts.get(job.replica, 0) + 1
+            stale_after = registry.stale_after
+            fresh = {name: published(c, c.state(now, stale_after) == "live", foreign_by.get(name, {}))
+                     for name, c in local.items()}  # fmt: skip
+            changed = {n: v for n, v in fresh.items() if self._published.get(n) != v}
+            gone = [n for n in self._published if n not in fresh]
+            queue = self.swarm.dispatcher.queue.by_user()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.sadd(K.REPLICAS, self.id)
+                if changed:
+                    pipe.hset(K.replica_nodes(self.id), mapping=changed)  # type: ignore[arg-type]
+                if gone:
+                    pipe.hdel(K.replica_nodes(self.id), *gone)
+                pipe.expire(K.replica_nodes(self.id), K.REPLICA_NODES_TTL_S)
+                pipe.delete(K.replica_queue(self.id))
+                if queue:
+                    pipe.hset(K.replica_queue(self.id), mapping=queue)  # type: ignore[arg-type]
+                    pipe.expire(K.replica_queue(self.id), K.REPLICA_NODES_TTL_S)
+                pipe.smembers(K.REPLICAS)
+                replicas = (await pipe.execute())[-1]
+            self._published = fresh
         others = sorted(r for r in replicas if r != self.id)  # the client decodes answers
         async with self.redis.pipeline(transaction=False) as pipe:
             for r in others:
@@ -407,6 +462,7 @@ class Federation:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.swarm.registry.on_load = self.load_changed
         for job, name in ((self._alive(), "alive"), (self._publisher(), "publish"), (self._inbox(), "inbox"),
                           (self._events(), "events"),
                           (self._flusher(), "relay")):  # fmt: skip
@@ -414,6 +470,7 @@ class Federation:
         log.info("replica %s sharing nodes and work through Redis", self.id)
 
     async def close(self) -> None:
+        self.swarm.registry.on_load = None
         await asyncio.gather(*self._sending, return_exceptions=True)  # a last cancel still goes out
         for task in self._tasks:
             task.cancel()

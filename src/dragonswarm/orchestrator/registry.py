@@ -151,6 +151,8 @@ class NodeConn:
             info["cut_off"] = self.cut_off
         if self.replica:
             info["replica"] = self.replica
+        if self.replica or self.foreign:  # with replicas: the work the others placed there, as last known
+            info["running_elsewhere"] = len(self.foreign) + self.others
         if self.heartbeat:
             info.update(self._heartbeat_info(self.heartbeat))
         last_seen = time.time() - self.age(now)
@@ -215,6 +217,10 @@ class Registry:
         self._tags: dict[str, list[str]] = {}  # model -> the union of its tags
         self._tag_counts: dict[str, dict[str, int]] = {}  # model -> tag -> how many of its nodes give it
         self._contexts: dict[str, Counter[int]] = {}  # model -> context size -> how many of its files run with it
+        # Called with a node of this replica whose load changed (work placed or ended, its owner busy
+        # or not): with replicas, `federation` tells the others at once rather than at its next
+        # publication, so a node freed here is not left idle for half a second by the others.
+        self.on_load: Callable[[NodeConn], None] | None = None
 
     def join(self, conn: NodeConn) -> None:
         """Add a node (a connection it replaces has already left: see `ws._serve`)."""
@@ -306,7 +312,12 @@ class Registry:
         if self.conns.get(conn.name) is conn:
             conn.seen(conn.last_seen, self.stale_after)  # its last beat may have changed the period allowed
             self.cpu.count(conn)
-            self.index.update(conn.placement_state(time.monotonic(), self.stale_after))
+            before = self.index.get(conn.name)
+            state = conn.placement_state(time.monotonic(), self.stale_after)
+            self.index.update(state)
+            if (self.on_load is not None and conn.replica is None and before is not None
+                    and (before.assigned, before.owner_busy) != (state.assigned, state.owner_busy)):  # fmt: skip
+                self.on_load(conn)
 
     def recheck(self, conn: NodeConn, now: float) -> None:
         """Show a node that went live -> stale (or back) in placement. Only time changes that;
