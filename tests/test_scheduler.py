@@ -30,12 +30,29 @@ def node(name: str, **changes: Any) -> NodeState:
 
 
 def test_rank_key() -> None:
-    assert rank(node("a", loaded=frozenset({"m"}), assigned=1, load=0.37, rtt_ms=3.0), "m") == (0, 1, 3, 0)
-    assert rank(node("a", assigned=0, load=0.0, rtt_ms=60.0), "m") == (1, 0, 0, 3)
+    assert rank(node("a", loaded=frozenset({"m"}), assigned=1, load=0.37, rtt_ms=3.0), "m") == (0, 1, 0, 3, 0)
+    assert rank(node("a", assigned=0, load=0.0, rtt_ms=60.0), "m") == (1, 0, 0, 0, 3)
+    assert rank(node("a", remote=True, load=0.0, rtt_ms=60.0), "m") == (1, 0, 1, 0, 3)
     # Load buckets saturate at 9, whatever the machine reports.
-    assert rank(node("a", load=0.95), "m") == (1, 0, 9, RTT_UNKNOWN)
-    assert rank(node("a", load=1.0), "m") == (1, 0, 9, RTT_UNKNOWN)
-    assert rank(node("a", load=3.0), "m") == (1, 0, 9, RTT_UNKNOWN)
+    assert rank(node("a", load=0.95), "m") == (1, 0, 0, 9, RTT_UNKNOWN)
+    assert rank(node("a", load=1.0), "m") == (1, 0, 0, 9, RTT_UNKNOWN)
+    assert rank(node("a", load=3.0), "m") == (1, 0, 0, 9, RTT_UNKNOWN)
+
+
+def test_a_replica_takes_its_own_nodes_first_and_the_others_newest_filed_first() -> None:
+    """Two replicas reaching for the same freed node cost the loser a round trip through Redis
+    (`node_busy`): the holder takes its own longest-free node first, so another replica takes the
+    node its holder reaches for last. At 300 users on two replicas, 429 of 1,501 runs bounced so."""
+    index = PlacementIndex()
+    for name in ("r1", "r2", "r3"):
+        index.update(node(name, remote=True))
+    assert index.choose("m") == "r3"
+    index.update(node("here", load=0.5))  # a busier machine of our own still comes first among equals
+    assert index.choose("m") == "here"
+    assert index.choose("m", {"here"}) == "r3"
+    assert index.choose("m", {"here", "r3"}) == "r2"
+    index.update(node("r1", remote=True, loaded=frozenset({"m"})))  # a warm runner outranks all of it
+    assert index.choose("m") == "r1"
 
 
 @pytest.mark.parametrize(

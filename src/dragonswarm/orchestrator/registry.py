@@ -124,6 +124,7 @@ class NodeConn:
             live=self.state(now, stale_after) == "live",
             net_busy=hb.net_busy if hb else False,
             rtt_ms=hb.rtt_ms if hb else None,
+            remote=self.replica is not None,
         )
 
     @cached_property

@@ -10,7 +10,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-Rank = tuple[int, int, int, int]
+Rank = tuple[int, int, int, int, int]
 
 # Round-trip time buckets, in ms: a LAN, a city, a country, a continent, across an ocean, a bad link.
 # Coarse, so that jitter within a path's range does not reorder nodes and the index keeps few ranks.
@@ -33,6 +33,9 @@ class NodeState:
     # The owner's traffic fills the node's link: every fragment streams its answer back over it.
     net_busy: bool = False
     rtt_ms: float | None = None  # round trip node <-> orchestrator; None until measured
+    # Held by another replica (`orchestrator/federation`): a Redis hop away, and its holder places its
+    # own work there from a fresher view. Among equals a replica takes its own nodes first.
+    remote: bool = False
 
 
 def rtt_bucket(rtt_ms: float | None) -> int:
@@ -52,7 +55,7 @@ def rank(node: NodeState, model: str) -> Rank | None:
     bucket = max(0, min(9, int(node.load * 10)))
     # The round trip comes last: tokens stream back sooner from a nearer node, but a warm runner or a
     # free machine saves far more than the few milliseconds between buckets.
-    return (0 if model in node.loaded else 1, node.assigned, bucket, rtt_bucket(node.rtt_ms))
+    return (0 if model in node.loaded else 1, node.assigned, int(node.remote), bucket, rtt_bucket(node.rtt_ms))
 
 
 def choose(model: str, nodes: Iterable[NodeState], exclude: Collection[str] = ()) -> str | None:
@@ -94,7 +97,10 @@ class _Buckets:
 
     def first(self, exclude: Collection[str]) -> str | None:
         for key in self.keys:
-            for name in self.buckets[key]:
+            bucket = self.buckets[key]
+            # Another replica's nodes, newest filed first: their holder takes the longest-free first,
+            # and two replicas reaching for the same freed node cost the loser a round trip (`node_busy`).
+            for name in reversed(bucket) if key[2] else bucket:
                 if name not in exclude:
                     return name
         return None
