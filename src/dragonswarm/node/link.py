@@ -60,6 +60,9 @@ PING_EVERY_BEATS = 2
 # every 20 s for the orchestrator): no pong this long, and the connection is taken for dead.
 PONG_TIMEOUT_S = 20.0
 LOADING_TICK_S = 2.0  # progress while a model loads for a fragment; the runner reports its own after that
+# A session welcomed this long ends a run of failures however it ends (a replica killed under it
+# included); one cut sooner counts as a failure, so a node cut on arrival backs off all the same.
+STABLE_S = 30.0
 
 
 def reconnect_delay(failures: int, replicas: int) -> float:
@@ -69,6 +72,12 @@ def reconnect_delay(failures: int, replicas: int) -> float:
     if failures % replicas != replicas - 1 and replicas > 1:
         return RETRY_NEXT_S
     return BACKOFF_S[min(failures // replicas, len(BACKOFF_S) - 1)]
+
+
+def failures_so_far(failures: int, welcomed_for_s: float | None) -> int:
+    """Failures in a row, before a session that ended with an error: none after a session that
+    stood `STABLE_S` (otherwise every later loss, a killed replica say, backed off longer)."""
+    return 0 if welcomed_for_s is not None and welcomed_for_s >= STABLE_S else failures
 
 
 def ws_url(base: str) -> str:
@@ -113,6 +122,7 @@ class SwarmLink:
         self.credential_path = service.settings.home / "swarm-credential.json"
         self.max_message_bytes = max_message_bytes
         self.connected = False
+        self._welcomed_at: float | None = None  # when the session in progress was welcomed
         self.refused: str | None = None  # why the orchestrator refused us for good
         self.cadence = Cadence()  # the reporting periods the orchestrator's welcome allows
         self._jobs: dict[str, asyncio.Task[None]] = {}
@@ -174,8 +184,11 @@ class SwarmLink:
                     return  # revoked, or the name belongs to another machine: retrying cannot help
             except (OSError, websockets.WebSocketException, ProtocolError, TimeoutError) as exc:
                 log.warning("swarm link to %s lost: %s", self.url, exc or type(exc).__name__)
+                welcomed_for = time.monotonic() - self._welcomed_at if self._welcomed_at is not None else None
+                failures = failures_so_far(failures, welcomed_for)
             finally:
                 self.connected = False
+                self._welcomed_at = None
                 self._cancel_all()
             delay = reconnect_delay(failures, len(self.urls)) * random.uniform(0.8, 1.2)
             failures += 1
@@ -199,6 +212,7 @@ class SwarmLink:
             self._save_credential(welcome.credential)
             await self._send(ws, dump(Confirm(credential=welcome.credential)))
         self.connected = True
+        self._welcomed_at = time.monotonic()
         log.info("joined the swarm at %s as %s", self.url, welcome.name)
         self._rtt = RttTracker()  # a new connection may take another path, with a floor of its own
         beats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")

@@ -38,6 +38,9 @@ from typing import Any
 
 import orjson
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from dragonswarm.orchestrator.registry import NodeConn
@@ -62,8 +65,14 @@ COMPLAIN_EVERY_S = 30.0  # events for another replica are gathered this long, th
 
 
 def federation_client(url: str) -> aioredis.Redis:
-    """Our options, with room for the blocking stream reads (a read waits `BLOCK_MS` for news)."""
-    options = {**client_options(), "socket_timeout": BLOCK_MS / 1000 + client_options()["socket_timeout"]}
+    """Our options, with room for the blocking stream reads (a read waits `BLOCK_MS` for news),
+    and a command that fails on a broken connection tried once more on a new one. After Redis
+    restarts, every idle connection in the pool is broken: each one's next command failed, and a
+    relayed batch of events was lost with it (its request stalled for the stall timeout). A
+    command tried twice may have been carried out twice: every message here is idempotent or
+    recognised when it comes again (`Federation._events`, `Federation._take`)."""
+    options = {**client_options(), "socket_timeout": BLOCK_MS / 1000 + client_options()["socket_timeout"],
+               "retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}  # fmt: skip
     return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
 
 
@@ -115,6 +124,8 @@ class Federation:
     _published: dict[str, bytes] = field(default_factory=dict)  # node -> what was last published
     _read: dict[tuple[str, str], str] = field(default_factory=dict)  # (replica, node) -> what was last read
     _news: set[str] = field(default_factory=set)  # our nodes whose load changed since the last flush
+    _sent: int = 0  # batches of events sent, numbered: a batch sent twice (a retried command) is read once
+    _received: dict[str, int] = field(default_factory=dict)  # replica -> the number of its last batch read
     # Publishing is computing states, then writing them: one at a time, or an older state could
     # overwrite a newer one (the flusher's news and the periodic publication race otherwise).
     _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -197,7 +208,8 @@ class Federation:
                     states = self._states(news)
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for replica, events in batches.items():
-                            pipe.xadd(K.events(replica), {"e": orjson.dumps(events)},
+                            self._sent += 1
+                            pipe.xadd(K.events(replica), {"r": self.id, "q": self._sent, "e": orjson.dumps(events)},
                                       maxlen=K.STREAM_MAXLEN, approximate=True)  # fmt: skip
                             pipe.expire(K.events(replica), K.STREAM_TTL_S)  # a dead replica's stream goes
                         if states:  # after the events: a requester sees its job end before the node free
@@ -228,6 +240,8 @@ class Federation:
             return
         if message.get("type") == "run":
             RunFragment.model_validate(message)  # a replica is trusted, but a bad message stops here
+            if job in self.foreign:
+                return  # the same run written twice (a command retried after its answer was lost)
             state = conn.placement_state(time.monotonic(), self.swarm.registry.stale_after)
             if why := refusal(state):  # placed from a view up to `PUBLISH_S` old: it may be taken since
                 self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code=NODE_BUSY, message=why)))
@@ -301,6 +315,11 @@ class Federation:
                 if "s" in fields:
                     self._news_from(fields["r"], orjson.loads(fields["s"]))
                     continue
+                if "q" in fields:  # numbered by its sender: a batch written twice is read once
+                    number = int(fields["q"])
+                    if number <= self._received.get(fields["r"], 0):
+                        continue
+                    self._received[fields["r"]] = number
                 for node, raw in orjson.loads(fields["e"]):
                     self._event(node, raw)
 
