@@ -457,3 +457,33 @@ def test_work_starting_and_ending_on_a_node_is_told_to_the_other_replicas_at_onc
         assert post(a, "/v1/completions", {"prompt": "once upon a time", "max_tokens": 300}).status_code == 200
         wait_until(lambda: told() == [1, 0], 10, "B to be told that w-a took the work, then that it is free")
         assert idle_in_view(b) == {"w-a"}
+
+
+def test_a_batch_of_events_written_twice_is_read_once(two_replicas: tuple[OrchestratorProcess, ...],
+                                                      start_node: Start, tiny_model: Path,
+                                                      redis_url: str) -> None:  # fmt: skip
+    """A command that fails on a broken connection is tried once more (`federation_client`), so
+    a batch of relayed events may be written twice: the asker must not stream its text twice."""
+    a, b = two_replicas
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", "--share", "0.1", swarm=b)  # slow: a long stream
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    body = {"prompt": "once upon a time", "max_tokens": 300}
+    reference, _ = sse_text(a, body)
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        holder, _ = holder_of(r, "w-b")
+        asker = next(rid for rid in r.smembers(K.REPLICAS) if rid != holder)
+        texts: list[str] = []
+        copied, after = False, 0
+        with a.client() as c, c.stream("POST", "/v1/completions", json={"model": "tiny", "temperature": 0,
+                                       "cache_prompt": False, "stream": True, **body}) as resp:  # fmt: skip
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                texts += [ch["text"] for ch in json.loads(line[6:])["choices"]]
+                after += copied
+                if not copied:  # the last batch A read, written again as a retried command writes it
+                    fields = next(f for _, f in r.xrevrange(K.events(asker), count=50) if "e" in f)
+                    r.xadd(K.events(asker), fields)
+                    copied = True
+    assert after > 1, "the answer ended before the batch was written again"
+    assert "".join(texts) == reference
