@@ -222,6 +222,9 @@ class Registry:
         # or not): with replicas, `federation` tells the others at once rather than at its next
         # publication, so a node freed here is not left idle for half a second by the others.
         self.on_load: Callable[[NodeConn], None] | None = None
+        # ... and with any change to what is published of a node of this replica (it joined, left,
+        # reported, its work or its state changed): only those are published again, not all of them.
+        self.on_change: Callable[[NodeConn], None] | None = None
 
     def join(self, conn: NodeConn) -> None:
         """Add a node (a connection it replaces has already left: see `ws._serve`)."""
@@ -243,6 +246,8 @@ class Registry:
         if self.conns.get(conn.name) is not conn:
             return False  # already replaced by a newer connection of the same node
         del self.conns[conn.name]
+        if self.on_change is not None and conn.replica is None:
+            self.on_change(conn)
         self.departures += 1
         self.cpu.drop(conn)
         self.index.remove(conn.name)
@@ -316,6 +321,8 @@ class Registry:
             before = self.index.get(conn.name)
             state = conn.placement_state(time.monotonic(), self.stale_after)
             self.index.update(state)
+            if self.on_change is not None and conn.replica is None:
+                self.on_change(conn)
             if (self.on_load is not None and conn.replica is None and before is not None
                     and (before.assigned, before.owner_busy) != (state.assigned, state.owner_busy)):  # fmt: skip
                 self.on_load(conn)
@@ -328,6 +335,8 @@ class Registry:
         live = conn.state(now, self.stale_after) == "live"
         if self.conns.get(conn.name) is conn and (placed is None or placed.live != live):
             self.index.update(conn.placement_state(now, self.stale_after))
+            if self.on_change is not None and conn.replica is None:
+                self.on_change(conn)
 
     def serving(self, model: str) -> Collection[NodeConn]:
         """Connected nodes that can serve `model`, live or not, in the order they joined."""
