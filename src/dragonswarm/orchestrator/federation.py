@@ -32,7 +32,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,7 @@ RESYNC_S = 30.0  # how often every node list is written and read whole (news los
 # A replica just seen is read whole each round for this long: it tells us what changed only once
 # it has seen us in turn (its next round), and what changed before that is in its list alone.
 FIRST_READS_S = 3.0
+KEEP_READ_MS = 10_000  # entries of our own streams are kept this long after they were read
 BLOCK_MS = 1000  # a stream read waits this long for news
 # Where this replica's stream readers start: at the beginning. Its streams are as new as its id,
 # so nothing in them predates it; "$" (only what comes after the call) lost every entry added
@@ -74,7 +75,7 @@ def federation_client(url: str) -> aioredis.Redis:
     restarts, every idle connection in the pool is broken: each one's next command failed, and a
     relayed batch of events was lost with it (its request stalled for the stall timeout). A
     command tried twice may have been carried out twice: every message here is idempotent or
-    recognised when it comes again (`Federation._events`, `Federation._take`)."""
+    recognised when it comes again (`Federation._news_or_events`, `Federation._take`)."""
     options = {**client_options(), "socket_timeout": BLOCK_MS / 1000 + client_options()["socket_timeout"],
                "retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}  # fmt: skip
     return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
@@ -275,21 +276,32 @@ class Federation:
             return
         conn.send(raw)
 
-    async def _inbox(self) -> None:
-        last = STREAM_START
+    async def _follow(self, key: str, what: str, take: Callable[[dict[str, str]], None]) -> None:
+        """Read one of this replica's streams (we are its only reader) and pass on each entry, in
+        order. What was read is trimmed `KEEP_READ_MS` later: the other replicas' news of their
+        nodes, a kilobyte a node, would otherwise fill Redis up to the streams' length cap."""
+        last, trimmed = STREAM_START, 0
         while True:
             try:
-                answer = await self.redis.xread({K.inbox(self.id): last}, block=BLOCK_MS, count=500)
+                answer = await self.redis.xread({key: last}, block=BLOCK_MS, count=500)
             except RedisError as exc:
-                self._trouble("reading this replica's inbox", exc)
+                self._trouble(f"reading this replica's {what}", exc)
                 await asyncio.sleep(1.0)
                 continue
             for entry_id, fields in _entries(answer):
                 last = entry_id
                 try:
-                    self._take(fields["n"], fields["r"], fields["m"])
+                    take(fields)
                 except Exception:
-                    log.exception("a message from another replica was refused")
+                    log.exception("an entry of this replica's %s was refused", what)
+            read_ms = int(last.partition("-")[0])
+            if read_ms - trimmed >= KEEP_READ_MS:
+                trimmed = read_ms - KEEP_READ_MS
+                with contextlib.suppress(RedisError):  # trimmed next time
+                    await self.redis.xtrim(key, minid=f"{trimmed}-0", approximate=True)
+
+    def _message(self, fields: dict[str, str]) -> None:
+        self._take(fields["n"], fields["r"], fields["m"])
 
     # --- other replicas' nodes, run for us --------------------------------------------------------
 
@@ -319,27 +331,17 @@ class Federation:
                 self._event(node, dump(JobEvent(job=message.get("job", ""), ev="error", code="node_gone",
                                                 message="its replica could not be reached through Redis")))
 
-    async def _events(self) -> None:
-        last = STREAM_START
-        while True:
-            try:
-                answer = await self.redis.xread({K.events(self.id): last}, block=BLOCK_MS, count=500)
-            except RedisError as exc:
-                self._trouble("reading this replica's events", exc)
-                await asyncio.sleep(1.0)
-                continue
-            for entry_id, fields in _entries(answer):
-                last = entry_id
-                if "s" in fields:
-                    self._news_from(fields["r"], orjson.loads(fields["s"]), orjson.loads(fields.get("g", "[]")))
-                    continue
-                if "q" in fields:  # numbered by its sender: a batch written twice is read once
-                    number = int(fields["q"])
-                    if number <= self._received.get(fields["r"], 0):
-                        continue
-                    self._received[fields["r"]] = number
-                for node, raw in orjson.loads(fields["e"]):
-                    self._event(node, raw)
+    def _news_or_events(self, fields: dict[str, str]) -> None:
+        if "s" in fields:
+            self._news_from(fields["r"], orjson.loads(fields["s"]), orjson.loads(fields.get("g", "[]")))
+            return
+        if "q" in fields:  # numbered by its sender: a batch written twice is read once
+            number = int(fields["q"])
+            if number <= self._received.get(fields["r"], 0):
+                return
+            self._received[fields["r"]] = number
+        for node, raw in orjson.loads(fields["e"]):
+            self._event(node, raw)
 
     def _news_from(self, replica: str, states: dict[str, str], gone: list[str]) -> None:
         """Another replica's nodes that changed or left: seen now, and waiting work placed on them."""
@@ -423,6 +425,7 @@ class Federation:
                 gone += [n for n in self._published if n not in fresh and n not in gone]
             queue = self.swarm.dispatcher.queue.by_user()
             async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(K.replica_nodes(self.id))
                 pipe.sadd(K.REPLICAS, self.id)
                 if changed:
                     pipe.hset(K.replica_nodes(self.id), mapping=changed)  # type: ignore[arg-type]
@@ -436,7 +439,10 @@ class Federation:
                     pipe.hset(K.replica_queue(self.id), mapping=queue)  # type: ignore[arg-type]
                     pipe.expire(K.replica_queue(self.id), K.REPLICA_NODES_TTL_S)
                 pipe.smembers(K.REPLICAS)
-                replicas = (await pipe.execute())[-1]
+                answers = await pipe.execute()
+            replicas = answers[-1]
+            if not answers[0] and self._published and not resync:
+                self._synced_at = float("-inf")  # our list is gone (a Redis restarted empty): write it all
             self._published.update(changed)
             for name in gone:
                 self._published.pop(name, None)
@@ -527,9 +533,10 @@ class Federation:
         loop = asyncio.get_running_loop()
         self.swarm.registry.on_load = self.load_changed
         self.swarm.registry.on_change = self.changed
-        for job, name in ((self._alive(), "alive"), (self._publisher(), "publish"), (self._inbox(), "inbox"),
-                          (self._events(), "events"),
-                          (self._flusher(), "relay")):  # fmt: skip
+        jobs = {"alive": self._alive(), "publish": self._publisher(), "relay": self._flusher(),
+                "inbox": self._follow(K.inbox(self.id), "inbox", self._message),
+                "events": self._follow(K.events(self.id), "events", self._news_or_events)}  # fmt: skip
+        for name, job in jobs.items():
             self._tasks.append(loop.create_task(job, name=f"federation-{name}"))
         log.info("replica %s sharing nodes and work through Redis", self.id)
 
