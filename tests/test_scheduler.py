@@ -160,7 +160,8 @@ def random_node(rng: random.Random, name: str) -> NodeState:
                      assigned=rng.randint(0, capacity + 1), owner_busy=rng.random() < 0.15,
                      load=rng.choice([0.0, 0.05, 0.1, 0.49, 0.5, 0.99, 1.0, rng.random()]),
                      live=rng.random() < 0.9, net_busy=rng.random() < 0.1,
-                     rtt_ms=rng.choice([None, 0.2, 4.99, 5.0, 19.0, 80.0, 250.0, rng.random() * 600]))  # fmt: skip
+                     rtt_ms=rng.choice([None, 0.2, 4.99, 5.0, 19.0, 80.0, 250.0, rng.random() * 600]),
+                     remote=rng.random() < 0.3)  # fmt: skip
 
 
 def assert_agrees(index: PlacementIndex, nodes: dict[str, NodeState], rng: random.Random) -> None:

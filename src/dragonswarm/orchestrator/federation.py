@@ -77,7 +77,8 @@ def federation_client(url: str) -> aioredis.Redis:
     command tried twice may have been carried out twice: every message here is idempotent or
     recognised when it comes again (`Federation._news_or_events`, `Federation._take`)."""
     options = {**client_options(), "socket_timeout": BLOCK_MS / 1000 + client_options()["socket_timeout"],
-               "retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}  # fmt: skip
+               "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+               "retry_on_error": [RedisConnectionError]}  # fmt: skip
     return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
 
 
@@ -132,6 +133,10 @@ class Federation:
     _dirty: set[str] = field(default_factory=set)  # our nodes changed since the last publication
     _synced_at: float = float("-inf")  # when every node list was last written and read whole
     _first_seen: dict[str, float] = field(default_factory=dict)  # live replica -> when we first saw it
+    # News applied, counted; (replica, node) -> the count when news last touched it. A whole list read
+    # is a snapshot from before its answer came: what news changed meanwhile is newer than it.
+    _news_count: int = 0
+    _touched: dict[tuple[str, str], int] = field(default_factory=dict)
     _sent: int = 0  # batches of events sent, numbered: a batch sent twice (a retried command) is read once
     _received: dict[str, int] = field(default_factory=dict)  # replica -> the number of its last batch read
     # Publishing is computing states, then writing them: one at a time, or an older state could
@@ -224,23 +229,28 @@ class Federation:
             batches, self._outgoing = self._outgoing, {}
             news, self._news = self._news, set()
             try:
-                async with self._publishing:
-                    # Sent even when the periodic publication has just written the same state: the
-                    # others read that only at their next read, up to `PUBLISH_S` from now.
-                    states = self._states(news)
+                if batches:  # token events first, and never behind a publication
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for replica, events in batches.items():
                             self._sent += 1
                             pipe.xadd(K.events(replica), {"r": self.id, "q": self._sent, "e": orjson.dumps(events)},
                                       maxlen=K.STREAM_MAXLEN, approximate=True)  # fmt: skip
                             pipe.expire(K.events(replica), K.STREAM_TTL_S)  # a dead replica's stream goes
-                        if states:  # after the events: a requester sees its job end before the node free
-                            pipe.hset(K.replica_nodes(self.id), mapping=states)  # type: ignore[arg-type]
-                            self._tell_others(pipe, "load", states, [])
                         await pipe.execute()
-                    self._published.update(states)
+                if news:  # after the events: a requester sees its job end before the node free
+                    async with self._publishing:
+                        # Sent even when the periodic publication has just written the same state: the
+                        # others read that only at their next read, up to `PUBLISH_S` from now.
+                        if states := self._states(news):
+                            async with self.redis.pipeline(transaction=False) as pipe:
+                                pipe.hset(K.replica_nodes(self.id), mapping=states)  # type: ignore[arg-type]
+                                self._tell_others(pipe, "load", states, [])
+                                await pipe.execute()
+                            self._published.update(states)
             except RedisError as exc:  # the requesting replicas will see their fragments stall and move them
                 self._trouble(f"relaying {sum(map(len, batches.values()))} events to other replicas", exc)
+            except Exception:  # the relay must outlive one bad round: every crossing request depends on it
+                log.exception("relaying events to other replicas failed")
 
     def _take(self, node: str, requester: str, raw: str) -> None:
         """A message for one of our nodes from another replica."""
@@ -297,8 +307,10 @@ class Federation:
             read_ms = int(last.partition("-")[0])
             if read_ms - trimmed >= KEEP_READ_MS:
                 trimmed = read_ms - KEEP_READ_MS
-                with contextlib.suppress(RedisError):  # trimmed next time
+                try:
                     await self.redis.xtrim(key, minid=f"{trimmed}-0", approximate=True)
+                except RedisError as exc:  # a Redis before 6.2 has no MINID; an ACL may forbid XTRIM
+                    self._trouble(f"trimming this replica's {what}", exc)
 
     def _message(self, fields: dict[str, str]) -> None:
         self._take(fields["n"], fields["r"], fields["m"])
@@ -329,7 +341,8 @@ class Federation:
             message = orjson.loads(text)
             if message.get("type") == "run":  # lost on the way: move it now, not after the stall timeout
                 self._event(node, dump(JobEvent(job=message.get("job", ""), ev="error", code="node_gone",
-                                                message="its replica could not be reached through Redis")))
+                                                message="its replica could not be reached through Redis")),
+                            from_holder=False)  # fmt: skip
 
     def _news_or_events(self, fields: dict[str, str]) -> None:
         if "s" in fields:
@@ -348,20 +361,23 @@ class Federation:
         if replica not in self.live_replicas:
             return  # not read yet (its whole list is read when it is first seen), or taken for gone
         now = time.monotonic()
+        self._news_count += 1
         for name, raw_state in states.items():
             self._read[(replica, name)] = raw_state  # the same text its publication holds: not read twice
+            self._touched[(replica, name)] = self._news_count
             try:
                 self._remote(replica, name, orjson.loads(raw_state), now)
             except Exception:
                 log.exception("node %s published by replica %s was not understood", name, replica)
         for name in gone:
             self._read.pop((replica, name), None)
+            self._touched[(replica, name)] = self._news_count
             conn = self.swarm.registry.conns.get(name)
             if conn is not None and conn.replica == replica:
                 self.swarm.node_left(conn)  # it left that replica
         self.swarm.dispatcher.dispatch()
 
-    def _event(self, node: str, raw: str) -> None:
+    def _event(self, node: str, raw: str, from_holder: bool = True) -> None:
         conn = self.swarm.registry.conns.get(node)
         try:
             ev = JobEvent.model_validate_json(raw)
@@ -375,6 +391,11 @@ class Federation:
             self.swarm.on_event(conn, ev)
         except ProtocolError as exc:  # its holder cuts it off for its own work; we stop using it
             log.warning("node %s (on replica %s) broke the protocol: %s", node, conn.replica, exc)
+            self.swarm.node_left(conn)
+            return
+        if from_holder and ev.ev == "error" and ev.code == "node_gone":
+            # Its holder no longer has it (its news of that may have been lost): not placed there again.
+            self._read.pop((conn.replica, node), None)
             self.swarm.node_left(conn)
 
     def _remote(self, replica: str, name: str, state: dict[str, Any], now: float) -> None:
@@ -402,6 +423,9 @@ class Federation:
     def _drop_replica(self, replica: str) -> None:
         for key in [k for k in self._read if k[0] == replica]:
             del self._read[key]
+        for key in [k for k in self._touched if k[0] == replica]:
+            del self._touched[key]
+        self._received.pop(replica, None)
         for conn in [c for c in self.swarm.registry.conns.values() if c.replica == replica]:
             self.swarm.node_left(conn)
         for job_id in [j for j, f in self.foreign.items() if f.replica == replica]:  # nobody waits for these
@@ -416,30 +440,33 @@ class Federation:
         async with self._publishing:
             # Only the nodes that changed are published again (`Registry.on_change`): rebuilding every
             # entry took 29 µs a node, twice a second. Every `RESYNC_S` all of them are written again.
-            names = {n for n, c in registry.conns.items() if c.replica is None} if resync else self._dirty
-            self._dirty = set()
+            dirty, self._dirty = self._dirty, set()
+            names = {n for n, c in registry.conns.items() if c.replica is None} if resync else dirty
             fresh = self._states(names)
-            changed = fresh if resync else {n: v for n, v in fresh.items() if self._published.get(n) != v}
-            gone = [n for n in names if n not in fresh and n in self._published]
-            if resync:
-                gone += [n for n in self._published if n not in fresh and n not in gone]
+            changed = {n: v for n, v in fresh.items() if self._published.get(n) != v}
+            gone = [n for n in (names | self._published.keys()) if n not in fresh and n in self._published
+                    and (resync or n in dirty)]  # fmt: skip
             queue = self.swarm.dispatcher.queue.by_user()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.exists(K.replica_nodes(self.id))
-                pipe.sadd(K.REPLICAS, self.id)
-                if changed:
-                    pipe.hset(K.replica_nodes(self.id), mapping=changed)  # type: ignore[arg-type]
-                if gone:
-                    pipe.hdel(K.replica_nodes(self.id), *gone)
-                pipe.expire(K.replica_nodes(self.id), K.REPLICA_NODES_TTL_S)
-                if (changed or gone) and not resync:  # the others read these, not the whole hash
-                    self._tell_others(pipe, "changes", changed, gone)
-                pipe.delete(K.replica_queue(self.id))
-                if queue:
-                    pipe.hset(K.replica_queue(self.id), mapping=queue)  # type: ignore[arg-type]
-                    pipe.expire(K.replica_queue(self.id), K.REPLICA_NODES_TTL_S)
-                pipe.smembers(K.REPLICAS)
-                answers = await pipe.execute()
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.exists(K.replica_nodes(self.id))
+                    pipe.sadd(K.REPLICAS, self.id)
+                    if fresh if resync else changed:  # every `RESYNC_S` the whole list, else what changed
+                        pipe.hset(K.replica_nodes(self.id), mapping=fresh if resync else changed)  # type: ignore[arg-type]
+                    if gone:
+                        pipe.hdel(K.replica_nodes(self.id), *gone)
+                    pipe.expire(K.replica_nodes(self.id), K.REPLICA_NODES_TTL_S)
+                    if changed or gone:  # the others read these, not the whole hash
+                        self._tell_others(pipe, "changes", changed, gone)
+                    pipe.delete(K.replica_queue(self.id))
+                    if queue:
+                        pipe.hset(K.replica_queue(self.id), mapping=queue)  # type: ignore[arg-type]
+                        pipe.expire(K.replica_queue(self.id), K.REPLICA_NODES_TTL_S)
+                    pipe.smembers(K.REPLICAS)
+                    answers = await pipe.execute()
+            except BaseException:
+                self._dirty |= dirty  # not published: published next time
+                raise
             replicas = answers[-1]
             if not answers[0] and self._published and not resync:
                 self._synced_at = float("-inf")  # our list is gone (a Redis restarted empty): write it all
@@ -485,11 +512,15 @@ class Federation:
 
     async def _read_all(self, r: str) -> None:
         """Another replica's whole node list, as it published it."""
-        registry, now = self.swarm.registry, time.monotonic()
+        registry, since = self.swarm.registry, self._news_count
         nodes = await self.redis.hgetall(K.replica_nodes(r))
+        now = time.monotonic()
+        newer = {name for (replica, name), count in self._touched.items() if replica == r and count > since}
         for name, raw_state in nodes.items():
             assert isinstance(name, str) and isinstance(raw_state, str)  # the client decodes answers
             held = registry.conns.get(name)
+            if name in newer:
+                continue  # news read while this list was on its way is newer than it
             if held is not None and held.replica == r and self._read.get((r, name)) == raw_state:
                 continue
             self._read[(r, name)] = raw_state
@@ -497,10 +528,13 @@ class Federation:
                 self._remote(r, name, orjson.loads(raw_state), now)
             except Exception:
                 log.exception("node %s published by replica %s was not understood", name, r)
-        for key in [k for k in self._read if k[0] == r and k[1] not in nodes]:
+        for key in [k for k in self._read if k[0] == r and k[1] not in nodes and k[1] not in newer]:
             del self._read[key]
-        for conn in [c for c in registry.conns.values() if c.replica == r and c.name not in nodes]:
+        for conn in [c for c in registry.conns.values() if c.replica == r and c.name not in nodes
+                     and c.name not in newer]:  # fmt: skip
             self.swarm.node_left(conn)  # it left that replica
+        for key in [k for k in self._touched if k[0] == r and k[1] not in newer]:
+            del self._touched[key]  # older than this list: it has them
         self.swarm.dispatcher.dispatch()
 
     async def _alive(self) -> None:

@@ -59,7 +59,8 @@ def rank(node: NodeState, model: str) -> Rank | None:
 
 
 def choose(model: str, nodes: Iterable[NodeState], exclude: Collection[str] = ()) -> str | None:
-    """Reference single pass: the eligible node with the lowest rank (ties: first seen)."""
+    """Reference single pass: the eligible node with the lowest rank (ties: first seen; the index
+    may pick another of the same rank, another replica's newest filed)."""
     best: Rank | None = None
     best_name: str | None = None
     for node in nodes:

@@ -23,7 +23,7 @@ Lua scripts receive every key they touch as KEYS, built here, so no script compo
 | `dragon:replica:<id>:nodes` | hash | node name -> what placement needs of it (JSON) | `REPLICA_NODES_TTL_S` |
 | `dragon:replica:<id>:queue` | hash | user lane -> fragments waiting in its queue | `REPLICA_NODES_TTL_S` |
 | `dragon:replica:<id>:inbox` | stream | `run`/`cancel` from other replicas for its nodes | `STREAM_TTL_S` |
-| `dragon:replica:<id>:events` | stream | node events for the jobs it placed elsewhere | `STREAM_TTL_S` |
+| `dragon:replica:<id>:events` | stream | events of its jobs run elsewhere; others' changed nodes | `STREAM_TTL_S` |
 | `dragon:response:<sha256>` | string | one cached answer's events (JSON), by its cache key | `--cache-ttl` |
 
 A key's plaintext is never stored: only its sha256 (in a key's name and the listing).
@@ -95,7 +95,7 @@ REPLICAS = PREFIX + "replicas"
 REPLICA_TTL_S = 3  # refreshed twice a second: a replica silent this long is taken for dead
 REPLICA_NODES_TTL_S = 10  # its nodes' hash outlives a crash by this much at most
 STREAM_MAXLEN = 100_000  # inbox and event streams are trimmed to about this many entries
-STREAM_TTL_S = 3600  # ... and deleted an hour after their last entry (a replica that died)
+STREAM_TTL_S = 3600  # ... deleted an hour after their last entry (a replica that died; its reader trims them)
 
 
 def replica(replica_id: str) -> str:
