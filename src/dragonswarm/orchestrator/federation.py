@@ -426,6 +426,7 @@ class Federation:
         for key in [k for k in self._touched if k[0] == replica]:
             del self._touched[key]
         self._received.pop(replica, None)
+        self._first_seen.pop(replica, None)
         for conn in [c for c in self.swarm.registry.conns.values() if c.replica == replica]:
             self.swarm.node_left(conn)
         for job_id in [j for j, f in self.foreign.items() if f.replica == replica]:  # nobody waits for these
@@ -444,15 +445,15 @@ class Federation:
             names = {n for n, c in registry.conns.items() if c.replica is None} if resync else dirty
             fresh = self._states(names)
             changed = {n: v for n, v in fresh.items() if self._published.get(n) != v}
-            gone = [n for n in (names | self._published.keys()) if n not in fresh and n in self._published
-                    and (resync or n in dirty)]  # fmt: skip
+            gone = [n for n in (self._published if resync else dirty) if n in self._published and n not in fresh]
+            written = fresh if resync else changed  # every `RESYNC_S` the whole list, else what changed
             queue = self.swarm.dispatcher.queue.by_user()
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.exists(K.replica_nodes(self.id))
                     pipe.sadd(K.REPLICAS, self.id)
-                    if fresh if resync else changed:  # every `RESYNC_S` the whole list, else what changed
-                        pipe.hset(K.replica_nodes(self.id), mapping=fresh if resync else changed)  # type: ignore[arg-type]
+                    if written:
+                        pipe.hset(K.replica_nodes(self.id), mapping=written)  # type: ignore[arg-type]
                     if gone:
                         pipe.hdel(K.replica_nodes(self.id), *gone)
                     pipe.expire(K.replica_nodes(self.id), K.REPLICA_NODES_TTL_S)
@@ -487,8 +488,6 @@ class Federation:
             self._drop_replica(lost)
         for r in live - self.live_replicas:
             self._first_seen[r] = now
-        for r in self.live_replicas - live:
-            self._first_seen.pop(r, None)
         self.live_replicas = live
         elsewhere: dict[str, int] = {}
         for r in sorted(live):
@@ -518,9 +517,9 @@ class Federation:
         newer = {name for (replica, name), count in self._touched.items() if replica == r and count > since}
         for name, raw_state in nodes.items():
             assert isinstance(name, str) and isinstance(raw_state, str)  # the client decodes answers
-            held = registry.conns.get(name)
             if name in newer:
                 continue  # news read while this list was on its way is newer than it
+            held = registry.conns.get(name)
             if held is not None and held.replica == r and self._read.get((r, name)) == raw_state:
                 continue
             self._read[(r, name)] = raw_state

@@ -246,8 +246,7 @@ class Registry:
         if self.conns.get(conn.name) is not conn:
             return False  # already replaced by a newer connection of the same node
         del self.conns[conn.name]
-        if self.on_change is not None and conn.replica is None:
-            self.on_change(conn)
+        self._changed(conn)
         self.departures += 1
         self.cpu.drop(conn)
         self.index.remove(conn.name)
@@ -321,8 +320,7 @@ class Registry:
             before = self.index.get(conn.name)
             state = conn.placement_state(time.monotonic(), self.stale_after)
             self.index.update(state)
-            if self.on_change is not None and conn.replica is None:
-                self.on_change(conn)
+            self._changed(conn)
             if (self.on_load is not None and conn.replica is None and before is not None
                     and (before.assigned, before.owner_busy) != (state.assigned, state.owner_busy)):  # fmt: skip
                 self.on_load(conn)
@@ -335,8 +333,11 @@ class Registry:
         live = conn.state(now, self.stale_after) == "live"
         if self.conns.get(conn.name) is conn and (placed is None or placed.live != live):
             self.index.update(conn.placement_state(now, self.stale_after))
-            if self.on_change is not None and conn.replica is None:
-                self.on_change(conn)
+            self._changed(conn)
+
+    def _changed(self, conn: NodeConn) -> None:
+        if self.on_change is not None and conn.replica is None:  # another replica's node is its to publish
+            self.on_change(conn)
 
     def serving(self, model: str) -> Collection[NodeConn]:
         """Connected nodes that can serve `model`, live or not, in the order they joined."""
