@@ -373,12 +373,13 @@ async def _client(client: httpx.AsyncClient, url: str, key: str, i: int, max_tok
         return parser.result(0, None, f"{type(exc).__name__}: {exc}")
 
 
-async def _burst(url: str, key: str, clients: int, max_tokens: int,
+async def _burst(url: str, keys: list[str], clients: int, max_tokens: int,
                  verify: ssl.SSLContext | bool) -> tuple[list[Streamed], float]:  # fmt: skip
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=30), verify=verify) as client:
         go = asyncio.Event()
-        tasks = [asyncio.create_task(_client(client, url, key, i, max_tokens, go)) for i in range(clients)]
+        tasks = [asyncio.create_task(_client(client, url, keys[i % len(keys)], i, max_tokens, go))
+                 for i in range(clients)]  # fmt: skip
         await asyncio.sleep(0.1)  # every task waits at the start line
         t0 = time.perf_counter()
         go.set()
@@ -386,16 +387,18 @@ async def _burst(url: str, key: str, clients: int, max_tokens: int,
         return list(results), time.perf_counter() - t0
 
 
-def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, bursts: int,
-                  alone_runs: int = 5) -> dict[str, Any]:  # fmt: skip
+def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, bursts: int, alone_runs: int = 5,
+                  swarms: dict[str, dict[str, str]] | None = None,
+                  distinct_keys: bool = False) -> dict[str, Any]:  # fmt: skip
     """Each swarm in turn, alone on the machine: a second `dragon up` idling beside it would be
-    one more owner program to the first one's nodes."""
+    one more owner program to the first one's nodes. With `distinct_keys`, each client has a
+    user key of its own (so the per-key limits are not what is measured)."""
     workers = 3
     out: dict[str, Any] = {"clients": clients, "bursts": bursts, "max_tokens": max_tokens, "workers": workers,
                            "nodes_in_swarm": workers + 1, "swarms": {}}  # fmt: skip
     conditions: list[dict[str, Any]] = []
     me = psutil.Process()
-    for i, (label, env) in enumerate(CLIENT_SWARMS.items()):
+    for i, (label, env) in enumerate((swarms or CLIENT_SWARMS).items()):
         runs: list[Streamed] = []
         walls: list[float] = []
         swarm_cpu: list[float] = []
@@ -407,6 +410,11 @@ def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, bursts:
             # Warm every node's runner: four prompts go to four nodes.
             body = {"model": TINY, "prompt": FANOUT_PROMPTS, "max_tokens": 4, "temperature": 0, "cache": False}
             verify = up.orchestrator.verify
+            keys = [up.api_key]
+            if distinct_keys:
+                from bench.replica_procs import create_keys
+
+                keys = create_keys(None, procs.root / "up", clients)[1]
             httpx.post(url, json=body, headers=auth, timeout=120, verify=verify).raise_for_status()
             with httpx.Client(timeout=120, verify=verify) as client:
                 for _ in range(alone_runs):  # the reference: one client with the swarm to itself
@@ -418,7 +426,7 @@ def bench_clients(root: Path, tiny: Path, clients: int, max_tokens: int, bursts:
                 settled = up.orchestrator.wait_idle(up.node_names)
                 watch = CpuWatch()
                 cpu0, me0 = tree_cpu(list(up.pids.values())), sum(me.cpu_times()[:2])
-                burst, wall = asyncio.run(_burst(url, up.api_key, clients, max_tokens, verify))
+                burst, wall = asyncio.run(_burst(url, keys, clients, max_tokens, verify))
                 swarm_cpu.append(tree_cpu(list(up.pids.values())) - cpu0)
                 client_cpu.append(sum(me.cpu_times()[:2]) - me0)
                 conditions.append({"settled": settled, "other_cpu": watch.other_fraction(), "swarm": label})
@@ -453,7 +461,8 @@ def summarize_burst(runs: list[Streamed], walls: list[float], swarm_cpu: list[fl
         "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "max": max(ttft, default=math.nan)},
         "total_ms": {"p50": percentile(total, 50), "p99": percentile(total, 99),
                      "max": max(total, default=math.nan)},
-        "wall_s": median(walls), "walls_s": walls, "swarm_cpu_s": median(swarm_cpu),
+        "wall_s": median(walls), "walls_s": walls,
+        "requests_per_min": len(ok) / max(sum(walls), 1e-9) * 60, "swarm_cpu_s": median(swarm_cpu),
         "swarm_cpu_ms_per_request": sum(swarm_cpu) / max(1, len(runs)) * 1000, "client_cpu_s": median(client_cpu),
         "tokens": sum(r.tokens for r in ok), "requests_by_node": dict(sorted(nodes.items())),
         "alone": {"runs": len(alone), "ttft_ms": median([r.ttft * 1000 for r in alone]),

@@ -302,7 +302,9 @@ def start_node(tmp_path: Path, models_home: Path,
 
     With `swarm`, it joins that orchestrator and counts the test run's processes as its
     own, as `dragon up` does: on one machine the other nodes and the test client must
-    not look like a busy owner.
+    not look like a busy owner. A model decodes one sequence at a time unless the flags
+    ask for more (`--parallel`): the default depends on the machine's cores and RAM, and
+    tests of queues and failover count on one stream per node (test_batching covers more).
     """
     nodes: list[NodeProcess] = []
 
@@ -314,6 +316,8 @@ def start_node(tmp_path: Path, models_home: Path,
         args = [sys.executable, "-m", "dragonswarm.cli", "node", "--home", str(home), "--api-port", str(port)]
         if not bundled:
             args.append("--no-bundled-model")
+        if "--parallel" not in flags:
+            args += ["--parallel", "1"]
         base_env = dict(os.environ)
         if swarm is not None:
             args += swarm.node_flags()

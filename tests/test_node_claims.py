@@ -69,9 +69,9 @@ def sha256_of(path: Path) -> str:
 
 
 def test_capacity_is_what_policy_grants(start_orchestrator: Callable[..., OrchestratorProcess]) -> None:
-    orch = start_orchestrator()
+    orch = start_orchestrator("--max-node-capacity", "3")
     with join(orch, "greedy", "0" * 64, capacity=64):
-        assert orch.nodes()["greedy"]["capacity"] == 1
+        assert orch.nodes()["greedy"]["capacity"] == 3
 
 
 @pytest.mark.parametrize("event, cut", [

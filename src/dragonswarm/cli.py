@@ -99,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="share of the GPU's memory for model layers, 0 for none (default: --local-share)")
     node.add_argument("--idle-unload", type=float, dest="idle_unload_s", metavar="SECONDS",
                       help="unload a model unused this long (default 600)")  # fmt: skip
-    node.add_argument("--n-ctx", type=int, help="context length in tokens (default 4096)")
+    node.add_argument("--n-ctx", type=int, help="context length in tokens, per sequence (default 4096)")
+    node.add_argument("--parallel", type=int, metavar="N",
+                      help="sequences one model decodes together (continuous batching); default: from the cores, "
+                      "the shares and free RAM, at most 4; 1: one at a time")  # fmt: skip
     node.add_argument("--max-queue", type=int, help="requests that may wait per model before 429 (default 32)")
     node.add_argument("--default-max-tokens", type=int, metavar="N",
                       help="tokens a choice may generate when the request sets no limit (default 2048)")  # fmt: skip
@@ -123,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--max-queue-per-user", type=int,
                       help="fragments one key may have waiting (default 256; less as more keys wait)")  # fmt: skip
     orch.add_argument("--max-node-capacity", type=int, metavar="N",
-                      help="fragments one node may run at once, whatever it claims (default 1)")  # fmt: skip
+                      help="fragments one node may run at once, whatever it claims (default 8)")  # fmt: skip
+    orch.add_argument("--min-stream-tps", type=float, metavar="TOKENS",
+                      help="tokens/s each stream must keep on a node that runs several: more go there only while "
+                      "its measured rate allows; 0 fills every sequence (default 14: 0.5 s per line of code)")
     _timeouts(orch)
     orch.add_argument("--rate-rpm", type=int, help="requests per minute per key, 0 for no limit (default 600)")
     orch.add_argument("--rate-tpm", type=int, help="tokens per minute per key, 0 for no limit (default 2000000)")
@@ -234,8 +240,8 @@ def cmd_node(args: argparse.Namespace) -> None:
 
     settings: NodeSettings = _settings(args, [
         "models", "bundled_model", "host", "api_port", "home", "local_share", "share", "cap_mechanism", "gpu_share",
-        "idle_unload_s", "n_ctx", "max_queue", "default_max_tokens", "log_level", "name", "orchestrator", "key", "ca",
-        "insecure", "api_key", "allowed_hosts", "stall_timeout_s", "request_timeout_s"])  # fmt: skip
+        "idle_unload_s", "n_ctx", "parallel", "max_queue", "default_max_tokens", "log_level", "name", "orchestrator",
+        "key", "ca", "insecure", "api_key", "allowed_hosts", "stall_timeout_s", "request_timeout_s"])  # fmt: skip
     _setup_logging(settings.log_level)
     if bool(settings.orchestrator) != bool(settings.key):
         raise ConfigError("joining a swarm needs both --orchestrator URL and a node key (--key or DRAGON_KEY)")
@@ -286,7 +292,8 @@ def cmd_orchestrator(args: argparse.Namespace) -> None:
 
     names = ["host", "port", "home", "max_queue", "max_queue_per_user", "request_timeout_s", "stall_timeout_s",
              "log_level", "rate_rpm", "rate_tpm", "max_tokens", "default_max_tokens", "insecure",
-             "max_node_capacity", "redis", "response_cache", "cache_ttl_s", "cache_shared", "cache_max_mb"]  # fmt: skip
+             "max_node_capacity", "min_stream_tps", "redis", "response_cache", "cache_ttl_s", "cache_shared",
+             "cache_max_mb"]  # fmt: skip
     settings: OrchestratorSettings = _settings(args, names, OrchestratorSettings)
     _setup_logging(settings.log_level)
     if not settings.insecure:

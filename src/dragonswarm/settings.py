@@ -191,7 +191,10 @@ class NodeSettings(_FileSettings):
     # `request_timeout_s`, waiting included, ends with 504 however fast it goes.
     stall_timeout_s: float = Field(30.0, gt=0.0)
     request_timeout_s: float = Field(1800.0, gt=0.0)
-    n_ctx: int = Field(4096, ge=64)
+    n_ctx: int = Field(4096, ge=64)  # per sequence
+    # Sequences one model process decodes together (continuous batching); None: chosen from
+    # the cores, the shares and the free RAM (governor.policy.default_parallel). 1: one at a time.
+    parallel: int | None = Field(None, ge=1, le=64)
     ram_margin_mb: int = Field(512, ge=0)
 
     max_n: int = Field(8, ge=1)
@@ -267,8 +270,12 @@ class OrchestratorSettings(_FileSettings):
     # A node with nothing running that changes nothing may report this rarely (the stale and gone
     # times below stretch for it by the same factor): ten thousand idle nodes beat a fifth as often.
     idle_heartbeat_s: float = Field(5.0, gt=0.0)
-    # Fragments one node may run at once, whatever it claims: a runner serves one sequence.
-    max_node_capacity: int = Field(1, ge=1, le=64)
+    # Fragments one node may run at once, whatever it claims (its model processes' sequences).
+    max_node_capacity: int = Field(8, ge=1, le=64)
+    # Tokens/s each stream must keep when a node runs several at once: more go to a node only while
+    # its measured rate allows (0: fill every sequence). 14 = 0.5 s per line of code at 6.8 tokens
+    # per line, as the bundled code model writes them (bench/results/code.md).
+    min_stream_tps: float = Field(14.0, ge=0.0)
     stale_after_s: float = Field(3.5, gt=0.0)  # no heartbeat this long: not given new work
     gone_after_s: float = Field(15.0, gt=0.0)  # ... this long: connection closed, work moved
 

@@ -25,7 +25,7 @@ CANCEL_TIMEOUT_S = 5.0
 
 
 class RunnerProcess:
-    """One model loaded in one child process, running one job at a time.
+    """One model loaded in one child process, running up to `parallel` jobs at once.
 
     Events for each job arrive on its own queue. If the process dies, every job it
     held gets an `error` event with code `runner_failed`; the node lives on.
@@ -33,10 +33,11 @@ class RunnerProcess:
 
     def __init__(self, model_name: str, model_path: Path, n_ctx: int, threads: int, log_path: Path,
                  stats: Counter[str], gpu_budget: int | None = None, env: dict[str, str] | None = None,
-                 on_threads: Callable[[int, int], None] | None = None):  # fmt: skip
+                 on_threads: Callable[[int, int], None] | None = None, parallel: int = 1):  # fmt: skip
         self.model_name = model_name
         self.model_path = model_path
-        self.n_ctx = n_ctx
+        self.n_ctx = n_ctx  # per sequence
+        self.parallel = parallel  # sequences decoded together (continuous batching)
         self.threads = threads  # the count last asked for
         self.threads_in_force = threads  # ... and the count the runner last said it computes with
         self.gpu_budget = gpu_budget  # bytes of video memory the model may fill; None: no GPU
@@ -63,7 +64,7 @@ class RunnerProcess:
     async def start(self, on_spawn: Callable[[int], None] | None = None) -> None:
         """Spawn the child and wait until the model is loaded."""
         config = {"model_path": str(self.model_path), "n_ctx": self.n_ctx, "threads": self.threads,
-                  "gpu_budget": self.gpu_budget}  # fmt: skip
+                  "gpu_budget": self.gpu_budget, "parallel": self.parallel}  # fmt: skip
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as stderr:
             self.proc = await asyncio.create_subprocess_exec(
@@ -157,7 +158,8 @@ class RunnerProcess:
         prompt) is hung: the job ends with `runner_stalled` and the runner is killed (its
         supervisor starts it again). At `deadline` (monotonic) the job is cancelled and
         ends with `timeout`. Leaving early (client gone, task cancelled) cancels the job
-        in the runner and waits until the runner confirms, so the next job never overlaps this one.
+        in the runner and waits until the runner confirms, so its sequence is free before
+        the caller lets another job in.
         """
         queue: asyncio.Queue[Event] = asyncio.Queue()
         job_id = job["id"]

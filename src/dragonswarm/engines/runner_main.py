@@ -1,13 +1,17 @@
-"""Entry point of a runner child process: one loaded GGUF model, one job at a time.
+"""Entry point of a runner child process: one loaded GGUF model serving several sequences at once.
 
 This is the only module that imports `llama_cpp`. It speaks `protocol.runner` over a
 private copy of stdout (fd 1 itself is pointed at stderr, so anything llama.cpp prints
-cannot corrupt the protocol) and reads jobs from stdin. A reader thread receives
-`cancel` while a job runs; the job checks it between prompt batches and between tokens.
+cannot corrupt the protocol) and reads jobs from stdin. A reader thread receives `run`,
+`cancel` and `threads` while jobs run.
 
-Each job builds its own llama.cpp sampler chain (logit bias, penalties, grammar,
-top-k/top-p/min-p, temperature) and keeps the KV cache of what it evaluated, so the
-next prompt that starts the same way only evaluates what is new.
+One llama.cpp context holds `parallel` sequences (slots). Jobs join and leave between two
+decode steps (continuous batching): each step evaluates one token for every stream that is
+generating and, in what is left of the batch, a chunk of the prompts being read
+(`engines/batching.py` decides). Each job has its own llama.cpp sampler chain (logit bias,
+penalties, grammar, top-k/top-p/min-p, temperature, seed), stop strings and cancel flag;
+each sequence keeps the KV cache of what it evaluated, so the next prompt that starts the
+same way only evaluates what is new.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from dragonswarm.engines.batching import Want, pick_sequence, plan_step, shared_prefix
 from dragonswarm.engines.chat_templates import chat_template
 from dragonswarm.engines.grammars import json_grammar, tool_call_grammar
 from dragonswarm.engines.textstream import TextStream
@@ -45,9 +52,51 @@ class JobError(Exception):
         self.param = param
 
 
+N_BATCH = 512  # tokens one decode step may hold, as llama-cpp-python's default
+
+
+@dataclass(eq=False)
+class Seq:
+    """One sequence of the context (a slot): what its KV cells hold, and the job using it."""
+
+    id: int
+    tokens: list[int] = field(default_factory=list)  # evaluated, in order: its prompt cache
+    used_at: float = 0.0
+    job: Job | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation in flight on a sequence."""
+
+    id: str
+    gen: Generation
+    seq: Seq
+    chain: Any
+    grammar: Any
+    todo: list[int]  # tokens to evaluate before the next token is sampled
+    batchable: int  # of `todo`, the leading ones that may be read in one batch (the rest: one at a time)
+    max_tokens: int
+    n_prompt: int
+    cached: int
+    stream: TextStream
+    held: list[int] = field(default_factory=list)  # tokens whose text is still held back
+    pending: list[TokenLogprob] = field(default_factory=list)  # ... their logprobs
+    count: int = 0  # tokens generated
+    read: int = 0  # prompt tokens evaluated so far
+    reading: bool = True  # still reading its prompt
+    progress_at: float = 0.0  # when its last progress event went out
+    logits_at: int = -1  # its row in the last step's logits, when it asked for one
+
+
 class Runner:
-    def __init__(self, out: BinaryIO, model_path: str, n_ctx: int, threads: int, gpu_budget: int | None = None):
+    def __init__(self, out: BinaryIO, model_path: str, n_ctx: int, threads: int, gpu_budget: int | None = None,
+                 parallel: int = 1):  # fmt: skip
         import llama_cpp
+        from llama_cpp._internals import LlamaContext, LlamaModel
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp's own log lines only when they are errors
 
         self._lib = llama_cpp
         self.out = out
@@ -55,18 +104,33 @@ class Runner:
         # one (NVIDIA, read through NVML); else all that llama.cpp can, as it does on its own (-1).
         self.gpu_layers = 0
         if llama_cpp.llama_supports_gpu_offload():
-            self.gpu_layers = -1 if gpu_budget is None else _layers_within(llama_cpp, model_path, gpu_budget, n_ctx)
-        self.llm = llama_cpp.Llama(
-            model_path=model_path,
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=self.gpu_layers,
-            verbose=False,
-        )
+            self.gpu_layers = (
+                -1 if gpu_budget is None else _layers_within(llama_cpp, model_path, gpu_budget, n_ctx * parallel)
+            )
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0x7FFFFFFF if self.gpu_layers == -1 else self.gpu_layers
+        self.model = LlamaModel(path_model=model_path, params=model_params, verbose=False)
+        # One context, `parallel` sequences of `n_ctx` tokens each in one unified KV cache, with
+        # flash attention where llama.cpp has it (as llama-server): on 2 cores, decoding 4 and 8
+        # sequences together went up to a third faster than with a cache per sequence and plain
+        # attention, one sequence alone no slower within the noise.
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * parallel
+        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_seq_max = parallel
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = True
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        self.context = LlamaContext(model=self.model, params=params, verbose=False)
+        self.ctx = self.context.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self.n_ctx = n_ctx  # per sequence
+        self.seqs = [Seq(i) for i in range(parallel)]
+        self.jobs: list[Job] = []  # in flight, in order of arrival
         self.threads = threads
         self.wanted_threads = threads  # set by the command reader when the share in force changes
-        self.vocab = self.llm._model.vocab
+        self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -74,15 +138,19 @@ class Runner:
         self._cand = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self.cancelled: set[str] = set()
-        self._progress_at = 0.0  # when the last progress event went out
         self._progress_lock = threading.Lock()
-        self.template = chat_template(self.llm.metadata)
+        self._in_step: list[Job] = []  # the jobs in flight while a prompt step is decoded
+        self._read_since = 0  # prompt tokens read since the streams last had a step
+        self.metadata = self.model.metadata()
+        self.template = chat_template(self.metadata)
         self.formatter = self._chat_formatter()
         fim = (llama_cpp.llama_vocab_fim_pre(self.vocab), llama_cpp.llama_vocab_fim_suf(self.vocab),
                llama_cpp.llama_vocab_fim_mid(self.vocab))  # fmt: skip
         self.fim = fim if min(fim) >= 0 else None
         # Tools are only offered where the model's own template teaches it a call format we parse.
         self.tools = bool(self.template and "tools" in self.template and TOOL_CALL_OPEN in self.template)
+        # While prompts are read, llama.cpp asks this between two operations of its graph.
+        self._abort = llama_cpp.ggml_abort_callback(self._abort_check)
 
     def _chat_formatter(self) -> Any:
         if not self.template:
@@ -90,12 +158,12 @@ class Runner:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         def text(token_id: int) -> str:
-            return self.llm._model.token_get_text(token_id) if token_id != -1 else ""
+            return self.model.token_get_text(token_id) if token_id != -1 else ""
 
         return Jinja2ChatFormatter(
             template=self.template,
-            eos_token=text(self.llm.token_eos()),
-            bos_token=text(self.llm.token_bos()),
+            eos_token=text(self.model.token_eos()),
+            bos_token=text(self.model.token_bos()),
         )
 
     def send(self, message: dict[str, Any]) -> None:
@@ -106,7 +174,7 @@ class Runner:
         return self._piece_buf.raw[: max(n, 0)]
 
     def tokenize(self, text: str, bos: bool = False, special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=bos, special=special) if text else []
+        return self.model.tokenize(text.encode(), add_bos=bos, special=special) if text else []
 
     def prompt_tokens(self, gen: Generation) -> tuple[list[int], list[str]]:
         """The prompt as tokens, and stop strings implied by the template."""
@@ -116,7 +184,7 @@ class Runner:
         text, bos, stops = self._prompt_text(gen)
         if text is None:  # fill-in-the-middle: built from the model's FIM tokens
             return self._fim_tokens(gen), stops
-        return self.tokenize(text, bos=bos) or [self.llm.token_bos()], stops
+        return self.tokenize(text, bos=bos) or [self.model.token_bos()], stops
 
     def _prompt_text(self, gen: Generation) -> tuple[str | None, bool, list[str]]:
         """The prompt's text (None for fill-in-the-middle), whether a BOS goes first, and stops."""
@@ -141,7 +209,7 @@ class Runner:
             raise JobError("unsupported_parameter", "this model has no fill-in-the-middle tokens; "
                            "suffix needs a model trained for it", "suffix")  # fmt: skip
         pre, suf, mid = self.fim
-        bos = [self.llm.token_bos()] if self.add_bos else []
+        bos = [self.model.token_bos()] if self.add_bos else []
         return [*bos, pre, *self.tokenize(gen.prompt or ""), suf, *self.tokenize(gen.suffix or ""), mid]
 
     def sampler(self, gen: Generation) -> tuple[Any, Any]:
@@ -193,16 +261,17 @@ class Runner:
             lib.llama_sampler_free(chain)
             raise
 
-    def sample(self, chain: Any, grammar: Any) -> int:
-        """The next token from the chain, held to the grammar; accepted into both."""
+    def sample(self, chain: Any, grammar: Any, row: int) -> int:
+        """The next token from the chain for the logits of batch row `row`, held to the
+        grammar; accepted into both."""
         lib = self._lib
         if grammar is None:
-            return int(lib.llama_sampler_sample(chain, self.llm._ctx.ctx, -1))  # also accepts it
-        candidates = self._candidates()
+            return int(lib.llama_sampler_sample(chain, self.ctx, row))  # also accepts it
+        candidates = self._candidates(row)
         lib.llama_sampler_apply(chain, ctypes.byref(candidates))
         token = int(self._cand["id"][candidates.selected])
         if not self._allows(grammar, token):  # rarely: sample again from what the grammar allows
-            candidates = self._candidates()
+            candidates = self._candidates(row)
             lib.llama_sampler_apply(grammar, ctypes.byref(candidates))
             lib.llama_sampler_apply(chain, ctypes.byref(candidates))
             token = int(self._cand["id"][candidates.selected])
@@ -210,14 +279,14 @@ class Runner:
         lib.llama_sampler_accept(chain, token)
         return token
 
-    def _logits(self) -> Any:
-        """The model's logits for the next position (a view, valid until the next decode)."""
-        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.n_vocab,))
+    def _logits(self, row: int) -> Any:
+        """The model's logits after batch row `row` (a view, valid until the next decode)."""
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
 
-    def _candidates(self) -> Any:
-        """Every token with its logit for the next position, as llama.cpp's samplers take them."""
+    def _candidates(self, row: int) -> Any:
+        """Every token with its logit after batch row `row`, as llama.cpp's samplers take them."""
         lib = self._lib
-        logits = self._logits()
+        logits = self._logits(row)
         cand = self._cand
         cand["id"] = self._ids
         cand["logit"] = logits
@@ -248,108 +317,19 @@ class Runner:
             raise JobError("invalid_request", f"unusable JSON schema: {exc}", param) from None
         return None, None
 
-    def reuse_cache(self, tokens: list[int], enabled: bool) -> int:
-        """Keep the KV cache of the longest prefix this prompt shares with what was evaluated
-        last; return its length. At least one token is always evaluated again, for fresh logits."""
-        llm = self.llm
-        n = min(llm.n_tokens, len(tokens) - 1)
-        keep = 0
-        if enabled and n > 0:
-            differ = np.flatnonzero(llm.input_ids[:n] != np.asarray(tokens[:n], dtype=llm.input_ids.dtype))
-            keep = int(differ[0]) if differ.size else n
-        # The model may refuse a partial removal (some recurrent or sliding-window caches): start over.
-        if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
-            llm.n_tokens = keep
-            return keep
-        llm.reset()  # type: ignore[no-untyped-call]
-        return 0
+    # Jobs in and out. Everything below runs on the main thread, between two decode steps.
 
-    def evaluate(self, job_id: str, tokens: list[int], singly_from: int) -> bool:
-        """Evaluate tokens a batch at a time, and those from `singly_from` on one at a time;
-        False if the job was cancelled meanwhile.
+    def free_seqs(self) -> list[Seq]:
+        return [seq for seq in self.seqs if seq.job is None]
 
-        One at a time is how they were evaluated when they were generated: llama.cpp's
-        arithmetic differs between a batch and a single token (other kernels, other
-        rounding, logits apart by up to about 1), so a failover's answer so far, read as a
-        batch, can turn a greedy continuation onto another path. Read token by token, it
-        continues exactly as the first worker would have.
-
-        At a small share one batch can take minutes, longer than the node waits for a
-        cancel before it kills the runner: while the prompt is read, llama.cpp asks this
-        job's cancel flag between two operations of its graph, and stops within one. Not
-        while generating: a Python call per operation would cost every token time, and a
-        cancel is seen between two tokens there anyway.
-        """
-        lib, ctx = self._lib, self.llm._ctx.ctx
-        done = 0
-
-        def check(_data: Any) -> bool:
-            self.progress(job_id, done)  # a batch can take minutes at a small share: still reading
-            return self.is_cancelled(job_id)
-
-        abort = lib.ggml_abort_callback(check)
-        lib.llama_set_abort_callback(ctx, abort, None)
-        try:
-            i = 0
-            while i < len(tokens):
-                done = i
-                self.progress(job_id, done)
-                if self.checkpoint(job_id):
-                    return False
-                step = 1 if i >= singly_from else min(self.llm.n_batch, singly_from - i)
-                try:
-                    self.llm.eval(tokens[i : i + step])
-                    i += step
-                except RuntimeError:  # llama_decode returned 2: aborted, the batch's cache cells undone
-                    if self.is_cancelled(job_id):
-                        return False
-                    raise
-            return True
-        finally:
-            lib.llama_set_abort_callback(ctx, lib.ggml_abort_callback(), None)  # a null callback: none
-
-    def progress(self, job_id: str, done: int) -> None:
-        """Tell the node the prompt is being read (at most once a second): a job that says
-        nothing for the stall timeout is taken for hung and moved to another worker."""
-        now = time.monotonic()
-        if now - self._progress_at < PROGRESS_EVERY_S:
-            return
-        with self._progress_lock:  # llama.cpp's worker threads may all call in at once
-            if now - self._progress_at < PROGRESS_EVERY_S:
-                return
-            self._progress_at = now
-            self.send({"ev": "progress", "id": job_id, "prompt_done": done})
-
-    def is_cancelled(self, job_id: str) -> bool:
-        return job_id in self.cancelled or "*" in self.cancelled
-
-    def checkpoint(self, job_id: str) -> bool:
-        """Between two steps: take up the thread count the node wants now; True if the job was cancelled."""
-        wanted = self.wanted_threads
-        if wanted != self.threads:
-            self.threads = wanted
-            self._lib.llama_set_n_threads(self.llm._ctx.ctx, wanted, wanted)
-            self.send({"ev": "threads", "n": wanted})
-        return self.is_cancelled(job_id)
-
-    def logprob(self, token: int, top: int) -> TokenLogprob:
-        """The token's log-probability under the model (before any sampling), and the `top` most likely."""
-        logits = self._logits()
-        peak = float(logits.max())
-        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
-        best = np.argpartition(-logits, top)[:top] if 0 < top < self.n_vocab else np.arange(0)
-        best = best[np.argsort(-logits[best])]
-        text, logprob, raw = _entry(self.piece(token), float(logits[token]) - log_total)
-        top_entries = [_entry(self.piece(int(t)), float(logits[t]) - log_total) for t in best]
-        return TokenLogprob(token=text, logprob=logprob, bytes=raw, top=top_entries)
-
-    def run(self, job_id: str, gen: Generation) -> None:
-        lib, llm = self._lib, self.llm
+    def admit(self, job_id: str, gen: Generation) -> None:
+        """Take a job onto a free sequence: check it, build its sampler chain, keep what that
+        sequence's cache shares with the prompt, and say `start`. Raises JobError."""
+        lib = self._lib
         tokens, template_stops = self.prompt_tokens(gen)
         prefix = gen.prefix_ids  # a failover's answer so far: evaluated, then continued
         tokens += prefix
-        n_ctx = llm.n_ctx()
-        n_prompt = len(tokens)
+        n_ctx, n_prompt = self.n_ctx, len(tokens)
         if n_prompt >= n_ctx:
             raise JobError("context_length_exceeded",
                            f"the prompt has {n_prompt} tokens but the model's context is {n_ctx} tokens")  # fmt: skip
@@ -373,67 +353,209 @@ class Runner:
                 lib.llama_sampler_accept(chain, token)
                 if grammar is not None:
                     lib.llama_sampler_accept(grammar, token)
-            cached = self.reuse_cache(tokens, gen.cache_prompt)
-            self.send({"ev": "start", "id": job_id, "prompt_tokens": n_prompt, "cached_tokens": cached})
-            # At temperature 0 the answer is determined: a failover's prefix is read as it was
-            # written, to continue it exactly; otherwise a batch is as good and much faster.
-            singly_from = max(0, n_prompt - len(prefix) - cached) if gen.temperature == 0.0 else n_prompt
-            finish, count = self.generate(job_id, gen, chain, grammar, tokens[cached:], singly_from, max_tokens,
-                                          template_stops)  # fmt: skip
-        finally:
-            lib.llama_sampler_free(chain)
-            if grammar is not None:
-                lib.llama_sampler_free(grammar)
-        self.cancelled.discard(job_id)
-        self.send({"ev": "done", "id": job_id, "finish_reason": finish, "prompt_tokens": n_prompt,
-                   "cached_tokens": cached, "completion_tokens": count})  # fmt: skip
+        except BaseException:
+            _free_samplers(lib, chain, grammar)
+            raise
+        free = self.free_seqs()
+        seq = free[pick_sequence([(s.tokens, s.used_at) for s in free], tokens if gen.cache_prompt else [])]
+        cached = self._keep(seq, tokens, gen.cache_prompt)
+        todo = tokens[cached:]
+        # At temperature 0 the answer is determined: a failover's prefix is read as it was
+        # written, one token at a time, to continue it exactly; otherwise a batch is as good
+        # and much faster.
+        singly_from = max(0, n_prompt - len(prefix) - cached) if gen.temperature == 0.0 else len(todo)
+        job = Job(id=job_id, gen=gen, seq=seq, chain=chain, grammar=grammar, todo=todo,
+                  batchable=min(singly_from, len(todo)), max_tokens=max_tokens, n_prompt=n_prompt, cached=cached,
+                  stream=TextStream(gen.stop + template_stops), progress_at=time.monotonic())  # fmt: skip
+        seq.job = job
+        self.jobs.append(job)
+        self.send({"ev": "start", "id": job_id, "prompt_tokens": n_prompt, "cached_tokens": cached})
 
-    def generate(self, job_id: str, gen: Generation, chain: Any, grammar: Any, todo: list[int], singly_from: int,
-                 max_tokens: int, template_stops: list[str]) -> tuple[str, int]:  # fmt: skip
-        """Evaluate the rest of the prompt, then sample until a stop; returns (finish reason, tokens)."""
+    def _keep(self, seq: Seq, tokens: list[int], enabled: bool) -> int:
+        """Keep the KV cells of the longest prefix `tokens` shares with what the sequence
+        holds; return its length. At least one token is always evaluated again, for fresh logits."""
+        keep = shared_prefix(seq.tokens, tokens[:-1]) if enabled else 0
+        if keep < len(seq.tokens) and not self._lib.llama_memory_seq_rm(self.memory, seq.id, keep, -1):
+            # The model may refuse a partial removal (some recurrent or sliding-window caches): start over.
+            self._lib.llama_memory_seq_rm(self.memory, seq.id, -1, -1)
+            keep = 0
+        del seq.tokens[keep:]
+        return keep
+
+    def step(self) -> None:
+        """One decode step, of prompts or of a token for each job that generates (`plan_step`
+        decides); then each job whose evaluation caught up samples its next token.
+
+        A failover's answer so far goes in one token per step, as it was generated: llama.cpp's
+        arithmetic differs between a batch and a single token (other kernels, other rounding),
+        so read as a batch it could turn a greedy continuation onto another path. Other
+        streams in the same step change the arithmetic too: a continuation is exact where the
+        stream ran alone on its worker, and nearly so beside others (tests/test_batching.py).
+        """
         lib = self._lib
-        stream = TextStream(gen.stop + template_stops)
-        held: list[int] = []  # tokens whose text is still held back
-        pending: list[TokenLogprob] = []  # ... their logprobs
-        finish, count = "length", 0
-        if not self.evaluate(job_id, todo, singly_from):
-            return "cancelled", 0
-        while True:
-            if self.checkpoint(job_id):
-                finish = "cancelled"
-                break
-            token = self.sample(chain, grammar)
-            if lib.llama_vocab_is_eog(self.vocab, token):
-                finish = "stop"
-                break
-            count += 1
-            held.append(token)
-            if gen.logprobs is not None:
-                pending.append(self.logprob(token, gen.logprobs))
-            text, whole = stream.feed(self.piece(token))
-            if whole:
-                self._send_text(job_id, text, count, held, pending, whole - (count - len(held)))
-            if stream.stopped:
-                finish = "stop"
-                break
-            if count >= max_tokens:
-                break
-            self.llm.eval([token])
-        tail = stream.flush()
-        if (tail or held) and finish != "cancelled":
-            self._send_text(job_id, tail, count, held, pending, len(held))
-        return finish, count
+        self._take_threads()
+        for job in [j for j in self.jobs if self.is_cancelled(j.id)]:
+            self.finish(job, "cancelled")
+        jobs = list(self.jobs)
+        if not jobs:
+            return
+        counts = plan_step([Want(len(j.todo), j.batchable) for j in jobs], N_BATCH, read_since=self._read_since)
+        batch, n = self.batch, 0
+        for job, count in zip(jobs, counts, strict=True):
+            job.logits_at = -1
+            pos = len(job.seq.tokens)
+            for k in range(count):
+                batch.token[n] = job.todo[k]
+                batch.pos[n] = pos + k
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = job.seq.id
+                batch.logits[n] = False
+                n += 1
+            if count and count == len(job.todo):
+                batch.logits[n - 1] = True
+                job.logits_at = n - 1
+        batch.n_tokens = n
+        # At a small share one prompt chunk can take longer than the node waits for a cancel
+        # before it kills the runner: while prompts are read, llama.cpp asks the cancel flags
+        # between two operations of its graph and stops within one. Not for steps of single
+        # tokens: a Python call per operation would cost every token time, and a cancel is
+        # seen between two steps there anyway.
+        self._in_step = jobs
+        read = sum(count for job, count in zip(jobs, counts, strict=True) if job.batchable)
+        self._read_since = self._read_since + read if read else 0
+        prompt_step = read > 0
+        if prompt_step:
+            lib.llama_set_abort_callback(self.ctx, self._abort, None)
+        try:
+            rc = lib.llama_decode(self.ctx, batch)
+        finally:
+            if prompt_step:
+                lib.llama_set_abort_callback(self.ctx, lib.ggml_abort_callback(), None)  # a null callback: none
+        if rc == 2:  # aborted for a cancel: drop whatever cells the step left, finish at the next step
+            for job in jobs:
+                lib.llama_memory_seq_rm(self.memory, job.seq.id, len(job.seq.tokens), -1)
+            return
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with {rc}")
+        for job, count in zip(jobs, counts, strict=True):
+            if count:
+                job.seq.tokens.extend(job.todo[:count])
+                del job.todo[:count]
+                job.batchable = max(0, job.batchable - count)
+                if job.reading:
+                    job.read += count
+        for job in jobs:
+            if job.reading or prompt_step:  # a stream paused by a prompt step is alive too
+                self.progress(job)
+            if job.logits_at >= 0:
+                self.advance(job)
 
-    def _send_text(self, job_id: str, text: str, count: int, held: list[int], pending: list[TokenLogprob],
-                   n: int) -> None:  # fmt: skip
+    def _abort_check(self, _data: Any) -> bool:
+        """llama.cpp's abort callback (on its worker threads, while the main thread waits in
+        `llama_decode`): a job was cancelled, in this step or paused by it. Its prompt work is
+        redone at the next step; a cancel that waited for the chunk could outlast the node's
+        patience and cost every stream its runner."""
+        jobs = self._in_step
+        for job in jobs:
+            self.progress(job)  # one chunk can take minutes at a small share: all still alive
+        return any(self.is_cancelled(job.id) for job in jobs)
+
+    def progress(self, job: Job) -> None:
+        """Tell the node a job's prompt is being read (at most once a second): a job that says
+        nothing for the stall timeout is taken for hung and moved to another worker."""
+        now = time.monotonic()
+        if now - job.progress_at < PROGRESS_EVERY_S:
+            return
+        with self._progress_lock:  # llama.cpp's worker threads may all call in at once
+            if now - job.progress_at < PROGRESS_EVERY_S:
+                return
+            job.progress_at = now
+            self.send({"ev": "progress", "id": job.id, "prompt_done": job.read})
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return job_id in self.cancelled or "*" in self.cancelled
+
+    def _take_threads(self) -> None:
+        """Between two steps: take up the thread count the node wants now."""
+        wanted = self.wanted_threads
+        if wanted != self.threads:
+            self.threads = wanted
+            self._lib.llama_set_n_threads(self.ctx, wanted, wanted)
+            self.send({"ev": "threads", "n": wanted})
+
+    def advance(self, job: Job) -> None:
+        """Sample a job's next token from the last step's logits; send its text; finish it at a stop."""
+        row = job.logits_at
+        job.reading = False
+        token = self.sample(job.chain, job.grammar, row)
+        if self._lib.llama_vocab_is_eog(self.vocab, token):
+            self.finish(job, "stop")
+            return
+        job.count += 1
+        job.held.append(token)
+        if job.gen.logprobs is not None:
+            job.pending.append(self.logprob(token, job.gen.logprobs, row))
+        text, whole = job.stream.feed(self.piece(token))
+        if whole:
+            self._send_text(job, text, whole - (job.count - len(job.held)))
+        if job.stream.stopped:
+            self.finish(job, "stop")
+        elif job.count >= job.max_tokens:
+            self.finish(job, "length")
+        else:
+            job.todo = [token]
+
+    def finish(self, job: Job, reason: str) -> None:
+        """End a job: the text still held back, then `done`; its sequence keeps its cache."""
+        tail = job.stream.flush()
+        if (tail or job.held) and reason != "cancelled":
+            self._send_text(job, tail, len(job.held))
+        self.release(job)
+        self.send({"ev": "done", "id": job.id, "finish_reason": reason, "prompt_tokens": job.n_prompt,
+                   "cached_tokens": job.cached, "completion_tokens": job.count})  # fmt: skip
+
+    def fail(self, job: Job, code: str, message: str) -> None:
+        """End a job with an error; its sequence's cache is dropped, as it may hold half a step."""
+        self.release(job)
+        self._lib.llama_memory_seq_rm(self.memory, job.seq.id, -1, -1)
+        job.seq.tokens.clear()
+        self.send({"ev": "error", "id": job.id, "code": code, "message": message})
+
+    def release(self, job: Job) -> None:
+        _free_samplers(self._lib, job.chain, job.grammar)
+        job.chain = job.grammar = None
+        job.seq.job = None
+        job.seq.used_at = time.monotonic()
+        self.jobs.remove(job)
+        self.cancelled.discard(job.id)
+
+    def logprob(self, token: int, top: int, row: int) -> TokenLogprob:
+        """The token's log-probability under the model (before any sampling), and the `top` most likely."""
+        logits = self._logits(row)
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+        best = np.argpartition(-logits, top)[:top] if 0 < top < self.n_vocab else np.arange(0)
+        best = best[np.argsort(-logits[best])]
+        text, logprob, raw = _entry(self.piece(token), float(logits[token]) - log_total)
+        top_entries = [_entry(self.piece(int(t)), float(logits[t]) - log_total) for t in best]
+        return TokenLogprob(token=text, logprob=logprob, bytes=raw, top=top_entries)
+
+    def _send_text(self, job: Job, text: str, n: int) -> None:
         """Send `text` with the first `n` held tokens it is made of (and their logprobs)."""
-        message: dict[str, Any] = {"ev": "text", "id": job_id, "text": text, "ids": held[:n],
-                                   "completion_tokens": count}  # fmt: skip
-        del held[:n]
-        if pending:
-            message["logprobs"] = pending[:n]
-            del pending[:n]
+        message: dict[str, Any] = {"ev": "text", "id": job.id, "text": text, "ids": job.held[:n],
+                                   "completion_tokens": job.count}  # fmt: skip
+        del job.held[:n]
+        if job.pending:
+            message["logprobs"] = job.pending[:n]
+            del job.pending[:n]
         self.send(message)
+
+
+def _free_samplers(lib: Any, chain: Any, grammar: Any) -> None:
+    if chain is not None:
+        lib.llama_sampler_free(chain)
+    if grammar is not None:
+        lib.llama_sampler_free(grammar)
 
 
 def _layers_within(llama_cpp: Any, model_path: str, budget: int, n_ctx: int) -> int:
@@ -478,18 +600,53 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _run_one(runner: Runner, job: RunJob) -> None:
+def _admit(runner: Runner, job: RunJob) -> None:
     job_id = job["id"]
     try:
-        runner.run(job_id, Generation.model_validate(job["gen"]))
+        runner.admit(job_id, Generation.model_validate(job["gen"]))
+        return
     except JobError as exc:
         runner.send({"ev": "error", "id": job_id, "code": exc.code, "message": exc.message, "param": exc.param})
     except ValidationError as exc:
         runner.send({"ev": "error", "id": job_id, "code": "invalid_request", "message": str(exc.errors()[0]["msg"])})
     except Exception as exc:  # a bad job must not take the model down with it
         runner.send({"ev": "error", "id": job_id, "code": "internal_error", "message": str(exc)})
-    finally:
-        runner.cancelled.discard(job_id)
+    runner.cancelled.discard(job_id)
+
+
+def serve(runner: Runner, jobs: queue.Queue[RunJob | None]) -> None:
+    """Take jobs onto free sequences between two steps, and step while any runs: waiting
+    for a job only when none runs. Returns when the node asks the runner to exit."""
+    waiting: deque[RunJob] = deque()  # sent beyond the free sequences: they start as others end
+    while True:
+        while len(runner.jobs) < len(runner.seqs):
+            if waiting:
+                _admit(runner, waiting.popleft())
+                continue
+            idle = not runner.jobs
+            try:
+                job = jobs.get(block=idle)
+            except queue.Empty:
+                break
+            if job is None:
+                return
+            _admit(runner, job)
+            if idle:
+                # Requests sent together arrive a moment apart: let the reader thread pass on
+                # the rest, so that their prompts are read in this first step too.
+                time.sleep(0.002)
+        while not jobs.empty() and len(waiting) < 1024:
+            job = jobs.get_nowait()
+            if job is None:
+                return
+            waiting.append(job)
+        if not runner.jobs:
+            continue
+        try:
+            runner.step()
+        except Exception as exc:  # a step that fails ends the jobs in it, not the model
+            for failed in list(runner.jobs):
+                runner.fail(failed, "internal_error", f"the model failed: {exc}")
 
 
 def main() -> None:
@@ -500,18 +657,17 @@ def main() -> None:
     runner_ref: list[Runner] = []
     jobs: queue.Queue[RunJob | None] = queue.Queue()
     try:
-        runner = Runner(out, config["model_path"], config["n_ctx"], config["threads"], config.get("gpu_budget"))
+        runner = Runner(out, config["model_path"], config["n_ctx"], config["threads"], config.get("gpu_budget"),
+                        config.get("parallel", 1))  # fmt: skip
     except Exception as exc:  # any load failure is reported, not raised: the node decides
         out.write(encode({"ev": "fatal", "message": f"cannot load model: {exc}"}))
         sys.exit(3)
     runner_ref.append(runner)
     threading.Thread(target=_read_commands, args=(runner_ref, jobs), daemon=True).start()
-    runner.send({"ev": "ready", "n_ctx": runner.llm.n_ctx(), "chat_template": runner.formatter is not None,
-                 "fim": runner.fim is not None, "tools": runner.tools, "gpu_layers": runner.gpu_layers})  # fmt: skip
-    while (job := jobs.get()) is not None:
-        if "*" in runner.cancelled:
-            break
-        _run_one(runner, job)
+    runner.send({"ev": "ready", "n_ctx": runner.n_ctx, "parallel": len(runner.seqs),
+                 "chat_template": runner.formatter is not None, "fim": runner.fim is not None,
+                 "tools": runner.tools, "gpu_layers": runner.gpu_layers})  # fmt: skip
+    serve(runner, jobs)
 
 
 if __name__ == "__main__":

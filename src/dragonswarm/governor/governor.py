@@ -57,6 +57,9 @@ class Governor:
         # Whether a runner has layers on the GPU (so the owner's GPU use concerns us); the node sets it.
         self.gpu_in_use: Callable[[], bool] = lambda: False
         self.active: Counter[WorkKind] = Counter()
+        # Jobs per model process: one process decodes all of its jobs together, so the duty
+        # cycle's budget is split between the processes at work, not between their jobs.
+        self._runners: Counter[str] = Counter()
         self._history: deque[tuple[float, float]] = deque()
         self._gpu_history: deque[tuple[float, float]] = deque()
         self._listeners: list[Callable[[int], None]] = []
@@ -98,18 +101,23 @@ class Governor:
 
     def apply(self) -> None:
         share, threads = self.current_share(), self.threads()
-        self.cap.set_share(share, threads, busy=max(1, sum(self.active.values())))
+        self.cap.set_share(share, threads, busy=max(1, len(self._runners)))
         if threads != self._threads:
             self._threads = threads
             for listener in self._listeners:
                 listener(threads)
 
-    def job_started(self, kind: WorkKind) -> None:
+    def job_started(self, kind: WorkKind, runner: str = "") -> None:
+        """A job started on the model process `runner` (its jobs share that one process)."""
         self.active[kind] += 1
+        self._runners[runner] += 1
         self.apply()
 
-    def job_finished(self, kind: WorkKind) -> None:
+    def job_finished(self, kind: WorkKind, runner: str = "") -> None:
         self.active[kind] -= 1
+        self._runners[runner] -= 1
+        if self._runners[runner] <= 0:
+            del self._runners[runner]
         self.apply()
 
     def attach(self, pid: int, *, runner: bool) -> None:

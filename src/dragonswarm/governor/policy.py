@@ -160,3 +160,22 @@ def kv_estimate(n_ctx: int, model_bytes: int) -> int:
     """KV cache and compute buffers of a loaded model, generously: 64 KiB per context token,
     never more than the weights (small models are dominated by their weights anyway)."""
     return min(n_ctx * 64 * 1024, model_bytes)
+
+
+# On CPUs the gain flattens past 4 sequences: 1.6x at 4, 1.8x at 8 (2 cores, bench/results/batching.md).
+MAX_PARALLEL = 4
+
+
+def default_parallel(model_bytes: int, n_ctx: int, margin_bytes: int, ram_available: int, cpus: int,
+                     share: float) -> int:  # fmt: skip
+    """Sequences one model process decodes together when `--parallel` is not given.
+
+    Two per core the work may use (batching pays where one stream leaves compute idle; below
+    one core a second stream only halves the first's rate), at most `MAX_PARALLEL`, and no
+    more than the free RAM holds a context for each beside the weights: 1 keeps the
+    behaviour of a runner that serves one stream at a time."""
+    by_cpu = max(1, min(MAX_PARALLEL, math.floor(2 * cpus * share)))
+    for n in range(by_cpu, 1, -1):
+        if ram_needed(model_bytes, n_ctx * n, margin_bytes) <= ram_available:
+            return n
+    return 1

@@ -107,7 +107,7 @@ async def _serve(request: Request, body: SamplingParams, gens: list[Generation],
         link.preempt(slot.spec.name)
     local = serve_locally(
         has_model=slot is not None,
-        busy=slot is not None and slot.lock.locked() and service.governor.active["local"] > 0,
+        busy=slot is not None and slot.full and service.governor.active["local"] > 0,
         owner_busy=service.governor.owner_busy,
         linked=link is not None and link.connected,
     )

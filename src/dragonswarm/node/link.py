@@ -255,7 +255,7 @@ class SwarmLink:
         status = s.governor.status()
         models = [ModelInfo(name=n, sha256=slot.sha256, tags=list(slot.spec.tags), loaded=slot.loaded,
                             n_ctx=s.settings.n_ctx) for n, slot in s.slots.items() if slot.sha256]  # fmt: skip
-        return Hello(v=VERSION, name=self.name, models=models, share=s.settings.share, capacity=1,
+        return Hello(v=VERSION, name=self.name, models=models, share=s.settings.share, capacity=s.capacity(),
                      local_share=s.settings.local_share, cpus=status["cpus"], ram_total=status["ram_total"])
 
     def heartbeat(self) -> Heartbeat:
@@ -263,6 +263,7 @@ class SwarmLink:
         g = self.service.governor.status()
         slots = self.service.slots.values()
         net = self._measure_network()
+        stream_tps, streams = self.service.stream_rate.reading(time.monotonic())
         return Heartbeat(
             cpu_total=g["cpu_total"], cpu_ours=g["cpu_ours"], owner_load=min(1.0, g["owner_load"]),
             owner_busy=g["owner_busy"], ram_available=g["ram_available"], gpus=g["gpus"],
@@ -273,7 +274,7 @@ class SwarmLink:
             swarm_sent_bytes=net.swarm_sent_bytes, swarm_recv_bytes=net.swarm_recv_bytes,
             rtt_ms=net.rtt_ms, net_busy=net.net_busy, threads=g["threads"], cap_mechanism=g["mechanism"],
             cap_reason=g["mechanism_reason"][:500], gpu_owner_busy=g["gpu_owner_busy"],
-            lending_paused=self.lending.paused,
+            lending_paused=self.lending.paused, stream_tps=stream_tps, streams=streams,
         )  # fmt: skip
 
     def _measure_network(self) -> NetworkReading:

@@ -26,6 +26,47 @@ STATUSES = ("ok", "error", "cancelled")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
+class StreamRate:
+    """Tokens/s per stream, as the streams running here at once get them: tokens generated over
+    stream-seconds (one stream generating for one second, from its first token to its end).
+    Read once per heartbeat; a reading covers at least `MIN_AREA_S` stream-seconds, else the last
+    one stands, so a quiet node still tells what it did when it last worked."""
+
+    MIN_AREA_S = 2.0
+
+    def __init__(self, now: float):
+        self.streams = 0
+        self._tokens = 0
+        self._area = 0.0  # stream-seconds since the last reading
+        self._at = now
+        self._since = now
+        self.last: tuple[float | None, float] = (None, 0.0)  # tokens/s per stream, streams on average
+
+    def _advance(self, now: float) -> None:
+        self._area += self.streams * (now - self._at)
+        self._at = now
+
+    def started(self, now: float) -> None:
+        self._advance(now)
+        self.streams += 1
+
+    def ended(self, now: float) -> None:
+        self._advance(now)
+        self.streams -= 1
+
+    def generated(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def reading(self, now: float) -> tuple[float | None, float]:
+        self._advance(now)
+        if self._area >= self.MIN_AREA_S:
+            self.last = (round(self._tokens / self._area, 2), round(self._area / max(now - self._since, 1e-9), 2))
+            self._tokens, self._area, self._since = 0, 0.0, now
+        elif not self.streams and not self._area:
+            self._since = now  # idle time is no part of the next reading's average
+        return self.last
+
+
 class Course:
     """What one request served here came to, read off its events (pure: events in, figures out).
 

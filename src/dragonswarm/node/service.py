@@ -17,8 +17,8 @@ from dragonswarm.engines.models import model_sha256
 from dragonswarm.engines.runner import RunnerProcess
 from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded, Timeout
 from dragonswarm.governor.governor import Governor, WorkKind
-from dragonswarm.governor.policy import ram_needed
-from dragonswarm.node.metrics import Course, NodeMetrics
+from dragonswarm.governor.policy import default_parallel, ram_needed
+from dragonswarm.node.metrics import Course, NodeMetrics, StreamRate
 from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.runner import Generation, run_job
 from dragonswarm.settings import ModelSpec, NodeSettings
@@ -37,7 +37,7 @@ class LocalModel:
 
 
 class ModelSlot:
-    """One model the node can serve; at most one runner, one job at a time."""
+    """One model the node can serve: at most one runner, decoding up to `parallel` jobs together."""
 
     def __init__(self, model: LocalModel, settings: NodeSettings, governor: Governor):
         self.spec = model.spec
@@ -46,7 +46,11 @@ class ModelSlot:
         self.settings = settings
         self.governor = governor
         self.runner: RunnerProcess | None = None
-        self.lock = asyncio.Lock()  # held by the request being served
+        self.parallel = settings.parallel or default_parallel(
+            model.size, settings.n_ctx, settings.ram_margin_mb << 20, governor.sampler.ram_available(),
+            governor.n_cpus, max(settings.share, settings.local_share))  # fmt: skip
+        self.seats = asyncio.Semaphore(self.parallel)  # one per sequence of the runner, held by a request
+        self.running = 0  # requests holding a seat
         self._start_lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None  # held so the task is not collected
         self.waiting = 0
@@ -58,6 +62,11 @@ class ModelSlot:
     def gpu_layers(self) -> int:
         """Layers the loaded runner holds on the GPU (0 when none, or nothing is loaded)."""
         return int(self.runner.info.get("gpu_layers", 0)) if self.loaded and self.runner else 0
+
+    @property
+    def full(self) -> bool:
+        """Every sequence is taken: the next request waits."""
+        return self.running >= self.parallel
 
     @property
     def loaded(self) -> bool:
@@ -72,7 +81,7 @@ class ModelSlot:
         async with self._start_lock:
             if self.runner is not None and self.runner.alive:
                 return self.runner
-            needed = ram_needed(self.size, self.settings.n_ctx, self.settings.ram_margin_mb << 20)
+            needed = ram_needed(self.size, self.settings.n_ctx * self.parallel, self.settings.ram_margin_mb << 20)
             available = self.governor.sampler.ram_available()
             if needed > available:
                 raise InsufficientMemory(
@@ -83,7 +92,7 @@ class ModelSlot:
             runner = RunnerProcess(
                 self.spec.name, self.spec.path, self.settings.n_ctx, self.governor.threads(),
                 self.settings.logs_dir / f"runner-{self.spec.name}.log", self.stats, self.governor.gpu_budget(),
-                self.governor.runner_env(), self.governor.runner_threads,
+                self.governor.runner_env(), self.governor.runner_threads, self.parallel,
             )  # fmt: skip
             log.info("loading model %s from %s", self.spec.name, self.spec.path)
             try:
@@ -134,7 +143,10 @@ class ModelSlot:
             "tags": list(self.spec.tags),
             "size": self.size,
             "loaded": runner is not None,
-            "busy": self.lock.locked(),
+            "busy": self.running > 0,
+            "full": self.full,
+            "parallel": self.parallel,
+            "running": self.running,
             "waiting": self.waiting,
             "runner_pid": runner.pid if runner else None,
             "n_ctx": runner.info.get("n_ctx") if runner else None,
@@ -158,6 +170,7 @@ class NodeService:
         self._identify_task: asyncio.Task[None] | None = None
         self.identified = asyncio.Event()  # every model that can be served has its sha256
         self.metrics = NodeMetrics()  # what it served, for `GET /metrics` and the node's page
+        self.stream_rate = StreamRate(time.monotonic())  # what each stream gets, for the swarm's placement
 
     async def identify(self) -> None:
         """Hash every model file once (cached by size and mtime), off the event loop: the
@@ -174,6 +187,11 @@ class NodeService:
             except OSError as exc:  # that model stays local; the others still join the swarm
                 log.error("cannot hash model %s: %s", slot.spec.name, exc)
         self.identified.set()
+
+    def capacity(self) -> int:
+        """Jobs for the swarm this node may run at once: the sequences of its narrowest model
+        (the orchestrator places work per node, and any of its models may be asked for)."""
+        return min((slot.parallel for slot in self.slots.values()), default=1)
 
     def _threads_changed(self, threads: int) -> None:
         for slot in self.slots.values():
@@ -215,32 +233,45 @@ class NodeService:
                         ids: list[str] | None) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
         s = self.settings
         deadline = time.monotonic() + s.request_timeout_s
-        if slot.lock.locked() and slot.waiting >= s.max_queue:
+        if slot.full and slot.waiting >= s.max_queue:
             raise Overloaded(f"model {slot.spec.name!r} is busy and its queue is full; retry shortly")
         slot.waiting += 1
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
-                await slot.lock.acquire()
+                await slot.seats.acquire()
         except TimeoutError:
             raise Timeout(f"model {slot.spec.name!r} stayed busy for the whole request timeout "
                           f"({s.request_timeout_s:.0f} s)") from None  # fmt: skip
         finally:
             slot.waiting -= 1
+        slot.running += 1
+        generating = False  # counted in the stream rate from its first token: decoding, not loading or reading
         try:
-            self.governor.job_started(kind)
+            self.governor.job_started(kind, slot.spec.name)
             runner = await slot.ensure_runner()
             for index, gen in enumerate(gens):
                 job = run_job(ids[index] if ids else uuid.uuid4().hex, gen)
                 async for event in runner.run(job, s.stall_timeout_s, deadline):
+                    if event.get("ev") == "text":
+                        if not generating:
+                            generating = True
+                            self.stream_rate.started(time.monotonic())
+                        self.stream_rate.generated(len(event.get("ids", ())))
+                    elif event.get("ev") in ("done", "error") and generating:
+                        generating = False
+                        self.stream_rate.ended(time.monotonic())
                     yield index, event
                     if event.get("ev") == "error":
                         return
         finally:
             slot.last_used = time.monotonic()
             try:
-                self.governor.job_finished(kind)
+                self.governor.job_finished(kind, slot.spec.name)
             finally:  # whatever the cap did, the next request must get the model
-                slot.lock.release()
+                if generating:
+                    self.stream_rate.ended(time.monotonic())
+                slot.running -= 1
+                slot.seats.release()
 
     async def _unload_idle(self) -> None:
         while True:
@@ -248,7 +279,7 @@ class NodeService:
             now = time.monotonic()
             for slot in self.slots.values():
                 idle = now - slot.last_used
-                if slot.loaded and not slot.lock.locked() and idle >= self.settings.idle_unload_s:
+                if slot.loaded and not slot.running and idle >= self.settings.idle_unload_s:
                     log.info("model %s idle for %.0f s", slot.spec.name, idle)
                     await slot.unload()
 

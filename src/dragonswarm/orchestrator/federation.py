@@ -271,7 +271,8 @@ class Federation:
             RunFragment.model_validate(message)  # a replica is trusted, but a bad message stops here
             if job in self.foreign:
                 return  # the same run written twice (a command retried after its answer was lost)
-            state = conn.placement_state(time.monotonic(), self.swarm.registry.stale_after)
+            state = conn.placement_state(time.monotonic(), self.swarm.registry.stale_after,
+                                         self.swarm.registry.floor_tps)  # fmt: skip
             if why := refusal(state):  # placed from a view up to `PUBLISH_S` old: it may be taken since
                 self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code=NODE_BUSY, message=why)))
                 return

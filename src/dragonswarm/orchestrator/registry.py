@@ -17,7 +17,7 @@ from typing import Any
 
 from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.swarm import Heartbeat, Hello
-from dragonswarm.scheduler.placement import NodeState, PlacementIndex
+from dragonswarm.scheduler.placement import NodeState, PlacementIndex, streams_within_floor
 from dragonswarm.store.base import NodeRecord
 
 
@@ -106,18 +106,22 @@ class NodeConn:
         `gone_after - stale_after`, after the silence its last heartbeat allowed."""
         return self.age(now) > gone_after + stale_after * (self.slack() - 1)
 
-    def placement_state(self, now: float, stale_after: float) -> NodeState:
+    def placement_state(self, now: float, stale_after: float, floor_tps: float = 0.0) -> NodeState:
         hb = self.heartbeat
         held = len(self.jobs) + len(self.draining) + len(self.foreign) + self.others
         # What we placed there we know exactly; what the owner runs comes with heartbeats.
         # A machine serving its owner is not given work for others.
         busy = held + (hb.local_busy if hb else 0)
         loaded = hb.loaded if hb else [m.name for m in self.hello.models if m.loaded]
+        capacity = streams_within_floor(self.hello.capacity, hb.stream_tps if hb else None, hb.streams if hb else 0.0,
+                                        floor_tps)  # fmt: skip
+        if hb and hb.local_busy:
+            capacity = 0  # its streams would share the owner's model process: owner first
         return NodeState(
             name=self.name,
             models=self.models,
             loaded=frozenset(self.keys[n] for n in loaded if n in self.keys),
-            capacity=self.hello.capacity,
+            capacity=capacity,
             assigned=busy,
             owner_busy=(hb.owner_busy or hb.lending_paused) if hb else False,  # paused lending: as if busy
             load=hb.cpu_total if hb else 0.0,
@@ -203,8 +207,9 @@ class SwarmCpu:
 
 
 class Registry:
-    def __init__(self, stale_after: float):
+    def __init__(self, stale_after: float, floor_tps: float = 0.0):
         self.stale_after = stale_after
+        self.floor_tps = floor_tps  # tokens/s each stream on a node must keep (`streams_within_floor`)
         self.conns: dict[str, NodeConn] = {}
         self.cpu = SwarmCpu()
         self.departures = 0  # connections that have left, ever
@@ -318,7 +323,7 @@ class Registry:
             conn.seen(conn.last_seen, self.stale_after)  # its last beat may have changed the period allowed
             self.cpu.count(conn)
             before = self.index.get(conn.name)
-            state = conn.placement_state(time.monotonic(), self.stale_after)
+            state = conn.placement_state(time.monotonic(), self.stale_after, self.floor_tps)
             self.index.update(state)
             self._changed(conn)
             if (self.on_load is not None and conn.replica is None and before is not None
@@ -332,7 +337,7 @@ class Registry:
         placed = self.index.get(conn.name)
         live = conn.state(now, self.stale_after) == "live"
         if self.conns.get(conn.name) is conn and (placed is None or placed.live != live):
-            self.index.update(conn.placement_state(now, self.stale_after))
+            self.index.update(conn.placement_state(now, self.stale_after, self.floor_tps))
             self._changed(conn)
 
     def _changed(self, conn: NodeConn) -> None:

@@ -44,7 +44,7 @@ class Swarm:
         self.settings = settings
         self.store = store
         self.metrics = metrics or Metrics()
-        self.registry = Registry(settings.stale_after_s)
+        self.registry = Registry(settings.stale_after_s, settings.min_stream_tps)
         queue: FairQueue[Fragment] = FairQueue(settings.max_queue, settings.max_queue_per_user)
         self.dispatcher = Dispatcher(self.registry, queue, self._start)
         self.requests: set[Request] = set()

@@ -115,6 +115,10 @@ class Heartbeat(_Message):
     gpu_owner_busy: bool = False  # the owner is using the GPU (also counted in owner_busy)
     # The owner paused lending (`node.lending`): place nothing new here; what runs here finishes.
     lending_paused: bool = False
+    # Tokens/s each stream generated over the last beats, while `streams` ran on average (None: no
+    # stream ran yet): the orchestrator adds streams to a node only while each keeps its floor.
+    stream_tps: float | None = Field(default=None, ge=0.0, le=1e6)
+    streams: float = Field(default=0.0, ge=0.0, le=4096.0)
 
 
 class Logprob(_Message):

@@ -38,6 +38,21 @@ class NodeState:
     remote: bool = False
 
 
+def streams_within_floor(capacity: int, stream_tps: float | None, measured_at: float, floor_tps: float) -> int:
+    """Fragments a node may run at once so that each stream keeps at least `floor_tps` tokens/s.
+
+    A node's streams share one model process (continuous batching): each added stream makes
+    every stream slower. Judged from the node's own measurement (`stream_tps` per stream while
+    it ran `measured_at` streams on average), taking the aggregate as flat: batching only adds
+    to it, so the real rate is at least this. One stream is always allowed, and a node that
+    has measured nothing yet gets one until it has. A floor of 0 turns this off."""
+    if floor_tps <= 0:
+        return capacity
+    if not stream_tps or measured_at <= 0:
+        return 1
+    return max(1, min(capacity, int(stream_tps * max(1.0, measured_at) / floor_tps)))
+
+
 def rtt_bucket(rtt_ms: float | None) -> int:
     """0 for the nearest nodes, up to `RTT_UNKNOWN` for nodes not measured yet."""
     if rtt_ms is None:
