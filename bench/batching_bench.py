@@ -35,7 +35,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,6 @@ PROMPTS = [
     "def is_prime(n: int) -> bool:\n",
     "async def fetch_all(urls):\n",
 ]
-
-Stream = Callable[[str], AsyncIterator[float]]  # yields the time of each text event; returns at the end
 
 
 class Request:

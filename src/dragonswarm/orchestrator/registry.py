@@ -115,15 +115,15 @@ class NodeConn:
         loaded = hb.loaded if hb else [m.name for m in self.hello.models if m.loaded]
         capacity = streams_within_floor(self.hello.capacity, hb.stream_tps if hb else None, hb.streams if hb else 0.0,
                                         floor_tps)  # fmt: skip
-        if hb and hb.local_busy:
-            capacity = 0  # its streams would share the owner's model process: owner first
         return NodeState(
             name=self.name,
             models=self.models,
             loaded=frozenset(self.keys[n] for n in loaded if n in self.keys),
             capacity=capacity,
             assigned=busy,
-            owner_busy=(hb.owner_busy or hb.lending_paused) if hb else False,  # paused lending: as if busy
+            # Paused lending, or the owner's own requests running (work for others would share the
+            # owner's model process): as if busy.
+            owner_busy=(hb.owner_busy or hb.lending_paused or hb.local_busy > 0) if hb else False,
             load=hb.cpu_total if hb else 0.0,
             live=self.state(now, stale_after) == "live",
             net_busy=hb.net_busy if hb else False,
