@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from dragonswarm import __version__
+from dragonswarm.errors import ConfigError
 from dragonswarm.orchestrator.api import router as api_router
 from dragonswarm.orchestrator.cache import ResponseCache
 from dragonswarm.orchestrator.dashboard import router as dashboard_router
@@ -31,6 +32,7 @@ from dragonswarm.store.responses import ResponseStore, open_responses
 from dragonswarm.tls import TlsFiles
 from dragonswarm.web import eventloop
 from dragonswarm.web.errors import BodyLimit, install_error_handlers
+from dragonswarm.web.listener import GatedServer, listen
 from dragonswarm.web.requestlog import RequestFacts, RequestLog
 
 log = logging.getLogger("dragonswarm.orchestrator")
@@ -124,6 +126,10 @@ def run_orchestrator(settings: OrchestratorSettings) -> None:
                             ws_ping_interval=None, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
                             **tls)  # type: ignore[arg-type]  # fmt: skip
+    try:  # before anything starts: a port taken is one line and exit 2
+        sockets = listen(settings.host, settings.port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
     scheme = "http" if settings.insecure else "https"
     log.info("orchestrator on %s://%s:%d/v1", scheme, settings.host, settings.port)
-    eventloop.run(uvicorn.Server(config).serve())
+    eventloop.run(GatedServer(config, sockets).serve())

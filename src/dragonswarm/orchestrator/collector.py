@@ -18,10 +18,13 @@ left, or every `FULL_PASS_EVERY_S`, which bounds what a freeze can keep alive.
 The automatic passes are made rarer too. A young pass every `YOUNG_THRESHOLD` new objects
 instead of 700: each heartbeat parses into hundreds, almost all freed by reference counting
 before any pass, so the collector ran about 5 times a second for nothing (312 young passes,
-3.2 s, in the steady minute). And the old generation is left to the passes above: between
-two freezes it holds only what survived since the last, so the automatic full pass, which
-a join storm still started 28 times (8 s) because housekeeping's freezes come late on a
-saturated loop, is only a fallback (`OLD_THRESHOLD` middle passes).
+3.2 s, in the steady minute). And no middle or full pass runs on its own: what survives a
+young pass waits in the middle generation for the next freeze (at most `FREEZE_EVERY_S`,
+half a second in a join storm), and only the passes above walk it after that. A middle pass
+walks everything that survived since the last freeze; in a join storm that is thousands of
+half-open connections, and its passes held the loop up to 0.28 s each, 8 times while 10,000
+nodes joined (`bench/loop_bench`). Cyclic garbage that outlives a young pass is therefore
+freed at the next full pass, which is what a freeze already meant.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ FULL_PASS_EVERY_S = 600.0
 FULL_PASS_AFTER_LEFT = 0.1  # of the nodes connected at the last full pass
 FULL_PASS_MIN_LEFT = 100
 YOUNG_THRESHOLD = 20_000  # new objects between two young passes (CPython's default: 700)
-MIDDLE_THRESHOLD = 10  # young passes between two middle ones (the default)
-OLD_THRESHOLD = 1_000  # middle passes between two automatic full ones (default 10)
+# Young passes between two middle ones (the default: 10), and middle passes between two full
+# ones: never, in practice (a young pass every few seconds would take years to reach them).
+MIDDLE_THRESHOLD = 2**30
+OLD_THRESHOLD = 2**30
 
 
 def freeze_due(joined: int, since_s: float) -> bool:
