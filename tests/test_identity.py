@@ -1,6 +1,6 @@
 """A node's name through blips: bound only once the node holds its credential, freed by an
 admin, and the node's own credential, not the shared node key, speaking for its owner's
-hand-offs."""
+hand-offs, whose usage is counted under the node."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,50 @@ def test_a_hand_off_speaks_as_its_node(start_orchestrator: Start, start_node: St
     assert handed.status_code == 200, handed.text
     assert handed.headers["x-dragon-nodes"] == "worker"  # its origin, the owner node, is known: not sent back there
     assert handed.json()["dragon"]["nodes"] == ["worker"]
+
+    # The hand-off's usage is the owner node's, in the report and in `dragon usage`.
+    def usage(query: str = "") -> httpx.Response:
+        with orch.client("admin") as c:
+            return c.get(f"/v1/usage{query}")
+
+    def node_rows(answer: httpx.Response) -> dict[str, dict[str, Any]]:
+        assert answer.status_code == 200, answer.text
+        return {row["name"]: row for row in answer.json()["data"] if row["kind"] == "node"}
+
+    wait_until(lambda: node_rows(usage()), 30, "the hand-off's usage to be recorded")
+    answer = usage().json()
+    assert answer["since"] is None  # all time
+    mine = answer["data"][-1]
+    assert [row["name"] for row in answer["data"] if row["kind"] == "node"] == ["owner"]  # the worker handed nothing
+    assert {k: mine[k] for k in ("kind", "id", "name", "role", "prefix", "state", "requests")} == {
+        "kind": "node", "id": None, "name": "owner", "role": "node", "prefix": None, "state": "active", "requests": 1}
+    prompt, completion = handed.json()["usage"]["prompt_tokens"], handed.json()["usage"]["completion_tokens"]
+    assert (mine["prompt_tokens"], mine["completion_tokens"]) == (prompt, completion) and prompt > 0
+    assert mine["models"] == {"tiny": {"requests": 1, "prompt_tokens": prompt, "completion_tokens": completion}}
+    user = next(row for row in answer["data"] if row["name"] == "test user")
+    assert user["kind"] == "key" and user["requests"] == 1  # the user's own request, not the node's
+    # A window: from the hour holding `since` on. The hand-off is in the past hour's, not the next one's.
+    now = int(time.time())
+    recent = usage(f"?since={now - 60}")
+    assert node_rows(recent) == {"owner": mine} and recent.json()["since"] == (now - 60) // 3600 * 3600
+    later = usage(f"?since={now + 7200}")
+    assert node_rows(later) == {} and later.json()["since"] == (now + 7200) // 3600 * 3600
+    assert all(row["requests"] == 0 for row in later.json()["data"])  # every key is listed, with nothing
+    for bad in ("abc", "-5", "nan"):
+        refused = usage(f"?since={bad}")
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "since" and error["type"] == "invalid_request_error", error
+
+    cli = [sys.executable, "-m", "dragonswarm.cli", "usage", "--url", orch.url, "--ca", str(orch.ca), "--home",
+           str(orch.home), "--key", orch.keys["admin"]]  # fmt: skip
+    table = subprocess.run([*cli, "--since", "1h"], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert table.stderr.startswith("usage since ")
+    owner_line = next(line.split() for line in table.stdout.splitlines() if "owner" in line)
+    assert owner_line == ["-", "node", "owner", "active", "tiny", "1", str(prompt), str(completion)]
+    ahead = subprocess.run([*cli, "--since", str(now + 7200)], capture_output=True, text=True, timeout=60)
+    assert ahead.returncode == 0 and "owner" not in ahead.stdout, ahead.stderr
+    wrong = subprocess.run([*cli, "--since", "last tuesday"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and wrong.stdout == "", wrong.stdout
+    assert wrong.stderr.startswith("dragon: error: --since 'last tuesday'") and wrong.stderr.count("\n") == 1

@@ -193,6 +193,22 @@ def test_usage_report_per_key_and_model(swarm: Swarm, state_redis: str | None) -
         assert direct.returncode == 0, direct.stderr
         assert {row["name"]: row for row in json.loads(direct.stdout)} == report()
 
+    # A window, through the orchestrator and (with a Redis) from Redis itself: the hours of the last
+    # 30 minutes hold every request above; from two hours ahead, nothing is counted yet.
+    ways: list[tuple[list[str], dict[str, str] | None]] = [([*cli, "--key", orch.keys["admin"]], None)]
+    if state_redis:
+        ways.append(([sys.executable, "-m", "dragonswarm.cli", "usage"], {**os.environ, "DRAGON_REDIS": state_redis}))
+    for way, env in ways:
+        recent = subprocess.run([*way, "--json", "--since", "30m"], capture_output=True, text=True, timeout=60,
+                                env=env)  # fmt: skip
+        assert recent.returncode == 0, recent.stderr
+        assert {row["name"]: row for row in json.loads(recent.stdout)} == report()
+        assert recent.stderr.startswith("usage since ")
+        ahead = subprocess.run([*way, "--json", "--since", str(int(time.time()) + 7200)], capture_output=True,
+                               text=True, timeout=60, env=env)  # fmt: skip
+        assert ahead.returncode == 0, ahead.stderr
+        assert [row["requests"] for row in json.loads(ahead.stdout)] == [0, 0, 0, 0]
+
 
 def test_usage_table_plain_values() -> None:
     from dragonswarm.status import usage_table
@@ -205,10 +221,76 @@ def test_usage_table_plain_values() -> None:
          "completion_tokens": 10, "models": {"gemma": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1},
                                              "tiny": counts}},
         {"id": 3, "name": "bob", "role": "user", "state": "active", **counts, "models": {"tiny": counts}},
+        {"kind": "node", "id": None, "name": "box-1", "role": "node", "prefix": None, "state": "active", **counts,
+         "models": {"tiny": counts}},
     ]  # fmt: skip
     lines = [line.split() for line in usage_table(report).splitlines()]
     assert lines[1] == ["1", "admin", "admin", "active", "-", "0", "0", "0"]
     assert lines[2] == ["2", "user", "alice", "revoked", "all", "4", "31", "10"]
     assert lines[3:5] == [["gemma", "1", "1", "1"], ["tiny", "3", "30", "9"]]
     assert lines[5] == ["3", "user", "bob", "active", "tiny", "3", "30", "9"]
+    assert lines[6] == ["-", "node", "box-1", "active", "tiny", "3", "30", "9"]  # a node's hand-offs: no key id
     assert usage_table([]).startswith("no keys yet")
+
+
+def test_usage_report_plain_values() -> None:
+    from dragonswarm.orchestrator.usage import usage_answer, usage_report
+    from dragonswarm.store.base import KeyRecord, NodeIdentity, NodeUsage, Usage
+
+    keys = [KeyRecord(1, "admin", "admin", "dsk_aaaaaaaa", 0.0), KeyRecord(2, "alice", "user", "dsk_bbbbbbbb", 0.0,
+                                                                            revoked=5.0)]  # fmt: skip
+    usage = [Usage(2, "gemma", 1, 1, 1), Usage(2, "tiny", 2, 20, 5), Usage(9, "tiny", 1, 1, 1)]  # 9: no such key
+    nodes = [NodeUsage("zeta", "tiny", 1, 3, 3), NodeUsage("alpha", "gemma", 1, 1, 1),
+             NodeUsage("alpha", "tiny", 2, 2, 2), NodeUsage("gone", "tiny", 1, 4, 4)]  # fmt: skip
+    identities = [NodeIdentity("alpha", 0.0), NodeIdentity("zeta", 0.0, revoked=1.0), NodeIdentity("idle", 0.0)]
+    report = usage_report(keys, usage, 10.0, nodes, identities)
+    assert report[:2] == [
+        {"kind": "key", "id": 1, "name": "admin", "role": "admin", "prefix": "dsk_aaaaaaaa", "state": "active",
+         "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "models": {}},
+        {"kind": "key", "id": 2, "name": "alice", "role": "user", "prefix": "dsk_bbbbbbbb", "state": "revoked",
+         "requests": 3, "prompt_tokens": 21, "completion_tokens": 6,
+         "models": {"gemma": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1},
+                    "tiny": {"requests": 2, "prompt_tokens": 20, "completion_tokens": 5}}},
+    ]  # fmt: skip
+    # Then the nodes that handed something off, by name, shaped like keys' entries; the idle one is not there.
+    assert [(r["kind"], r["name"], r["state"], r["requests"], r["prompt_tokens"]) for r in report[2:]] == [
+        ("node", "alpha", "active", 3, 3), ("node", "gone", "forgotten", 1, 4), ("node", "zeta", "revoked", 1, 3)]
+    assert all(set(r) == set(report[0]) and r["id"] is None and r["prefix"] is None and r["role"] == "node"
+               for r in report[2:])  # fmt: skip
+    assert report[2]["models"] == {"gemma": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1},
+                                   "tiny": {"requests": 2, "prompt_tokens": 2, "completion_tokens": 2}}  # fmt: skip
+    # The answer says the window: the start of the hour holding `since`, or None for all time.
+    assert usage_answer(keys, usage, nodes, identities, None, 10.0) == {"object": "list", "since": None,
+                                                                        "data": report}  # fmt: skip
+    assert usage_answer(keys, [], [], [], 1_700_000_000.5, 10.0)["since"] == 1_699_999_200
+    assert usage_answer(keys, [], [], [], 0, 10.0)["since"] == 0
+    assert usage_report(keys, usage, 10.0) == report[:2]  # no node rows asked for, none given
+
+
+def test_since_values() -> None:
+    from datetime import datetime
+
+    from dragonswarm.errors import InvalidRequest
+    from dragonswarm.orchestrator.usage import since_arg, since_param
+
+    # ?since= on the API: unix seconds, from 1970 to the year 9999 (the future is allowed: it is empty).
+    assert since_param(None) is None
+    for good, value in (("0", 0.0), ("1700000000", 1.7e9), ("1700000000.5", 1_700_000_000.5), ("1e10", 1e10)):
+        assert since_param(good) == value
+    for bad in ("abc", "", "-1", "nan", "inf", "1e300", "24h"):
+        with pytest.raises(InvalidRequest) as refused:
+            since_param(bad)
+        assert refused.value.status == 400 and refused.value.param == "since"
+
+    # --since: back from now, unix seconds, or an ISO date or time (naive: local time).
+    now = 1_700_000_000.0
+    assert since_arg("30m", now) == now - 1800 and since_arg("24h", now) == now - 86_400
+    assert since_arg("7d", now) == now - 7 * 86_400 and since_arg("100000d", now) == 0  # before 1970: all time
+    assert since_arg("1690000000", now) == 1.69e9 and since_arg(" 0 ", now) == 0
+    assert since_arg("2023-11-14T22:13:20Z", now) == 1_700_000_000
+    assert since_arg("2023-11-14T23:13:20+01:00", now) == 1_700_000_000
+    assert since_arg("2023-11-14", now) == datetime(2023, 11, 14).timestamp()
+    assert since_arg("2100-01-01T00:00Z", now) == 4_102_444_800  # the future: allowed
+    for bad in ("yesterday", "5x", "-5", "", "1h30m", "1960-01-01T00:00Z", "9999999999d", "1" * 400):
+        with pytest.raises(ValueError, match="--since"):
+            since_arg(bad, now)

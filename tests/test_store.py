@@ -20,7 +20,7 @@ import redis
 from dragonswarm.errors import ConfigError, StoreUnavailable
 from dragonswarm.store import rediskeys
 from dragonswarm.store.backends import open_store as open_any_store
-from dragonswarm.store.base import NodeRecord, Store, Usage, hash_key, new_key
+from dragonswarm.store.base import NodeRecord, NodeUsage, Store, Usage, hash_key, hour_of, new_key
 from dragonswarm.store.redis import RedisStore, redacted
 from dragonswarm.store.redis_server import start_local_redis
 from dragonswarm.store.sqlite import SqliteStore, open_store
@@ -202,7 +202,44 @@ def test_usage_is_listed_per_key_and_model(store: Store) -> None:
 def test_negative_usage_is_refused(store: Store) -> None:
     with pytest.raises(ValueError):
         store.record_usage(1, "tiny", -1, 0)
-    assert store.usage_by_key() == {}
+    with pytest.raises(ValueError):
+        store.record_node_usage("w1", "tiny", 0, -1)
+    assert store.usage_by_key() == {} and store.list_usage(0) == [] and store.list_node_usage() == []
+
+
+H = hour_of(1_700_000_000)  # 2023-11-14 22:00 UTC
+
+
+def test_usage_is_kept_by_the_hour_for_keys_and_nodes(open_db: Callable[[], Store]) -> None:
+    store = open_db()
+    store.record_usage(1, "tiny", 10, 5, at=H - 1)  # the hour before
+    store.record_usage(1, "tiny", 7, 3, at=H + 10)
+    store.record_usage(1, "tiny", 1, 1, at=H + 3599)
+    store.record_usage(2, "gemma", 4, 4, at=H + 3600 + 5)  # the hour after
+    store.record_node_usage("1box", "model:with:colons", 100, 50, at=H - 86_400)  # a day before
+    store.record_node_usage("1box", "model:with:colons", 2, 2, at=H + 100)
+    store.record_node_usage("w2", "tiny", 3, 3, at=H + 3600)
+    reader = open_db()  # what one connection counted, another reads
+    # In all: every hour. Nodes' hand-offs are not any key's.
+    assert reader.list_usage() == reader.list_usage(0) == [Usage(1, "tiny", 3, 18, 9), Usage(2, "gemma", 1, 4, 4)]
+    assert reader.usage_by_key() == {1: (3, 18, 9), 2: (1, 4, 4)}
+    assert reader.list_node_usage() == [NodeUsage("1box", "model:with:colons", 2, 102, 52),
+                                        NodeUsage("w2", "tiny", 1, 3, 3)]  # fmt: skip
+    # Since a time: from the start of the hour holding it on, whole hours.
+    for since in (H, H + 1800, H + 3599.9):
+        assert reader.list_usage(since) == [Usage(1, "tiny", 2, 8, 4), Usage(2, "gemma", 1, 4, 4)], since
+        assert reader.list_node_usage(since) == [NodeUsage("1box", "model:with:colons", 1, 2, 2),
+                                                 NodeUsage("w2", "tiny", 1, 3, 3)]  # fmt: skip
+    assert reader.list_usage(H - 1) == [Usage(1, "tiny", 3, 18, 9), Usage(2, "gemma", 1, 4, 4)]
+    assert reader.list_usage(H + 3600) == [Usage(2, "gemma", 1, 4, 4)]
+    assert reader.list_node_usage(H + 3600) == [NodeUsage("w2", "tiny", 1, 3, 3)]
+    assert reader.list_usage(H + 7200) == [] and reader.list_node_usage(H + 7200) == []
+    # Without a time, a request counts in the hour it is recorded in.
+    before = time.time()
+    store.record_usage(3, "tiny", 1, 1)
+    store.record_node_usage("w2", "tiny", 1, 1)
+    assert reader.list_usage(before) == [Usage(3, "tiny", 1, 1, 1)]
+    assert reader.list_node_usage(before) == [NodeUsage("w2", "tiny", 1, 1, 1)]
 
 
 def test_file_is_private(sqlite_store: SqliteStore, tmp_path: Path) -> None:
@@ -227,13 +264,13 @@ def test_open_store_uses_state_db_under_home(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_file_header_says_wal_and_schema_version_4(sqlite_store: SqliteStore, tmp_path: Path) -> None:
+def test_file_header_says_wal_and_schema_version_5(sqlite_store: SqliteStore, tmp_path: Path) -> None:
     # Read from the SQLite file header (https://sqlite.org/fileformat.html) rather than
     # through sqlite3, which only store/ imports. Closing checkpoints the WAL into the file.
     sqlite_store.close()
     header = (tmp_path / "home" / "state.db").read_bytes()[:100]
     assert header[18:20] == b"\x02\x02"  # read/write format 2 = WAL
-    assert int.from_bytes(header[60:64], "big") == 4  # PRAGMA user_version
+    assert int.from_bytes(header[60:64], "big") == 5  # PRAGMA user_version
 
 
 def test_threads_share_one_store(store: Store) -> None:
@@ -294,6 +331,29 @@ def test_a_version_3_file_is_migrated_with_every_key_using_the_cache(tmp_path: P
     store.close()
     assert found is not None and found.name == "kept" and found.cache  # made before the opt-out existed
     assert not opted_out.cache
+
+
+def test_a_version_4_files_usage_counts_in_all_and_in_no_hour(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "old.db")
+    store.close()
+    import sqlite3  # a file of schema version 4: running totals per key and model, no hours, no nodes
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript("DROP TABLE usage_hours; DROP TABLE node_usage; DROP TABLE node_usage_hours;"
+                     "INSERT INTO usage VALUES (1, 'tiny', 5, 50, 20), (2, 'gemma', 1, 3, 4);"
+                     "PRAGMA user_version = 4;")  # fmt: skip
+    db.close()
+    store = SqliteStore(tmp_path / "old.db")
+    try:
+        store.record_usage(1, "tiny", 10, 1, at=H)
+        store.record_node_usage("w1", "tiny", 2, 2, at=H)
+        assert store.list_usage() == [Usage(1, "tiny", 6, 60, 21), Usage(2, "gemma", 1, 3, 4)]
+        assert store.usage_by_key() == {1: (6, 60, 21), 2: (1, 3, 4)}
+        assert store.list_usage(0) == [Usage(1, "tiny", 1, 10, 1)]  # from before the hours: in none of them
+        assert store.list_node_usage() == store.list_node_usage(H) == [NodeUsage("w1", "tiny", 1, 2, 2)]
+    finally:
+        store.close()
+    assert int.from_bytes((tmp_path / "old.db").read_bytes()[60:64], "big") == 5
 
 
 def test_a_key_may_opt_out_of_the_response_cache(open_db: Callable[[], Store]) -> None:
@@ -389,21 +449,39 @@ def test_every_redis_key_is_ours_and_node_records_expire(redis_url: str) -> None
         key, record = store.create_key("user", "u")
         credential = store.offer_identity("w1")
         store.save_nodes([NodeRecord("w1", 1.0, 2.0, "live", {"models": ["tiny"]})])
-        store.record_usage(record.id, "model:with:colons", 3, 4)
+        store.record_usage(record.id, "model:with:colons", 3, 4, at=5000.0)
+        store.record_node_usage("w1", "tiny", 1, 2, at=5000.0)
         with redis.Redis.from_url(redis_url, decode_responses=True) as client:
             names = set(client.scan_iter())
             digest = client.hget(rediskeys.KEYS, str(record.id))
             assert digest == hash_key(key)
+            usage = {rediskeys.USAGE, rediskeys.NODE_USAGE, rediskeys.USAGE_HOURS, rediskeys.usage_hour(3600),
+                     rediskeys.node_usage_hour(3600)}  # fmt: skip
             assert names == {rediskeys.KEY_IDS, rediskeys.KEYS, rediskeys.key(digest), rediskeys.IDENTITIES,
-                             rediskeys.identity("w1"), rediskeys.NODES, rediskeys.node("w1"), rediskeys.USAGE}
+                             rediskeys.identity("w1"), rediskeys.NODES, rediskeys.node("w1"), *usage}  # fmt: skip
             # Node records live a day from their last save; keys, identities and usage for good.
             for name in (rediskeys.node("w1"), rediskeys.NODES):
                 assert 0 < client.ttl(name) <= rediskeys.NODE_TTL_S
-            assert client.ttl(rediskeys.identity("w1")) == -1 and client.ttl(rediskeys.USAGE) == -1
+            assert client.ttl(rediskeys.identity("w1")) == -1 and all(client.ttl(name) == -1 for name in usage)
             client.delete(rediskeys.node("w1"))  # as when its day is up
         assert store.list_nodes() == []
         assert store.list_usage() == [Usage(record.id, "model:with:colons", 1, 3, 4)]
         assert credential is not None and store.find_identity("w1", credential) is not None
+    finally:
+        store.close()
+
+
+def test_redis_usage_from_before_hours_counts_in_all_and_in_no_hour(redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:  # as a replica before hours wrote it
+        client.hset(rediskeys.USAGE, mapping={"1:r:tiny": 5, "1:p:tiny": 50, "1:c:tiny": 20, "2:r:m:x": 1,
+                                              "2:p:m:x": 3, "2:c:m:x": 4})  # fmt: skip
+    store = RedisStore.connect(redis_url)
+    try:
+        store.record_usage(1, "tiny", 10, 1, at=H)
+        assert store.list_usage() == [Usage(1, "tiny", 6, 60, 21), Usage(2, "m:x", 1, 3, 4)]
+        assert store.usage_by_key() == {1: (6, 60, 21), 2: (1, 3, 4)}
+        assert store.list_usage(0) == [Usage(1, "tiny", 1, 10, 1)]
+        assert store.list_node_usage() == []
     finally:
         store.close()
 

@@ -183,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--key", help="an admin key (default: $DRAGON_KEY, else the one `dragon up` keeps)")
     status.add_argument("--home", help="data directory (default $DRAGON_HOME or ~/.dragonswarm)")
 
-    usage = commands.add_parser("usage", help="requests and tokens each key has used, in all and per model")
+    usage = commands.add_parser("usage", help="requests and tokens each key, and each node's hand-offs, used, in "
+                                "all and per model")  # fmt: skip
     usage.add_argument("--json", action="store_true", help="print the orchestrator's report as JSON")
+    usage.add_argument("--since", metavar="WHEN", help="count from the hour holding WHEN on: 30m, 24h, 7d (back "
+                       "from now), unix seconds, or an ISO date or time (local unless it gives a zone)")  # fmt: skip
     _redis(usage, "read the report from this Redis, which the orchestrator replicas share, not from an orchestrator")
 
     nodes = commands.add_parser("nodes", help="list the swarm's nodes, revoke one, or free a name")
@@ -426,20 +429,28 @@ def cmd_nodes(args: argparse.Namespace) -> None:
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
-    from dragonswarm.status import usage_table
+    import time
+    from urllib.parse import urlencode
 
+    from dragonswarm.orchestrator.usage import read_usage, since_arg
+    from dragonswarm.status import usage_since, usage_table
+
+    try:
+        since = None if args.since is None else since_arg(args.since, time.time())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if args.redis or os.environ.get("DRAGON_REDIS"):  # the replicas' shared store: no orchestrator needed
-        import time
-
-        from dragonswarm.orchestrator.usage import usage_report
-
         store = _orchestrator_store(args)
         try:
-            report = usage_report(store.list_keys(), store.list_usage(), time.time())
+            answer = read_usage(store, since, time.time())
         finally:
             store.close()
     else:
-        report = _admin_request(args, "GET", "/v1/usage")["data"]
+        query = "" if since is None else "?" + urlencode({"since": repr(since)})
+        answer = _admin_request(args, "GET", f"/v1/usage{query}")
+    if answer.get("since") is not None:  # the hour the window starts at, which may be before WHEN
+        print(usage_since(answer["since"]), file=sys.stderr)
+    report = answer["data"]
     print(json.dumps(report, indent=2) if args.json else usage_table(report))
 
 

@@ -92,17 +92,24 @@ def keys_table(keys: Sequence[KeyRecord], now: float) -> str:
 
 
 def usage_table(report: list[dict[str, Any]]) -> str:
-    """One row per key with its totals (`GET /v1/usage`), then one per model when it used several."""
+    """One row per key with its totals (`GET /v1/usage`), then one per model when it used several;
+    then the same for each node's hand-offs, with no ID (`-`), role `node` and the node's name."""
     if not report:
         return "no keys yet: dragon keys create --role user|node|admin"
     rows = [("ID", "ROLE", "NAME", "STATE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS")]
     for k in report:
         models: dict[str, dict[str, int]] = k["models"]
         model = next(iter(models)) if len(models) == 1 else ("all" if models else "-")
-        rows.append((str(k["id"]), k["role"], k["name"], k["state"], model, *_counts(k)))
+        ident = "-" if k["id"] is None else str(k["id"])  # a node's hand-offs: it has a name, not a key id
+        rows.append((ident, k["role"], k["name"], k["state"], model, *_counts(k)))
         if len(models) > 1:
             rows.extend(("", "", "", "", name, *_counts(counts)) for name, counts in models.items())
     return _table(rows)
+
+
+def usage_since(start: float) -> str:
+    """The line that says where a report's window starts (the hour, in local time)."""
+    return f"usage since {_when(start)}, by the hour"
 
 
 def _counts(counts: dict[str, Any]) -> tuple[str, str, str]:

@@ -21,14 +21,14 @@ from dragonswarm.orchestrator.fragments import Request as SwarmRequest
 from dragonswarm.orchestrator.limits import Limiter
 from dragonswarm.orchestrator.registry import model_key
 from dragonswarm.orchestrator.swarm import CLOSE_FORGOTTEN, CLOSE_REVOKED, Swarm
-from dragonswarm.orchestrator.usage import usage_report
+from dragonswarm.orchestrator.usage import read_usage, since_param
 from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingParams, model_card
 from dragonswarm.protocol.runner import Generation
 from dragonswarm.scheduler.models import pick_model
 from dragonswarm.scheduler.ratelimit import Charge, Refusal
 from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text, token_estimate
-from dragonswarm.store.base import KeyRecord
+from dragonswarm.store.base import KeyRecord, Store
 from dragonswarm.web.replies import Reply, respond
 from dragonswarm.web.requestlog import RequestFacts, facts, observed
 
@@ -119,12 +119,12 @@ def _cut(request: Request, name: str, code: int, reason: str) -> bool:
 
 
 @router.get("/v1/usage")
-async def usage(request: Request, key: Annotated[KeyRecord, Depends(require("admin", what="read usage"))]
-                ) -> dict[str, Any]:  # fmt: skip
-    """Requests and tokens per key, in all and per model, since the store was made (read only)."""
-    store = swarm_of(request).store
-    keys, used = await asyncio.to_thread(lambda: (store.list_keys(), store.list_usage()))  # a store may be remote
-    return {"object": "list", "data": usage_report(keys, used, time.time())}
+async def usage(request: Request, key: Annotated[KeyRecord, Depends(require("admin", what="read usage"))],
+                since: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Requests and tokens per key and per node's hand-offs, in all and per model (read only): since
+    the store was made, or from the hour holding `since` (unix seconds) on."""
+    start = since_param(since)  # parsed here, not by FastAPI: its 400 would name the param "query"
+    return await asyncio.to_thread(read_usage, swarm_of(request).store, start, time.time())  # a store may be remote
 
 
 @router.post("/v1/completions", response_model=None)
@@ -186,11 +186,11 @@ def _route(req: SwarmRequest, lookup: Lookup | None, fragments: int) -> dict[str
 async def _metered(swarm: Swarm, limiter: Limiter, caller: Caller, req: SwarmRequest, told: RequestFacts,
                    charge: Charge, lookup: Lookup | None,
                    events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
-    """Pass events through; once the request ends, record the key's usage and give back
-    the tokens charged at admission but not used. Counted as the work goes (prompts as
-    they start, each token relayed), so a stream cut short costs what it used. The same
-    counts go to the request's log line and the metrics. An answer from the cache counts
-    for the key as the answer it is (its usage says so too), but as no tokens generated."""
+    """Pass events through; once the request ends, record the usage (the key's, or for a hand-off
+    its node's) and give back the tokens charged at admission but not used. Counted as the work
+    goes (prompts as they start, each token relayed), so a stream cut short costs what it used.
+    The same counts go to the request's log line and the metrics. An answer from the cache counts
+    for the caller as the answer it is (its usage says so too), but as no tokens generated."""
     began = False
     model = req.model
     watched = observed(events, told)
@@ -211,9 +211,17 @@ async def _metered(swarm: Swarm, limiter: Limiter, caller: Caller, req: SwarmReq
             await asyncio.shield(limiter.refund(charge, prompt + completion))
         else:  # refused before it began (queue full, no node serves the model): not a request at all
             await asyncio.shield(limiter.cancel(charge))
-        if (prompt or completion) and caller.key is not None:
+        if prompt or completion:
             try:  # the answer is already out: accounting that fails must not break it
-                record = asyncio.to_thread(swarm.store.record_usage, caller.key.id, model, prompt, completion)
+                record = asyncio.to_thread(_record_usage, swarm.store, caller, model, prompt, completion)
                 await asyncio.shield(record)  # recorded even when the request's task is being cancelled
             except Exception:
                 log.exception("recording usage failed")
+
+
+def _record_usage(store: Store, caller: Caller, model: str, prompt: int, completion: int) -> None:
+    """Count a finished request against its key, or against the node whose hand-off it was (blocking)."""
+    if caller.key is not None:
+        store.record_usage(caller.key.id, model, prompt, completion)
+    elif caller.node is not None:
+        store.record_node_usage(caller.node, model, prompt, completion)

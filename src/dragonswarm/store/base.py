@@ -67,13 +67,38 @@ class NodeRecord:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What one key has used of one model, since the store was made."""
+    """What one key has used of one model: since the store was made, or since the hour asked for."""
 
     key_id: int
     model: str
     requests: int
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUsage:
+    """What one node's hand-offs (its owner's requests it passed to the swarm) used of one model."""
+
+    node: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+HOUR_S = 3600
+
+
+def hour_of(at: float) -> int:
+    """The start of the hour holding unix time `at`: the bucket that usage at `at` is counted in."""
+    return int(at // HOUR_S) * HOUR_S
+
+
+def check_usage(prompt_tokens: int, completion_tokens: int) -> None:
+    """Raise ValueError for counts no request can have; shared by every backend."""
+    if prompt_tokens < 0 or completion_tokens < 0:
+        raise ValueError("token counts cannot be negative")
 
 
 def new_key() -> str:
@@ -155,14 +180,25 @@ class Store(Protocol):
     def list_nodes(self) -> list[NodeRecord]:
         """Every node, ordered by name."""
 
-    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count one request and its tokens against a key and model."""
+    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int,
+                     at: float | None = None) -> None:  # fmt: skip
+        """Count one request and its tokens against a key and model, in all and in the hour
+        holding `at` (unix time; None: now)."""
+
+    def record_node_usage(self, node: str, model: str, prompt_tokens: int, completion_tokens: int,
+                          at: float | None = None) -> None:  # fmt: skip
+        """Count one hand-off (a request a node passed over for its owner) against the node, as
+        `record_usage` counts a key's."""
 
     def usage_by_key(self) -> dict[int, tuple[int, int, int]]:
-        """key_id -> (requests, prompt_tokens, completion_tokens), summed over models."""
+        """key_id -> (requests, prompt_tokens, completion_tokens), summed over models, in all."""
 
-    def list_usage(self) -> list[Usage]:
-        """Every key's usage per model, by key id then model."""
+    def list_usage(self, since: float | None = None) -> list[Usage]:
+        """Every key's usage per model, by key id then model: in all, or with `since`, summed over
+        the hours from the one holding `since` on (usage from before hours were kept is in no hour)."""
+
+    def list_node_usage(self, since: float | None = None) -> list[NodeUsage]:
+        """Every node's hand-offs' usage per model, by name then model; `since` as in `list_usage`."""
 
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""

@@ -31,10 +31,13 @@ from dragonswarm.store.base import (
     KeyRecord,
     NodeIdentity,
     NodeRecord,
+    NodeUsage,
     Role,
     Usage,
     check_new_key,
+    check_usage,
     hash_key,
+    hour_of,
     key_prefix,
     new_credential,
     new_key,
@@ -306,35 +309,65 @@ class RedisStore:
                 for name, f in zip(names, found, strict=True) if f]  # fmt: skip
 
     @_shared
-    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        if prompt_tokens < 0 or completion_tokens < 0:
-            raise ValueError("token counts cannot be negative")
-        with self._r.pipeline(transaction=True) as tx:
-            tx.hincrby(rk.USAGE, rk.usage_field(key_id, "r", model), 1)
-            tx.hincrby(rk.USAGE, rk.usage_field(key_id, "p", model), prompt_tokens)
-            tx.hincrby(rk.USAGE, rk.usage_field(key_id, "c", model), completion_tokens)
+    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int,
+                     at: float | None = None) -> None:  # fmt: skip
+        self._count(rk.USAGE, rk.usage_hour, key_id, model, prompt_tokens, completion_tokens, at)
+
+    @_shared
+    def record_node_usage(self, node: str, model: str, prompt_tokens: int, completion_tokens: int,
+                          at: float | None = None) -> None:  # fmt: skip
+        self._count(rk.NODE_USAGE, rk.node_usage_hour, node, model, prompt_tokens, completion_tokens, at)
+
+    def _count(self, totals: str, hour_hash: Callable[[int], str], who: int | str, model: str, prompt_tokens: int,
+               completion_tokens: int, at: float | None) -> None:  # fmt: skip
+        check_usage(prompt_tokens, completion_tokens)
+        hour = hour_of(time.time() if at is None else at)
+        with self._r.pipeline(transaction=True) as tx:  # the hours always add up to the totals since
+            for name in (totals, hour_hash(hour)):
+                tx.hincrby(name, rk.usage_field(who, "r", model), 1)
+                tx.hincrby(name, rk.usage_field(who, "p", model), prompt_tokens)
+                tx.hincrby(name, rk.usage_field(who, "c", model), completion_tokens)
+            tx.zadd(rk.USAGE_HOURS, {str(hour): hour})
             tx.execute()
 
-    def _usage(self) -> dict[tuple[int, str], dict[str, int]]:
-        rows: dict[tuple[int, str], dict[str, int]] = {}
-        for field, value in cast(dict[str, str], self._r.hgetall(rk.USAGE)).items():
-            key_id, kind, model = rk.parse_usage_field(field)
-            counts = rows.setdefault((key_id, model), dict.fromkeys(rk.USAGE_KINDS.values(), 0))
-            counts[rk.USAGE_KINDS[kind]] = int(value)
+    def _usage(self, totals: str, hour_hash: Callable[[int], str],
+               since: float | None) -> dict[tuple[str, str], dict[str, int]]:  # fmt: skip
+        """(who, model) -> counts: from the totals, or summed over the hours from `since`'s on."""
+        if since is None:
+            hashes = [cast(dict[str, str], self._r.hgetall(totals))]
+        else:
+            hours = cast(list[str], self._r.zrangebyscore(rk.USAGE_HOURS, hour_of(since), "+inf"))
+            with self._r.pipeline(transaction=False) as reads:
+                for hour in hours:
+                    reads.hgetall(hour_hash(int(hour)))
+                hashes = reads.execute()
+        rows: dict[tuple[str, str], dict[str, int]] = {}
+        for fields in hashes:
+            for field, value in fields.items():
+                who, kind, model = rk.parse_usage_field(field)
+                counts = rows.setdefault((who, model), dict.fromkeys(rk.USAGE_KINDS.values(), 0))
+                counts[rk.USAGE_KINDS[kind]] += int(value)
         return rows
 
     @_shared
     def usage_by_key(self) -> dict[int, tuple[int, int, int]]:
         totals: dict[int, tuple[int, int, int]] = {}
-        for (key_id, _), c in self._usage().items():
-            r, p, q = totals.get(key_id, (0, 0, 0))
-            totals[key_id] = (r + c["requests"], p + c["prompt_tokens"], q + c["completion_tokens"])
+        for (key_id, _), c in self._usage(rk.USAGE, rk.usage_hour, None).items():
+            r, p, q = totals.get(int(key_id), (0, 0, 0))
+            totals[int(key_id)] = (r + c["requests"], p + c["prompt_tokens"], q + c["completion_tokens"])
         return totals
 
     @_shared
-    def list_usage(self) -> list[Usage]:
+    def list_usage(self, since: float | None = None) -> list[Usage]:
+        rows = {(int(key_id), model): c for (key_id, model), c in self._usage(rk.USAGE, rk.usage_hour, since).items()}
         return [Usage(key_id, model, c["requests"], c["prompt_tokens"], c["completion_tokens"])
-                for (key_id, model), c in sorted(self._usage().items())]  # fmt: skip
+                for (key_id, model), c in sorted(rows.items())]  # fmt: skip
+
+    @_shared
+    def list_node_usage(self, since: float | None = None) -> list[NodeUsage]:
+        rows = self._usage(rk.NODE_USAGE, rk.node_usage_hour, since)
+        return [NodeUsage(node, model, c["requests"], c["prompt_tokens"], c["completion_tokens"])
+                for (node, model), c in sorted(rows.items())]  # fmt: skip
 
     def close(self) -> None:
         self._r.close()

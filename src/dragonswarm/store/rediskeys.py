@@ -14,7 +14,11 @@ Lua scripts receive every key they touch as KEYS, built here, so no script compo
 | `dragon:identity:<name>` | hash | hash (of its credential), created, confirmed?, revoked? | none |
 | `dragon:nodes` | zset | node name -> unix time its record expires | `NODE_TTL_S` |
 | `dragon:node:<name>` | hash | first_seen, last_seen, state, info (JSON) | `NODE_TTL_S` |
-| `dragon:usage` | hash | `<key id>:<r|p|c>:<model>` -> requests, prompt or completion tokens | none |
+| `dragon:usage` | hash | `<key id>:<r|p|c>:<model>` -> a key's requests, prompt or completion tokens, in all | none |
+| `dragon:usage:nodes` | hash | `<node name>:<r|p|c>:<model>` -> the same for a node's hand-offs, in all | none |
+| `dragon:usage:hours` | zset | hour start (unix seconds) -> itself: the hours anything was counted in | none |
+| `dragon:usage:hour:<hour start>` | hash | as `dragon:usage`, counted in that hour only | none |
+| `dragon:usage:nodes:hour:<hour start>` | hash | as `dragon:usage:nodes`, counted in that hour only | none |
 | `dragon:rate:{<lane>}:log` | zset | charge id -> admission time (ms, the Redis server's clock) | `RATE_TTL_S` |
 | `dragon:rate:{<lane>}:charges` | hash | charge id -> tokens charged, net of refunds | `RATE_TTL_S` |
 | `dragon:rate:{<lane>}:state` | hash | sum (of the log's tokens), latest (ms: never moves back) | `RATE_TTL_S` |
@@ -48,8 +52,15 @@ NODES = PREFIX + "nodes"
 # save refreshes it, and a replica saves its live nodes every few seconds.
 NODE_TTL_S = 86_400
 
-# Usage counters per key and model (HINCRBY)
+# Usage counters per key (or node) and model (HINCRBY): in all, and per hour for reports "since T".
+# A request adds to both in one transaction. Fields from before hours were kept are in the totals
+# only: they count in all and in no hour. The hour hashes grow by at most (keys + nodes) x models
+# x 3 fields an hour, kept for good (a hundred callers busy every hour of a year on one model each:
+# under 3 million fields, tens of megabytes): fine. An all-time report still reads the totals
+# alone, a window only its own hours.
 USAGE = PREFIX + "usage"
+NODE_USAGE = PREFIX + "usage:nodes"
+USAGE_HOURS = PREFIX + "usage:hours"
 USAGE_KINDS = {"r": "requests", "p": "prompt_tokens", "c": "completion_tokens"}
 
 # Rate limits (store/redis_limits.py): a charge leaves the window after 60 s, so a lane's keys
@@ -72,16 +83,27 @@ def node(name: str) -> str:
     return f"{PREFIX}node:{name}"
 
 
-def usage_field(key_id: int, kind: str, model: str) -> str:
-    """A counter in `USAGE`; the model goes last, so any model name splits back out whole."""
-    return f"{key_id}:{kind}:{model}"
+def usage_hour(hour: int) -> str:
+    """Keys' usage counted in the hour starting at `hour` (unix seconds)."""
+    return f"{PREFIX}usage:hour:{hour}"
 
 
-def parse_usage_field(field: str) -> tuple[int, str, str]:
-    """(key id, kind, model) of a `USAGE` field."""
-    key_id, _, rest = field.partition(":")
+def node_usage_hour(hour: int) -> str:
+    """Nodes' hand-offs' usage counted in the hour starting at `hour`."""
+    return f"{PREFIX}usage:nodes:hour:{hour}"
+
+
+def usage_field(who: int | str, kind: str, model: str) -> str:
+    """A counter in a usage hash: `who` is a key id or a node name (which holds no ':'), and the
+    model goes last, so any model name splits back out whole."""
+    return f"{who}:{kind}:{model}"
+
+
+def parse_usage_field(field: str) -> tuple[str, str, str]:
+    """(who, kind, model) of a usage hash's field."""
+    who, _, rest = field.partition(":")
     kind, _, model = rest.partition(":")
-    return int(key_id), kind, model
+    return who, kind, model
 
 
 def rate(lane: str) -> tuple[str, str, str]:

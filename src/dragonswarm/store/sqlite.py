@@ -16,25 +16,28 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from dragonswarm.errors import ConfigError
 from dragonswarm.store.base import (
     KeyRecord,
     NodeIdentity,
     NodeRecord,
+    NodeUsage,
     Role,
     Store,
     Usage,
     check_new_key,
+    check_usage,
     hash_key,
+    hour_of,
     key_prefix,
     new_credential,
     new_key,
 )
 from dragonswarm.store.sqlitefile import immediate, open_private
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -86,6 +89,74 @@ SCHEMA_V4 = """
 ALTER TABLE keys ADD COLUMN cache INTEGER NOT NULL DEFAULT 1
 """
 
+# Version 5: usage is also kept by the hour, so a report can cover "since T", and nodes' hand-offs
+# are counted per node. The totals stay in `usage` and `node_usage`: the rows from before hours
+# were kept count there (all time) and in no hour, and an all-time report reads one row per key
+# and model however long the store has run. The hour tables grow by at most (keys + nodes) x
+# models rows an hour (a hundred callers busy every hour of a year on one model each: under a
+# million rows, tens of megabytes): fine, and kept for good. The hour leads their primary keys,
+# so a "since" read is one range of it.
+SCHEMA_V5 = """
+CREATE TABLE IF NOT EXISTS node_usage (
+    node TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    PRIMARY KEY (node, model)
+);
+CREATE TABLE IF NOT EXISTS usage_hours (
+    hour INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    PRIMARY KEY (hour, key_id, model)
+);
+CREATE TABLE IF NOT EXISTS node_usage_hours (
+    hour INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    PRIMARY KEY (hour, node, model)
+)
+"""
+
+COUNTS = "requests, prompt_tokens, completion_tokens"
+ADD_COUNTS = ("DO UPDATE SET requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+              " completion_tokens = completion_tokens + excluded.completion_tokens")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UsageSql:
+    """The statements over one kind of caller's usage (keys' or nodes'): its totals and its hours."""
+
+    add_total: str
+    add_hour: str
+    list_all: str
+    list_since: str
+
+
+def usage_sql(totals: str, who: str) -> UsageSql:
+    """Over the tables `totals` and `<totals>_hours`, whose rows are per `who` (a column) and model."""
+    hours = f"{totals}_hours"
+    return UsageSql(
+        add_total=f"INSERT INTO {totals} ({who}, model, {COUNTS}) VALUES (?, ?, 1, ?, ?)"
+                  f" ON CONFLICT ({who}, model) {ADD_COUNTS}",
+        add_hour=f"INSERT INTO {hours} (hour, {who}, model, {COUNTS}) VALUES (?, ?, ?, 1, ?, ?)"
+                 f" ON CONFLICT (hour, {who}, model) {ADD_COUNTS}",
+        list_all=f"SELECT {who}, model, {COUNTS} FROM {totals} ORDER BY {who}, model",
+        list_since=f"SELECT {who}, model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM {hours}"
+                   f" WHERE hour >= ? GROUP BY {who}, model ORDER BY {who}, model",
+    )  # fmt: skip
+
+
+KEY_USAGE = usage_sql("usage", "key_id")
+NODE_USAGE = usage_sql("node_usage", "node")
+
 
 def open_store(home: Path) -> Store:
     """The store kept under a DRAGON_HOME."""
@@ -114,7 +185,7 @@ class SqliteStore:
                 raise ConfigError(
                     f"{self.path} has schema version {version}, newer than this dragonswarm ({SCHEMA_VERSION})"
                 )
-            steps = [(1, SCHEMA), (2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4)]
+            steps = [(1, SCHEMA), (2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4), (5, SCHEMA_V5)]
             for target, script in steps:
                 if version < target:
                     for statement in script.split(";"):
@@ -244,17 +315,21 @@ class SqliteStore:
             for name, first, last, state, info in rows
         ]
 
-    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        if prompt_tokens < 0 or completion_tokens < 0:
-            raise ValueError("token counts cannot be negative")
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO usage (key_id, model, requests, prompt_tokens, completion_tokens) VALUES (?, ?, 1, ?, ?)"
-                " ON CONFLICT (key_id, model) DO UPDATE SET requests = requests + 1,"
-                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = completion_tokens + excluded.completion_tokens",
-                (key_id, model, prompt_tokens, completion_tokens),
-            )
+    def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int,
+                     at: float | None = None) -> None:  # fmt: skip
+        self._count(KEY_USAGE, key_id, model, prompt_tokens, completion_tokens, at)
+
+    def record_node_usage(self, node: str, model: str, prompt_tokens: int, completion_tokens: int,
+                          at: float | None = None) -> None:  # fmt: skip
+        self._count(NODE_USAGE, node, model, prompt_tokens, completion_tokens, at)
+
+    def _count(self, sql: UsageSql, who: int | str, model: str, prompt_tokens: int, completion_tokens: int,
+               at: float | None) -> None:  # fmt: skip
+        check_usage(prompt_tokens, completion_tokens)
+        hour = hour_of(time.time() if at is None else at)
+        with self._write() as db:  # both or neither: the hours always add up to the totals since
+            db.execute(sql.add_total, (who, model, prompt_tokens, completion_tokens))
+            db.execute(sql.add_hour, (hour, who, model, prompt_tokens, completion_tokens))
 
     def usage_by_key(self) -> dict[int, tuple[int, int, int]]:
         with self._read() as db:
@@ -263,12 +338,17 @@ class SqliteStore:
             ).fetchall()
         return {key_id: (requests, prompt, completion) for key_id, requests, prompt, completion in rows}
 
-    def list_usage(self) -> list[Usage]:
+    def list_usage(self, since: float | None = None) -> list[Usage]:
+        return [Usage(*row) for row in self._list(KEY_USAGE, since)]
+
+    def list_node_usage(self, since: float | None = None) -> list[NodeUsage]:
+        return [NodeUsage(*row) for row in self._list(NODE_USAGE, since)]
+
+    def _list(self, sql: UsageSql, since: float | None) -> list[Any]:
         with self._read() as db:
-            rows = db.execute(
-                "SELECT key_id, model, requests, prompt_tokens, completion_tokens FROM usage ORDER BY key_id, model"
-            ).fetchall()
-        return [Usage(*row) for row in rows]
+            if since is None:
+                return db.execute(sql.list_all).fetchall()
+            return db.execute(sql.list_since, (hour_of(since),)).fetchall()
 
     def close(self) -> None:
         with self._lock:
