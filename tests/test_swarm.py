@@ -456,7 +456,9 @@ def test_owner_busy_and_no_idle_worker_the_owner_is_served_here(start_orchestrat
     orch.wait_live("n1")
     # An owner's program outside the swarm's process tree keeps a core busy (bash exits at once,
     # so the hog is nobody's child here): the node hands requests over, and nobody can take them.
-    subprocess.run(["bash", "-c", "timeout 300 python3 -c 'while True: pass' >/dev/null 2>&1 &"], check=True)
+    hog = subprocess.run(["bash", "-c", "timeout 300 python3 -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                         check=True, capture_output=True, text=True)  # fmt: skip
+    hog_pid = int(hog.stdout)  # `timeout`'s, which passes a TERM on to the hog
     try:
         wait_until(lambda: node.status()["governor"]["owner_busy"], 30, "the node to see its owner busy")
         r = node.client.post("/v1/completions", json={"model": "tiny", "prompt": "mine", "max_tokens": 4}, timeout=60)
@@ -464,7 +466,7 @@ def test_owner_busy_and_no_idle_worker_the_owner_is_served_here(start_orchestrat
         assert r.headers["x-dragon-nodes"] == "n1"  # served here, not parked in the swarm's queue
         assert orch.queued() == 0
     finally:
-        subprocess.run(["pkill", "-f", "while True: pass"], check=False)
+        os.kill(hog_pid, signal.SIGTERM)
 
 
 def test_the_standard_event_loop_where_uvloop_is_missing(start_orchestrator: Start, start_node: Start, tiny_model: Path,
