@@ -116,3 +116,57 @@ def test_a_port_taken_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+CHILD = """
+import asyncio, resource, sys
+import uvicorn
+from dragonswarm.web.listener import GatedServer, listen
+
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+port, files = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", timeout_keep_alive=120)
+server = GatedServer(config, listen("127.0.0.1", port))
+print("serving", flush=True)
+asyncio.run(server.serve())
+"""
+
+
+def test_out_of_file_descriptors_the_listener_waits_and_accepts_again(tmp_path: Path) -> None:
+    port = free_port()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(port), "64"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    held: list[socket.socket] = []
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "serving\n"
+        wait_until(lambda: _answers(port, timeout=1), 10, "the server to answer")
+        # More open connections than the server has file descriptors: it runs out while accepting.
+        for _ in range(80):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append(s)
+        time.sleep(1.0)  # the server has taken what it can and hit its limit
+        assert not _answers(port, timeout=1)  # full: a new connection waits in the backlog
+        for s in held:
+            s.close()
+        held.clear()
+        wait_until(lambda: _answers(port, timeout=2), 15, "the server to accept again once descriptors are free")
+        assert child.poll() is None
+    finally:
+        for s in held:
+            s.close()
+        child.terminate()
+        _, err = child.communicate(timeout=15)
+    assert "cannot accept connections (Too many open files)" in err
+
+
+def _answers(port: int, timeout: float) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/", timeout=timeout).text == "hello"
+    except httpx.TransportError:
+        return False

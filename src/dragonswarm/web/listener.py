@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -29,6 +30,10 @@ import uvicorn
 LIMIT = 64  # handshakes under way at once
 SLOT_S = 2.0  # the longest one handshake holds its place
 BACKLOG = 4096  # connections the kernel holds for us (capped by net.core.somaxconn)
+ACCEPT_RETRY_S = 1.0  # after running out of file descriptors or memory (asyncio's own listener waits as long)
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+log = logging.getLogger("dragonswarm.web")
 
 
 class Gate:
@@ -87,7 +92,18 @@ async def accept(sock: socket.socket, protocol: Callable[[], asyncio.Protocol], 
     try:
         while True:
             await gate.room()
-            conn, _ = await loop.sock_accept(sock)
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except ConnectionAbortedError:  # gone before it was taken
+                continue
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES:
+                    raise
+                # Out of file descriptors or memory, as asyncio's own listener: the connections
+                # wait in the backlog until some close.
+                log.error("cannot accept connections (%s); trying again in %.0f s", exc.strerror, ACCEPT_RETRY_S)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             gate.take()
             task = loop.create_task(_start(conn, protocol, tls, gate, slot_s))
             starting.add(task)
@@ -112,11 +128,12 @@ async def _start(conn: socket.socket, protocol: Callable[[], asyncio.Protocol], 
     try:
         conn.setblocking(False)
         await loop.connect_accepted_socket(protocol, conn, ssl=tls)
-    except OSError:  # a client that went away or failed its handshake (ssl.SSLError is one): nothing to serve
-        conn.close()
     except asyncio.CancelledError:  # the server is stopping
         conn.close()
         raise
+    except Exception as exc:  # a client gone, or its handshake failed or timed out: nobody to tell
+        log.debug("a connection ended before it was served: %r", exc)
+        conn.close()
     finally:
         late.cancel()
         give()
@@ -140,6 +157,15 @@ class GatedServer(uvicorn.Server):
                                      server_state=self.server_state, app_state=self.lifespan.state)  # fmt: skip
         self._acceptors = [asyncio.create_task(accept(sock, protocol, self.config.ssl, self.gate), name="accept")
                            for sock in self.listening]  # fmt: skip
+        for task in self._acceptors:
+            task.add_done_callback(self._accepting_ended)
+
+    def _accepting_ended(self, task: asyncio.Task[None]) -> None:
+        """A listener that fails stops the server: one that serves what it has but takes no one
+        new would look alive to a supervisor while every node's reconnect fails."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.critical("accepting connections failed; stopping", exc_info=exc)
+            self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for task in self._acceptors:  # stop accepting first, as uvicorn closes its listeners first
