@@ -1,5 +1,6 @@
 """The orchestrator's own listener: at most `limit` TLS handshakes under way, the rest in the
-kernel's backlog; silent connections give their place back; a port taken is one line."""
+kernel's backlog; silent connections give their place back and one address holds a share at
+most; out of file descriptors it waits and goes on; a port taken is one line."""
 
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ async def hello_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 def test_the_gate_has_room_until_its_places_are_taken() -> None:
     async def run() -> list[bool]:
-        gate = Gate(limit=2)
+        gate = Gate(limit=2, per_peer=2)
         seen = []
-        for step in (gate.take, gate.take, gate.give, gate.take):
+        for step in (lambda: gate.take("10.0.0.1"), lambda: gate.take("10.0.0.2"), lambda: gate.give("10.0.0.1"),
+                     lambda: gate.take("10.0.0.3")):  # fmt: skip
             step()
             seen.append(await has_room(gate))
         return seen
@@ -52,6 +54,16 @@ def test_the_gate_has_room_until_its_places_are_taken() -> None:
     assert asyncio.run(run()) == [True, False, True, False]
     with pytest.raises(ValueError):
         Gate(limit=0)
+
+
+def test_one_address_holds_its_share_of_places_this_machine_is_not_counted() -> None:
+    gate = Gate(limit=10, per_peer=2)
+    assert [gate.take("203.0.113.7") for _ in range(3)] == [True, True, False]
+    assert gate.take("2001:db8::1") and gate.take("2001:db8::1") and not gate.take("2001:db8::1")
+    gate.give("203.0.113.7")
+    assert gate.take("203.0.113.7")  # a place given back is its own again
+    assert all(gate.take("127.0.0.1") for _ in range(4)) and gate.take("::1")  # loopback: dragon up, a proxy
+    assert gate.taken == 9 and gate.peers["203.0.113.7"] == 2
 
 
 @pytest.fixture
@@ -94,7 +106,7 @@ def test_silent_connections_wait_in_the_backlog_and_cannot_keep_the_gate_shut(
             s.close()
 
 
-def test_a_handshake_that_fails_gives_its_place_back(gated: tuple[GatedServer, int, Path]) -> None:
+def test_failed_handshakes_give_their_places_back(gated: tuple[GatedServer, int, Path]) -> None:
     server, port, ca = gated
     for _ in range(4):  # more failures than places: each must give its place back
         with socket.create_connection(("127.0.0.1", port)) as raw:
@@ -106,6 +118,7 @@ def test_a_handshake_that_fails_gives_its_place_back(gated: tuple[GatedServer, i
     wait_until(lambda: server.gate.taken == 0, 5, "every place given back")
     r = httpx.get(f"https://127.0.0.1:{port}/", verify=ssl.create_default_context(cafile=str(ca)), timeout=10)
     assert r.text == "hello"
+    assert server.failed is None
 
 
 def test_a_port_taken_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -132,4 +133,7 @@ def run_orchestrator(settings: OrchestratorSettings) -> None:
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
     scheme = "http" if settings.insecure else "https"
     log.info("orchestrator on %s://%s:%d/v1", scheme, settings.host, settings.port)
-    eventloop.run(GatedServer(config, sockets).serve())
+    server = GatedServer(config, sockets)
+    eventloop.run(server.serve())
+    if server.failed is not None:  # a supervisor should see a failure, and may start it again
+        sys.exit(f"dragon orchestrator: stopped, accepting connections failed: {server.failed}")
