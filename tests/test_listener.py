@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
 import subprocess
@@ -183,3 +184,19 @@ def _answers(port: int, timeout: float) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/", timeout=timeout).text == "hello"
     except httpx.TransportError:
         return False
+
+
+def test_a_listener_that_breaks_stops_the_server_and_says_why(tmp_path: Path) -> None:
+    server = GatedServer(uvicorn.Config(hello_app), [])
+
+    async def broken() -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    async def run() -> None:
+        task = asyncio.create_task(broken())
+        await asyncio.gather(task, return_exceptions=True)
+        server._accepting_ended(task)
+
+    asyncio.run(run())
+    assert server.should_exit  # uvicorn's main loop stops, and `run_orchestrator` exits 1 with the reason
+    assert isinstance(server.failed, OSError) and server.failed.errno == errno.EBADF
