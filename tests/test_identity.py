@@ -145,20 +145,23 @@ def test_a_hand_off_speaks_as_its_node(start_orchestrator: Start, start_node: St
 
     def node_rows(answer: httpx.Response) -> dict[str, dict[str, Any]]:
         assert answer.status_code == 200, answer.text
-        return {row["name"]: row for row in answer.json()["data"] if row["kind"] == "node"}
+        return {row["name"]: row for row in answer.json()["nodes"]}
 
     wait_until(lambda: node_rows(usage()), 30, "the hand-off's usage to be recorded")
     answer = usage().json()
     assert answer["since"] is None  # all time
-    mine = answer["data"][-1]
-    assert [row["name"] for row in answer["data"] if row["kind"] == "node"] == ["owner"]  # the worker handed nothing
-    assert {k: mine[k] for k in ("kind", "id", "name", "role", "prefix", "state", "requests")} == {
-        "kind": "node", "id": None, "name": "owner", "role": "node", "prefix": None, "state": "active", "requests": 1}
+    assert [row["name"] for row in answer["nodes"]] == ["owner"]  # the worker handed nothing off
+    mine = answer["nodes"][0]
+    assert {k: mine[k] for k in ("name", "state", "requests")} == {"name": "owner", "state": "active", "requests": 1}
     prompt, completion = handed.json()["usage"]["prompt_tokens"], handed.json()["usage"]["completion_tokens"]
     assert (mine["prompt_tokens"], mine["completion_tokens"]) == (prompt, completion) and prompt > 0
     assert mine["models"] == {"tiny": {"requests": 1, "prompt_tokens": prompt, "completion_tokens": completion}}
+    # `data` holds the keys alone, each shaped as before nodes were counted: an older reader reads no node.
+    assert [row["name"] for row in answer["data"]] == ["test admin", "test user", "test node", "second user"]
+    assert all(set(row) == {"id", "name", "role", "prefix", "state", "requests", "prompt_tokens",
+                            "completion_tokens", "models"} and row["id"] is not None for row in answer["data"])
     user = next(row for row in answer["data"] if row["name"] == "test user")
-    assert user["kind"] == "key" and user["requests"] == 1  # the user's own request, not the node's
+    assert user["requests"] == 1  # the user's own request, not the node's
     # A window: from the hour holding `since` on. The hand-off is in the past hour's, not the next one's.
     now = int(time.time())
     recent = usage(f"?since={now - 60}")

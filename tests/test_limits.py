@@ -6,15 +6,20 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from tests.conftest import OrchestratorProcess, wait_until
 
+from dragonswarm.status import usage_since
 from dragonswarm.store.backends import open_store
+from dragonswarm.store.base import first_hour_kept
 
 Swarm = Callable[..., OrchestratorProcess]
 
@@ -184,14 +189,16 @@ def test_usage_report_per_key_and_model(swarm: Swarm, state_redis: str | None) -
     assert user_line.split()[-5:] == ["active", "tiny", "3", str(user["prompt_tokens"]), str(user["completion_tokens"])]
     as_json = subprocess.run([*cli, "--key", orch.keys["admin"], "--json"], capture_output=True, text=True, timeout=60)
     assert as_json.returncode == 0, as_json.stderr
-    assert {row["name"]: row for row in json.loads(as_json.stdout)} == report()
+    printed = json.loads(as_json.stdout)  # the whole answer: keys in `data`, no node handed anything off
+    assert {row["name"]: row for row in printed["data"]} == report() and printed["nodes"] == []
+    assert printed["since"] is None and printed["object"] == "list"
     denied = subprocess.run([*cli, "--key", orch.keys["user"]], capture_output=True, text=True, timeout=60)
     assert denied.returncode == 2 and "403" in denied.stderr and "may not read usage" in denied.stderr
     if state_redis:  # replicas' shared usage, read from Redis itself: no orchestrator, no admin key
         direct = subprocess.run([sys.executable, "-m", "dragonswarm.cli", "usage", "--json"], capture_output=True,
                                 text=True, timeout=60, env={**os.environ, "DRAGON_REDIS": state_redis})  # fmt: skip
         assert direct.returncode == 0, direct.stderr
-        assert {row["name"]: row for row in json.loads(direct.stdout)} == report()
+        assert {row["name"]: row for row in json.loads(direct.stdout)["data"]} == report()
 
     # A window, through the orchestrator and (with a Redis) from Redis itself: the hours of the last
     # 30 minutes hold every request above; from two hours ahead, nothing is counted yet.
@@ -202,39 +209,93 @@ def test_usage_report_per_key_and_model(swarm: Swarm, state_redis: str | None) -
         recent = subprocess.run([*way, "--json", "--since", "30m"], capture_output=True, text=True, timeout=60,
                                 env=env)  # fmt: skip
         assert recent.returncode == 0, recent.stderr
-        assert {row["name"]: row for row in json.loads(recent.stdout)} == report()
+        assert {row["name"]: row for row in json.loads(recent.stdout)["data"]} == report()
         assert recent.stderr.startswith("usage since ")
         ahead = subprocess.run([*way, "--json", "--since", str(int(time.time()) + 7200)], capture_output=True,
                                text=True, timeout=60, env=env)  # fmt: skip
         assert ahead.returncode == 0, ahead.stderr
-        assert [row["requests"] for row in json.loads(ahead.stdout)] == [0, 0, 0, 0]
+        assert [row["requests"] for row in json.loads(ahead.stdout)["data"]] == [0, 0, 0, 0]
+        # From further back than the hours are kept: the window starts at the first hour kept, and says so.
+        before = first_hour_kept(time.time())
+        past = subprocess.run([*way, "--json", "--since", "60d"], capture_output=True, text=True, timeout=60,
+                              env=env)  # fmt: skip
+        assert past.returncode == 0, past.stderr
+        start = json.loads(past.stdout)["since"]
+        assert start in (before, first_hour_kept(time.time()))  # (the clock may pass an hour meanwhile)
+        assert past.stderr.startswith(usage_since(start))
+        assert {row["name"]: row for row in json.loads(past.stdout)["data"]} == report()
+
+
+def test_since_from_an_orchestrator_too_old_to_count_by_the_hour_is_an_error(tmp_path: Path) -> None:
+    # An orchestrator from before hours were kept ignores ?since= and answers all time, with no `since`.
+    old_answer = {"object": "list", "data": [{"id": 1, "name": "admin", "role": "admin", "prefix": "dsk_aaaaaaaa",
+                                              "state": "active", "requests": 2, "prompt_tokens": 3,
+                                              "completion_tokens": 4, "models": {}}]}  # fmt: skip
+    asked: list[str] = []
+
+    class OldOrchestrator(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the name http.server calls
+            asked.append(self.path)
+            body = json.dumps(old_answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # not onto the test's stderr
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OldOrchestrator)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    env = {k: v for k, v in os.environ.items() if k not in ("DRAGON_REDIS", "DRAGON_KEY", "DRAGON_CA")}
+    cli = [sys.executable, "-m", "dragonswarm.cli", "usage", "--url", f"http://127.0.0.1:{server.server_port}",
+           "--key", "dsk_test", "--home", str(tmp_path)]  # fmt: skip
+    try:
+        refused = subprocess.run([*cli, "--since", "24h"], capture_output=True, text=True, timeout=60, env=env)
+        assert refused.returncode == 2 and refused.stdout == "", refused.stdout
+        assert "too old to count usage by the hour" in refused.stderr and refused.stderr.count("\n") == 1
+        assert asked[0].startswith("/v1/usage?since=")
+        # Without --since, its all-time answer is printed as before.
+        plain = subprocess.run(cli, capture_output=True, text=True, timeout=60, env=env)
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stdout.splitlines()[1].split() == ["1", "admin", "admin", "active", "-", "2", "3", "4"]
+        # A year is not taken for unix seconds (all time): it is an error before anything is asked.
+        year = subprocess.run([*cli, "--since", "2025"], capture_output=True, text=True, timeout=60, env=env)
+        assert year.returncode == 2 and "2025-01-01" in year.stderr and year.stderr.count("\n") == 1
+        assert len(asked) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join(10)
 
 
 def test_usage_table_plain_values() -> None:
     from dragonswarm.status import usage_table
 
     counts = {"requests": 3, "prompt_tokens": 30, "completion_tokens": 9}
-    report = [
+    keys = [
         {"id": 1, "name": "admin", "role": "admin", "state": "active", "requests": 0, "prompt_tokens": 0,
          "completion_tokens": 0, "models": {}},
         {"id": 2, "name": "alice", "role": "user", "state": "revoked", "requests": 4, "prompt_tokens": 31,
          "completion_tokens": 10, "models": {"gemma": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1},
                                              "tiny": counts}},
         {"id": 3, "name": "bob", "role": "user", "state": "active", **counts, "models": {"tiny": counts}},
-        {"kind": "node", "id": None, "name": "box-1", "role": "node", "prefix": None, "state": "active", **counts,
-         "models": {"tiny": counts}},
     ]  # fmt: skip
-    lines = [line.split() for line in usage_table(report).splitlines()]
+    nodes = [{"name": "box-1", "state": "forgotten", **counts, "models": {"tiny": counts}}]
+    lines = [line.split() for line in usage_table(keys, nodes).splitlines()]
     assert lines[1] == ["1", "admin", "admin", "active", "-", "0", "0", "0"]
     assert lines[2] == ["2", "user", "alice", "revoked", "all", "4", "31", "10"]
     assert lines[3:5] == [["gemma", "1", "1", "1"], ["tiny", "3", "30", "9"]]
     assert lines[5] == ["3", "user", "bob", "active", "tiny", "3", "30", "9"]
-    assert lines[6] == ["-", "node", "box-1", "active", "tiny", "3", "30", "9"]  # a node's hand-offs: no key id
+    assert lines[6] == ["-", "node", "box-1", "forgotten", "tiny", "3", "30", "9"]  # a node's hand-offs: no key id
+    assert [line.split() for line in usage_table(keys).splitlines()] == lines[:6]  # an older orchestrator's answer
     assert usage_table([]).startswith("no keys yet")
 
 
 def test_usage_report_plain_values() -> None:
-    from dragonswarm.orchestrator.usage import usage_answer, usage_report
+    from dragonswarm.orchestrator.usage import node_report, usage_answer, usage_report
     from dragonswarm.store.base import KeyRecord, NodeIdentity, NodeUsage, Usage
 
     keys = [KeyRecord(1, "admin", "admin", "dsk_aaaaaaaa", 0.0), KeyRecord(2, "alice", "user", "dsk_bbbbbbbb", 0.0,
@@ -243,28 +304,45 @@ def test_usage_report_plain_values() -> None:
     nodes = [NodeUsage("zeta", "tiny", 1, 3, 3), NodeUsage("alpha", "gemma", 1, 1, 1),
              NodeUsage("alpha", "tiny", 2, 2, 2), NodeUsage("gone", "tiny", 1, 4, 4)]  # fmt: skip
     identities = [NodeIdentity("alpha", 0.0), NodeIdentity("zeta", 0.0, revoked=1.0), NodeIdentity("idle", 0.0)]
-    report = usage_report(keys, usage, 10.0, nodes, identities)
-    assert report[:2] == [
-        {"kind": "key", "id": 1, "name": "admin", "role": "admin", "prefix": "dsk_aaaaaaaa", "state": "active",
+    # Keys' entries have the shape they had before nodes were counted: a reader of them reads no node.
+    report = usage_report(keys, usage, 10.0)
+    assert report == [
+        {"id": 1, "name": "admin", "role": "admin", "prefix": "dsk_aaaaaaaa", "state": "active",
          "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "models": {}},
-        {"kind": "key", "id": 2, "name": "alice", "role": "user", "prefix": "dsk_bbbbbbbb", "state": "revoked",
+        {"id": 2, "name": "alice", "role": "user", "prefix": "dsk_bbbbbbbb", "state": "revoked",
          "requests": 3, "prompt_tokens": 21, "completion_tokens": 6,
          "models": {"gemma": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1},
                     "tiny": {"requests": 2, "prompt_tokens": 20, "completion_tokens": 5}}},
     ]  # fmt: skip
-    # Then the nodes that handed something off, by name, shaped like keys' entries; the idle one is not there.
-    assert [(r["kind"], r["name"], r["state"], r["requests"], r["prompt_tokens"]) for r in report[2:]] == [
-        ("node", "alpha", "active", 3, 3), ("node", "gone", "forgotten", 1, 4), ("node", "zeta", "revoked", 1, 3)]
-    assert all(set(r) == set(report[0]) and r["id"] is None and r["prefix"] is None and r["role"] == "node"
-               for r in report[2:])  # fmt: skip
-    assert report[2]["models"] == {"gemma": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1},
-                                   "tiny": {"requests": 2, "prompt_tokens": 2, "completion_tokens": 2}}  # fmt: skip
-    # The answer says the window: the start of the hour holding `since`, or None for all time.
+    # The nodes that handed something off, by name; the idle one is not there.
+    by_node = node_report(nodes, identities)
+    assert [(r["name"], r["state"], r["requests"], r["prompt_tokens"]) for r in by_node] == [
+        ("alpha", "active", 3, 3), ("gone", "forgotten", 1, 4), ("zeta", "revoked", 1, 3)]
+    assert all(set(r) == {"name", "state", "requests", "prompt_tokens", "completion_tokens", "models"}
+               for r in by_node)  # fmt: skip
+    assert by_node[0]["models"] == {"gemma": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1},
+                                    "tiny": {"requests": 2, "prompt_tokens": 2, "completion_tokens": 2}}  # fmt: skip
+    # The answer: keys in `data`, nodes in `nodes`, and where the window starts (None: all time).
     assert usage_answer(keys, usage, nodes, identities, None, 10.0) == {"object": "list", "since": None,
-                                                                        "data": report}  # fmt: skip
-    assert usage_answer(keys, [], [], [], 1_700_000_000.5, 10.0)["since"] == 1_699_999_200
-    assert usage_answer(keys, [], [], [], 0, 10.0)["since"] == 0
-    assert usage_report(keys, usage, 10.0) == report[:2]  # no node rows asked for, none given
+                                                                        "data": report, "nodes": by_node}  # fmt: skip
+    assert usage_answer(keys, [], [], [], 1_700_000_000.5, 1_700_000_000.5)["since"] == 1_699_999_200
+
+
+def test_the_usage_window_starts_no_earlier_than_the_first_hour_kept() -> None:
+    from dragonswarm.orchestrator.usage import usage_window
+    from dragonswarm.store.base import HOUR_S, USAGE_HOURS_KEPT_S, first_hour_kept
+
+    now = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+    hour = 1_699_999_200
+    first = hour - USAGE_HOURS_KEPT_S + HOUR_S  # 840 hours kept, the current one the last
+    assert USAGE_HOURS_KEPT_S == 35 * 86_400 and first_hour_kept(now) == first
+    assert usage_window(None, now) is None  # all time: the totals, kept for good
+    assert usage_window(now - 60, now) == hour  # the hour holding `since`
+    assert usage_window(now + 7200, now) == hour + 7200  # the future: allowed, and empty
+    assert usage_window(now - 30 * 86_400, now) == hour - 30 * 86_400  # `30d` is kept whole
+    assert usage_window(first, now) == usage_window(first + HOUR_S - 1, now) == first
+    for older in (first - 1, now - 40 * 86_400, 0):  # what is no longer kept is not in the window
+        assert usage_window(older, now) == first
 
 
 def test_since_values() -> None:
@@ -286,7 +364,7 @@ def test_since_values() -> None:
     now = 1_700_000_000.0
     assert since_arg("30m", now) == now - 1800 and since_arg("24h", now) == now - 86_400
     assert since_arg("7d", now) == now - 7 * 86_400 and since_arg("100000d", now) == 0  # before 1970: all time
-    assert since_arg("1690000000", now) == 1.69e9 and since_arg(" 0 ", now) == 0
+    assert since_arg("1690000000", now) == 1.69e9 and since_arg(" 100000000 ", now) == 1e8  # 9 digits: 1973
     assert since_arg("2023-11-14T22:13:20Z", now) == 1_700_000_000
     assert since_arg("2023-11-14T23:13:20+01:00", now) == 1_700_000_000
     assert since_arg("2023-11-14", now) == datetime(2023, 11, 14).timestamp()
@@ -294,3 +372,8 @@ def test_since_values() -> None:
     for bad in ("yesterday", "5x", "-5", "", "1h30m", "1960-01-01T00:00Z", "9999999999d", "1" * 400):
         with pytest.raises(ValueError, match="--since"):
             since_arg(bad, now)
+    # A plain number of fewer than 9 digits is no unix time anyone means (a year, a date without its
+    # dashes): an error that says how to write a date, not all time.
+    for short in ("2025", "20250101", "99999999", "0", "0.5", "00000002025"):
+        with pytest.raises(ValueError, match=r"at least 9 digits.*2025-01-01"):
+            since_arg(short, now)

@@ -20,7 +20,18 @@ import redis
 from dragonswarm.errors import ConfigError, StoreUnavailable
 from dragonswarm.store import rediskeys
 from dragonswarm.store.backends import open_store as open_any_store
-from dragonswarm.store.base import NodeRecord, NodeUsage, Store, Usage, hash_key, hour_of, new_key
+from dragonswarm.store.base import (
+    HOUR_S,
+    USAGE_HOURS_KEPT_S,
+    NodeRecord,
+    NodeUsage,
+    Store,
+    Usage,
+    first_hour_kept,
+    hash_key,
+    hour_of,
+    new_key,
+)
 from dragonswarm.store.redis import RedisStore, redacted
 from dragonswarm.store.redis_server import start_local_redis
 from dragonswarm.store.sqlite import SqliteStore, open_store
@@ -207,7 +218,7 @@ def test_negative_usage_is_refused(store: Store) -> None:
     assert store.usage_by_key() == {} and store.list_usage(0) == [] and store.list_node_usage() == []
 
 
-H = hour_of(1_700_000_000)  # 2023-11-14 22:00 UTC
+H = hour_of(time.time()) - 3 * HOUR_S  # three hours ago: well within the hours kept
 
 
 def test_usage_is_kept_by_the_hour_for_keys_and_nodes(open_db: Callable[[], Store]) -> None:
@@ -240,6 +251,25 @@ def test_usage_is_kept_by_the_hour_for_keys_and_nodes(open_db: Callable[[], Stor
     store.record_node_usage("w2", "tiny", 1, 1)
     assert reader.list_usage(before) == [Usage(3, "tiny", 1, 1, 1)]
     assert reader.list_node_usage(before) == [NodeUsage("w2", "tiny", 1, 1, 1)]
+
+
+def test_hours_older_than_35_days_are_dropped_as_usage_is_counted(open_db: Callable[[], Store]) -> None:
+    store, now = open_db(), time.time()
+    first = first_hour_kept(now)
+    assert first == hour_of(now) - USAGE_HOURS_KEPT_S + HOUR_S  # 840 hours kept, this one the last
+    store.record_usage(1, "tiny", 100, 100, at=now - USAGE_HOURS_KEPT_S - 86_400)  # counted 36 days ago
+    store.record_usage(1, "tiny", 10, 10, at=first - 1)  # the last hour to be dropped
+    store.record_usage(1, "tiny", 1, 1, at=first)  # the first hour kept
+    store.record_node_usage("w1", "tiny", 100, 100, at=first - 1)
+    store.record_usage(2, "tiny", 2, 2, at=now)  # counting now drops what is older than 35 days
+    store.record_node_usage("w1", "tiny", 2, 2, at=now)
+    reader = open_db()
+    assert reader.list_usage(0) == reader.list_usage(first) == [Usage(1, "tiny", 1, 1, 1), Usage(2, "tiny", 1, 2, 2)]
+    assert reader.list_node_usage(0) == [NodeUsage("w1", "tiny", 1, 2, 2)]
+    # The totals keep everything, for good.
+    assert reader.list_usage() == [Usage(1, "tiny", 3, 111, 111), Usage(2, "tiny", 1, 2, 2)]
+    assert reader.usage_by_key() == {1: (3, 111, 111), 2: (1, 2, 2)}
+    assert reader.list_node_usage() == [NodeUsage("w1", "tiny", 2, 102, 102)]
 
 
 def test_file_is_private(sqlite_store: SqliteStore, tmp_path: Path) -> None:
@@ -449,20 +479,25 @@ def test_every_redis_key_is_ours_and_node_records_expire(redis_url: str) -> None
         key, record = store.create_key("user", "u")
         credential = store.offer_identity("w1")
         store.save_nodes([NodeRecord("w1", 1.0, 2.0, "live", {"models": ["tiny"]})])
-        store.record_usage(record.id, "model:with:colons", 3, 4, at=5000.0)
-        store.record_node_usage("w1", "tiny", 1, 2, at=5000.0)
+        store.record_usage(record.id, "model:with:colons", 3, 4, at=H)
+        store.record_node_usage("w1", "tiny", 1, 2, at=H)
         with redis.Redis.from_url(redis_url, decode_responses=True) as client:
             names = set(client.scan_iter())
             digest = client.hget(rediskeys.KEYS, str(record.id))
             assert digest == hash_key(key)
-            usage = {rediskeys.USAGE, rediskeys.NODE_USAGE, rediskeys.USAGE_HOURS, rediskeys.usage_hour(3600),
-                     rediskeys.node_usage_hour(3600)}  # fmt: skip
+            totals = {rediskeys.USAGE, rediskeys.NODE_USAGE, rediskeys.USAGE_HOURS}
+            hours = {rediskeys.usage_hour(H), rediskeys.node_usage_hour(H)}
             assert names == {rediskeys.KEY_IDS, rediskeys.KEYS, rediskeys.key(digest), rediskeys.IDENTITIES,
-                             rediskeys.identity("w1"), rediskeys.NODES, rediskeys.node("w1"), *usage}  # fmt: skip
-            # Node records live a day from their last save; keys, identities and usage for good.
+                             rediskeys.identity("w1"), rediskeys.NODES, rediskeys.node("w1"), *totals,
+                             *hours}  # fmt: skip
+            # Node records live a day from their last save; keys, identities and usage totals for good
+            # (the hours' zset is trimmed instead); an hour's usage 35 days and an hour from its start.
             for name in (rediskeys.node("w1"), rediskeys.NODES):
                 assert 0 < client.ttl(name) <= rediskeys.NODE_TTL_S
-            assert client.ttl(rediskeys.identity("w1")) == -1 and all(client.ttl(name) == -1 for name in usage)
+            assert client.ttl(rediskeys.identity("w1")) == -1 and all(client.ttl(name) == -1 for name in totals)
+            assert rediskeys.USAGE_HOUR_EXPIRES_S == USAGE_HOURS_KEPT_S + HOUR_S
+            for name in hours:  # TTL, not EXPIRETIME: Redis 6 has no EXPIRETIME
+                assert abs(client.ttl(name) - (H + rediskeys.USAGE_HOUR_EXPIRES_S - time.time())) <= 2, name
             client.delete(rediskeys.node("w1"))  # as when its day is up
         assert store.list_nodes() == []
         assert store.list_usage() == [Usage(record.id, "model:with:colons", 1, 3, 4)]
@@ -482,6 +517,24 @@ def test_redis_usage_from_before_hours_counts_in_all_and_in_no_hour(redis_url: s
         assert store.usage_by_key() == {1: (6, 60, 21), 2: (1, 3, 4)}
         assert store.list_usage(0) == [Usage(1, "tiny", 1, 10, 1)]
         assert store.list_node_usage() == []
+    finally:
+        store.close()
+
+
+def test_redis_trims_the_hours_older_than_35_days_in_the_counting_transaction(redis_url: str) -> None:
+    now = time.time()
+    first = first_hour_kept(now)
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:  # hours counted long ago
+        for hour in (first - 10 * HOUR_S, first - HOUR_S, first):
+            client.zadd(rediskeys.USAGE_HOURS, {str(hour): hour})
+            client.hset(rediskeys.usage_hour(hour), "1:r:tiny", 1)
+    store = RedisStore.connect(redis_url)
+    try:
+        store.record_usage(2, "tiny", 1, 1, at=now)
+        with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+            assert client.zrange(rediskeys.USAGE_HOURS, 0, -1) == [str(first), str(hour_of(now))]
+            assert client.ttl(rediskeys.usage_hour(hour_of(now))) > 0  # ... and the hour counted in expires
+        assert store.list_usage(0) == [Usage(1, "tiny", 1, 0, 0), Usage(2, "tiny", 1, 1, 1)]
     finally:
         store.close()
 

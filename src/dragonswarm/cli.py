@@ -185,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="requests and tokens each key, and each node's hand-offs, used, in "
                                 "all and per model")  # fmt: skip
-    usage.add_argument("--json", action="store_true", help="print the orchestrator's report as JSON")
-    usage.add_argument("--since", metavar="WHEN", help="count from the hour holding WHEN on: 30m, 24h, 7d (back "
-                       "from now), unix seconds, or an ISO date or time (local unless it gives a zone)")  # fmt: skip
+    usage.add_argument("--json", action="store_true", help="print the orchestrator's answer as JSON: keys in "
+                       "\"data\", nodes' hand-offs in \"nodes\", the window's start in \"since\"")  # fmt: skip
+    usage.add_argument("--since", metavar="WHEN", help="count from the hour holding WHEN on (35 days back at most): "
+                       "30m, 24h, 7d (back from now), unix seconds (9 digits or more), or an ISO date or time "
+                       "(local unless it gives a zone)")  # fmt: skip
     _redis(usage, "read the report from this Redis, which the orchestrator replicas share, not from an orchestrator")
 
     nodes = commands.add_parser("nodes", help="list the swarm's nodes, revoke one, or free a name")
@@ -448,10 +450,12 @@ def cmd_usage(args: argparse.Namespace) -> None:
     else:
         query = "" if since is None else "?" + urlencode({"since": repr(since)})
         answer = _admin_request(args, "GET", f"/v1/usage{query}")
-    if answer.get("since") is not None:  # the hour the window starts at, which may be before WHEN
+        if since is not None and "since" not in answer:  # it ignored ?since= and counted all time
+            raise ConfigError("this orchestrator is too old to count usage by the hour (--since): upgrade it, or "
+                              "leave --since out for all time")  # fmt: skip
+    if answer.get("since") is not None:  # the hour the window starts at: before WHEN, or after it if not kept
         print(usage_since(answer["since"]), file=sys.stderr)
-    report = answer["data"]
-    print(json.dumps(report, indent=2) if args.json else usage_table(report))
+    print(json.dumps(answer, indent=2) if args.json else usage_table(answer["data"], answer.get("nodes", [])))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:

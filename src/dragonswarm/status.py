@@ -91,17 +91,18 @@ def keys_table(keys: Sequence[KeyRecord], now: float) -> str:
     return _table(rows)
 
 
-def usage_table(report: list[dict[str, Any]]) -> str:
-    """One row per key with its totals (`GET /v1/usage`), then one per model when it used several;
-    then the same for each node's hand-offs, with no ID (`-`), role `node` and the node's name."""
-    if not report:
+def usage_table(keys: Sequence[dict[str, Any]], nodes: Sequence[dict[str, Any]] = ()) -> str:
+    """One row per key with its totals (`GET /v1/usage`'s `data`), then one per model when it used
+    several; then the same for each node's hand-offs (its `nodes`), with no ID (`-`), role `node`
+    and the node's name."""
+    if not keys:
         return "no keys yet: dragon keys create --role user|node|admin"
     rows = [("ID", "ROLE", "NAME", "STATE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS")]
-    for k in report:
-        models: dict[str, dict[str, int]] = k["models"]
+    callers = [*((str(k["id"]), k["role"], k) for k in keys), *(("-", "node", n) for n in nodes)]
+    for ident, role, entry in callers:
+        models: dict[str, dict[str, int]] = entry["models"]
         model = next(iter(models)) if len(models) == 1 else ("all" if models else "-")
-        ident = "-" if k["id"] is None else str(k["id"])  # a node's hand-offs: it has a name, not a key id
-        rows.append((ident, k["role"], k["name"], k["state"], model, *_counts(k)))
+        rows.append((ident, role, entry["name"], entry["state"], model, *_counts(entry)))
         if len(models) > 1:
             rows.extend(("", "", "", "", name, *_counts(counts)) for name, counts in models.items())
     return _table(rows)

@@ -121,8 +121,9 @@ def _cut(request: Request, name: str, code: int, reason: str) -> bool:
 @router.get("/v1/usage")
 async def usage(request: Request, key: Annotated[KeyRecord, Depends(require("admin", what="read usage"))],
                 since: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Requests and tokens per key and per node's hand-offs, in all and per model (read only): since
-    the store was made, or from the hour holding `since` (unix seconds) on."""
+    """Requests and tokens per key (`data`) and per node's hand-offs (`nodes`), in all and per model
+    (read only): since the store was made, or from the hour holding `since` (unix seconds) on, 35
+    days back at most (the answer's `since` says where it starts)."""
     start = since_param(since)  # parsed here, not by FastAPI: its 400 would name the param "query"
     return await asyncio.to_thread(read_usage, swarm_of(request).store, start, time.time())  # a store may be remote
 

@@ -88,11 +88,21 @@ class NodeUsage:
 
 
 HOUR_S = 3600
+# How long usage by the hour is kept: enough for a `--since 30d` report, with room to spare. Every
+# caller (key or node) adds a bucket per model each hour it is busy, and nodes are callers too, so
+# the hours must not be kept for good; the all-time totals are, and are never trimmed.
+USAGE_HOURS_KEPT_S = 35 * 86_400
 
 
 def hour_of(at: float) -> int:
     """The start of the hour holding unix time `at`: the bucket that usage at `at` is counted in."""
     return int(at // HOUR_S) * HOUR_S
+
+
+def first_hour_kept(now: float) -> int:
+    """The oldest hour whose usage is kept at `now`: of the 840 kept (35 days), the current one is the
+    last. Older hours are dropped as usage is counted."""
+    return hour_of(now) - USAGE_HOURS_KEPT_S + HOUR_S
 
 
 def check_usage(prompt_tokens: int, completion_tokens: int) -> None:
@@ -183,7 +193,7 @@ class Store(Protocol):
     def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int,
                      at: float | None = None) -> None:  # fmt: skip
         """Count one request and its tokens against a key and model, in all and in the hour
-        holding `at` (unix time; None: now)."""
+        holding `at` (unix time; None: now); hours before `first_hour_kept(at)` are dropped."""
 
     def record_node_usage(self, node: str, model: str, prompt_tokens: int, completion_tokens: int,
                           at: float | None = None) -> None:  # fmt: skip
@@ -195,7 +205,9 @@ class Store(Protocol):
 
     def list_usage(self, since: float | None = None) -> list[Usage]:
         """Every key's usage per model, by key id then model: in all, or with `since`, summed over
-        the hours from the one holding `since` on (usage from before hours were kept is in no hour)."""
+        the hours from the one holding `since` on (usage from before hours were kept is in no hour).
+        Hours before `first_hour_kept(now)` are dropped (or soon will be): a report asks from that one
+        on at the earliest."""
 
     def list_node_usage(self, since: float | None = None) -> list[NodeUsage]:
         """Every node's hand-offs' usage per model, by name then model; `since` as in `list_usage`."""

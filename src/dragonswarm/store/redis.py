@@ -36,6 +36,7 @@ from dragonswarm.store.base import (
     Usage,
     check_new_key,
     check_usage,
+    first_hour_kept,
     hash_key,
     hour_of,
     key_prefix,
@@ -321,13 +322,16 @@ class RedisStore:
     def _count(self, totals: str, hour_hash: Callable[[int], str], who: int | str, model: str, prompt_tokens: int,
                completion_tokens: int, at: float | None) -> None:  # fmt: skip
         check_usage(prompt_tokens, completion_tokens)
-        hour = hour_of(time.time() if at is None else at)
+        now = time.time() if at is None else at
+        hour = hour_of(now)
         with self._r.pipeline(transaction=True) as tx:  # the hours always add up to the totals since
             for name in (totals, hour_hash(hour)):
                 tx.hincrby(name, rk.usage_field(who, "r", model), 1)
                 tx.hincrby(name, rk.usage_field(who, "p", model), prompt_tokens)
                 tx.hincrby(name, rk.usage_field(who, "c", model), completion_tokens)
+            tx.expireat(hour_hash(hour), hour + rk.USAGE_HOUR_EXPIRES_S)  # the hours' bound; the totals stay
             tx.zadd(rk.USAGE_HOURS, {str(hour): hour})
+            tx.zremrangebyscore(rk.USAGE_HOURS, "-inf", f"({first_hour_kept(now)}")
             tx.execute()
 
     def _usage(self, totals: str, hour_hash: Callable[[int], str],

@@ -16,9 +16,9 @@ Lua scripts receive every key they touch as KEYS, built here, so no script compo
 | `dragon:node:<name>` | hash | first_seen, last_seen, state, info (JSON) | `NODE_TTL_S` |
 | `dragon:usage` | hash | `<key id>:<r|p|c>:<model>` -> a key's requests, prompt or completion tokens, in all | none |
 | `dragon:usage:nodes` | hash | `<node name>:<r|p|c>:<model>` -> the same for a node's hand-offs, in all | none |
-| `dragon:usage:hours` | zset | hour start (unix seconds) -> itself: the hours anything was counted in | none |
-| `dragon:usage:hour:<hour start>` | hash | as `dragon:usage`, counted in that hour only | none |
-| `dragon:usage:nodes:hour:<hour start>` | hash | as `dragon:usage:nodes`, counted in that hour only | none |
+| `dragon:usage:hours` | zset | hour start (unix seconds) -> itself: the kept hours counted in | none: trimmed |
+| `dragon:usage:hour:<hour start>` | hash | as `dragon:usage`, in that hour only | hour + `USAGE_HOUR_EXPIRES_S` |
+| `dragon:usage:nodes:hour:<hour start>` | hash | as `dragon:usage:nodes`, that hour | hour + `USAGE_HOUR_EXPIRES_S` |
 | `dragon:rate:{<lane>}:log` | zset | charge id -> admission time (ms, the Redis server's clock) | `RATE_TTL_S` |
 | `dragon:rate:{<lane>}:charges` | hash | charge id -> tokens charged, net of refunds | `RATE_TTL_S` |
 | `dragon:rate:{<lane>}:state` | hash | sum (of the log's tokens), latest (ms: never moves back) | `RATE_TTL_S` |
@@ -37,6 +37,8 @@ three on a Redis Cluster too.
 
 from __future__ import annotations
 
+from dragonswarm.store.base import HOUR_S, USAGE_HOURS_KEPT_S
+
 PREFIX = "dragon:"
 
 # API keys (store/redis.py)
@@ -54,14 +56,19 @@ NODE_TTL_S = 86_400
 
 # Usage counters per key (or node) and model (HINCRBY): in all, and per hour for reports "since T".
 # A request adds to both in one transaction. Fields from before hours were kept are in the totals
-# only: they count in all and in no hour. The hour hashes grow by at most (keys + nodes) x models
-# x 3 fields an hour, kept for good (a hundred callers busy every hour of a year on one model each:
-# under 3 million fields, tens of megabytes): fine. An all-time report still reads the totals
-# alone, a window only its own hours.
+# only: they count in all and in no hour. The totals are kept for good; an hour only for
+# `USAGE_HOURS_KEPT_S` (35 days, 840 hours): the same transaction trims the hours' zset below the
+# first hour kept and sets its hour's hashes to expire, so they hold at most callers x models x 3
+# fields x 840 hours, callers being the keys, or the nodes that hand off (10,000 nodes handing off
+# every hour on one model each: 25 million fields at most, then no more). An all-time report still
+# reads the totals alone, a window only its own hours.
 USAGE = PREFIX + "usage"
 NODE_USAGE = PREFIX + "usage:nodes"
 USAGE_HOURS = PREFIX + "usage:hours"
 USAGE_KINDS = {"r": "requests", "p": "prompt_tokens", "c": "completion_tokens"}
+# An hour's hashes outlive its place in the window by an hour, so a report that read the hour from
+# `USAGE_HOURS` as it was leaving (or on a clock a little behind Redis's) still finds them.
+USAGE_HOUR_EXPIRES_S = USAGE_HOURS_KEPT_S + HOUR_S
 
 # Rate limits (store/redis_limits.py): a charge leaves the window after 60 s, so a lane's keys
 # are useless a window after its last admission; the second more covers clock granularity.

@@ -29,6 +29,7 @@ from dragonswarm.store.base import (
     Usage,
     check_new_key,
     check_usage,
+    first_hour_kept,
     hash_key,
     hour_of,
     key_prefix,
@@ -92,10 +93,11 @@ ALTER TABLE keys ADD COLUMN cache INTEGER NOT NULL DEFAULT 1
 # Version 5: usage is also kept by the hour, so a report can cover "since T", and nodes' hand-offs
 # are counted per node. The totals stay in `usage` and `node_usage`: the rows from before hours
 # were kept count there (all time) and in no hour, and an all-time report reads one row per key
-# and model however long the store has run. The hour tables grow by at most (keys + nodes) x
-# models rows an hour (a hundred callers busy every hour of a year on one model each: under a
-# million rows, tens of megabytes): fine, and kept for good. The hour leads their primary keys,
-# so a "since" read is one range of it.
+# and model however long the store has run. An hour row is kept `USAGE_HOURS_KEPT_S` (35 days,
+# 840 hours): each count deletes its table's older hours in the same transaction, so a table holds
+# at most callers x models x 840 rows, callers being the keys, or the nodes that hand off (10,000
+# nodes handing off every hour on one model each: 8.4 million rows at most, then no more). The
+# hour leads their primary keys, so a "since" read and the trimming are each one range of it.
 SCHEMA_V5 = """
 CREATE TABLE IF NOT EXISTS node_usage (
     node TEXT NOT NULL,
@@ -138,6 +140,7 @@ class UsageSql:
     add_hour: str
     list_all: str
     list_since: str
+    trim_hours: str
 
 
 def usage_sql(totals: str, who: str) -> UsageSql:
@@ -151,6 +154,7 @@ def usage_sql(totals: str, who: str) -> UsageSql:
         list_all=f"SELECT {who}, model, {COUNTS} FROM {totals} ORDER BY {who}, model",
         list_since=f"SELECT {who}, model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM {hours}"
                    f" WHERE hour >= ? GROUP BY {who}, model ORDER BY {who}, model",
+        trim_hours=f"DELETE FROM {hours} WHERE hour < ?",
     )  # fmt: skip
 
 
@@ -326,10 +330,11 @@ class SqliteStore:
     def _count(self, sql: UsageSql, who: int | str, model: str, prompt_tokens: int, completion_tokens: int,
                at: float | None) -> None:  # fmt: skip
         check_usage(prompt_tokens, completion_tokens)
-        hour = hour_of(time.time() if at is None else at)
+        now = time.time() if at is None else at
         with self._write() as db:  # both or neither: the hours always add up to the totals since
             db.execute(sql.add_total, (who, model, prompt_tokens, completion_tokens))
-            db.execute(sql.add_hour, (hour, who, model, prompt_tokens, completion_tokens))
+            db.execute(sql.add_hour, (hour_of(now), who, model, prompt_tokens, completion_tokens))
+            db.execute(sql.trim_hours, (first_hour_kept(now),))  # the hours' bound; the totals stay
 
     def usage_by_key(self) -> dict[int, tuple[int, int, int]]:
         with self._read() as db:
