@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
@@ -164,7 +165,8 @@ def test_out_of_file_descriptors_the_listener_waits_and_accepts_again(tmp_path: 
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             held.append(s)
-        time.sleep(1.0)  # the server has taken what it can and hit its limit
+        # The server has taken what it can: every descriptor its limit allows is open.
+        wait_until(lambda: psutil.Process(child.pid).num_fds() >= 64, 10, "the server to run out of descriptors")
         assert not _answers(port, timeout=1)  # full: a new connection waits in the backlog
         for s in held:
             s.close()
