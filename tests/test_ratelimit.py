@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dragonswarm.scheduler.ratelimit import WINDOW_S, Charge, RateLimiter, Refusal
+from dragonswarm.scheduler.ratelimit import WINDOW_S, Charge, RateLimiter, Refusal, fits_ahead
 
 
 def admitted(result: Charge | Refusal) -> Charge:
@@ -217,3 +217,11 @@ def test_a_request_that_fits_is_admitted(tpm: int, stream: list[tuple[float, int
         assert isinstance(result, Charge) == (estimate <= room), (at, estimate, room)
         if isinstance(result, Charge):
             log.append((at, estimate))
+
+
+def test_a_replica_admits_ahead_of_the_shared_window_only_in_its_lower_half() -> None:
+    assert fits_ahead(requests=4, tokens_used=400, tokens=100, rpm=10, tpm=1000)  # up to half, not beyond
+    assert not fits_ahead(requests=5, tokens_used=0, tokens=1, rpm=10, tpm=0)  # past half the requests
+    assert not fits_ahead(requests=0, tokens_used=450, tokens=51, rpm=0, tpm=1000)  # past half the tokens
+    assert not fits_ahead(requests=0, tokens_used=0, tokens=1, rpm=1, tpm=0)  # a limit of one: always exact
+    assert fits_ahead(requests=10**6, tokens_used=10**9, tokens=10**9, rpm=0, tpm=0)  # no limits

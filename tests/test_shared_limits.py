@@ -5,6 +5,7 @@ limit together. End to end, with two orchestrator processes, in test_replicas.py
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -132,6 +133,88 @@ def test_two_replicas_admitting_at_once_never_pass_the_limit(redis_url: str) -> 
     assert sum(isinstance(r, Charge) for r in results) == 14  # 14 x 70 = 980; a 15th would pass 1000
 
 
+def test_admissions_made_at_once_share_round_trips(redis_url: str) -> None:
+    # A wave of requests on one replica: each admission is one script, but they travel
+    # together. One connection per call waited for the pool (32) and then for the replica's
+    # busy loop to read each answer: in a wave of 1,000 users that took seconds.
+    async def wave(limiter: RedisRateLimiter) -> list[Charge | Refusal]:
+        return list(await asyncio.gather(*(limiter.admit(f"key-{i % 50}", 10) for i in range(400))))
+
+    with redis.Redis.from_url(redis_url) as client:
+        before = int(client.info("stats")["total_connections_received"])
+        results = run(redis_url, 5, 0, wave)
+        opened = int(client.info("stats")["total_connections_received"]) - before
+    assert sum(isinstance(r, Charge) for r in results) == 50 * 5  # every key's window holds, as one by one
+    assert all(isinstance(r, Refusal) and r.wait is not None and 0 < r.wait <= 60
+               for r in results if not isinstance(r, Charge))  # fmt: skip
+    assert opened <= 2, f"{opened} connections for one wave"
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(redis_url: str) -> None:
+    # A Redis restarted without persistence forgets its scripts: the next calls reload them.
+    async def body(limiter: RedisRateLimiter) -> None:
+        first = await limiter.admit("key-1", 10)
+        with redis.Redis.from_url(redis_url) as client:
+            client.script_flush()
+        second, third = await asyncio.gather(limiter.admit("key-1", 10), limiter.admit("key-1", 10))
+        assert isinstance(first, Charge) and isinstance(second, Charge) and isinstance(third, Refusal)
+        await limiter.refund(first, 3)
+        assert await limiter.charged("key-1") == (2, 13)
+
+    run(redis_url, 2, 100, body)
+
+
+def test_a_lane_seen_is_admitted_ahead_of_redis_and_charged_behind(tmp_path: Path) -> None:
+    # Redis paused (SIGSTOP, our own server): a lane this replica admitted before is answered
+    # at once from what Redis last said, while it stays in the lower half of its window; past
+    # that, and for a lane never seen, admission waits for Redis. Once Redis answers again,
+    # the charge made ahead is in its window.
+    server = start_local_redis(tmp_path / "redis", persist=False)
+
+    async def body(limiter: RedisRateLimiter) -> None:
+        assert isinstance(await limiter.admit("seen", 10), Charge)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            ahead = await asyncio.wait_for(limiter.admit("seen", 10), 5)
+            assert isinstance(ahead, Charge) and ahead.handle
+            waiting = [asyncio.ensure_future(limiter.admit(lane, 10)) for lane in ("unseen", "seen")]
+            await asyncio.sleep(0.5)
+            assert not any(w.done() for w in waiting)  # a lane never seen; half of 4 requests used
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert all(isinstance(answer, Charge) for answer in [await w for w in waiting])
+        assert await limiter.charged("seen") == (3, 30)
+
+    try:
+        run(server.url, 4, 100, body)
+    finally:
+        server.stop()
+
+
+def test_replicas_admitting_ahead_pass_a_limit_by_one_batch_at_most(redis_url: str) -> None:
+    # Replica B last saw a lane nearly empty; A then used most of it. B's burst is admitted
+    # ahead up to half the limit by its stale view: Redis refuses what does not fit, so its
+    # window never holds more than the limit, and what passed it is B's one batch. Once
+    # Redis has answered, both refuse.
+    async def race() -> tuple[int, int, list[Charge | Refusal]]:
+        a, b = (RedisRateLimiter.from_url(redis_url, 10, 0) for _ in range(2))
+        try:
+            admitted = [await b.admit("lane", 1)]
+            admitted += [await a.admit("lane", 1) for _ in range(8)]
+            admitted += await asyncio.gather(*(b.admit("lane", 1) for _ in range(6)))
+            in_redis, _ = await a.charged("lane")
+            after = [await a.admit("lane", 1), await b.admit("lane", 1)]
+            return sum(isinstance(c, Charge) for c in admitted), in_redis, after
+        finally:
+            await a.close()
+            await b.close()
+
+    admitted, in_redis, after = asyncio.run(race())
+    assert in_redis == 10
+    assert admitted == 13  # 9 before B's burst, then B's view (1 of 10) let 4 through ahead
+    assert all(isinstance(r, Refusal) for r in after)
+
+
 def test_on_the_servers_clock_a_refusal_says_how_long(redis_url: str) -> None:
     async def body(limiter: RedisRateLimiter) -> None:
         first = await limiter.admit("key-1", 10)
@@ -173,6 +256,14 @@ def test_a_redis_gone_away_refuses_admission_and_lets_refunds_pass(tmp_path: Pat
         charge = await limiter.admit("key-1", 10)
         assert isinstance(charge, Charge)
         server.stop()
+        with pytest.raises(StoreUnavailable):
+            await limiter.admit("key-2", 10)  # a lane never seen waits for Redis
+        # A lane seen has one admission answered ahead of Redis; its charge cannot be
+        # recorded, and from then on the lane waits for Redis too.
+        ahead = await limiter.admit("key-1", 10)
+        assert isinstance(ahead, Charge)
+        with pytest.raises(redis.RedisError):  # in line behind that charge: once it fails, so has the charge
+            await limiter.charged("key-1")
         with pytest.raises(StoreUnavailable):
             await limiter.admit("key-1", 10)
         await limiter.refund(charge, 1)  # the answer is out: logged, never raised

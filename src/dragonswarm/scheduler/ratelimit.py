@@ -74,6 +74,16 @@ def answer_without_log(key: str, tokens: int, now: float, rpm: int, tpm: int) ->
     return None
 
 
+def fits_ahead(requests: int, tokens_used: int, tokens: int, rpm: int, tpm: int) -> bool:
+    """A shared window last seen holding `requests` and `tokens_used` (with what this replica
+    admitted since counted in) stays in its lower half with one more request of `tokens`: the
+    replica may admit it before the shared store answers. What other replicas admitted since
+    it last looked is unknown, so only there: a key near its limit waits for the store's exact
+    answer, and one replica can pass a limit only if the others used half of it unseen, and
+    then by what it admitted before the store's answer reached it."""
+    return (not rpm or requests + 1 <= rpm // 2) and (not tpm or tokens_used + tokens <= tpm // 2)
+
+
 def limited(rpm: int, tpm: int, wait: float) -> Refusal:
     """The refusal of a request that fits once `wait` seconds have passed."""
     limits = " and ".join(f"{n} {what}" for n, what in ((rpm, "requests"), (tpm, "tokens")) if n)
