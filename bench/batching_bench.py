@@ -13,7 +13,12 @@ file, greedy decoding, `cache_prompt` off, distinct prompts:
 3. plain llama-cpp-python (`Llama.create_completion`, streamed) in a child process: one
    stream at a time, as the library can do no more (its issue #771);
 4. llama.cpp's own server (`llama-server -np 8`), where `--llama-server` names a binary
-   built from the llama.cpp tree that the llama-cpp-python sdist ships.
+   built from the llama.cpp tree that the llama-cpp-python sdist ships;
+5. llama.cpp's batch API alone (`RAW_CHILD`, in a child process, the runner's context
+   settings): k sequences' prompts read, then `MAX_TOKENS` greedy decode steps of all k
+   timed, and nothing else. The ceiling a runner could reach here: no requests coming and
+   going, no prompts between the steps, no process reading the tokens. The issue's table
+   was measured this way.
 
 Each of k streams sends `ROUNDS` requests back to back. Aggregate tokens/s = all completion
 tokens / wall time; time to first token is per request, from sending it to its first text.
@@ -159,6 +164,71 @@ for line in sys.stdin:
 """
 
 
+RAW_CHILD = """
+import json, sys, time
+import numpy as np
+import llama_cpp as L
+path, n_ctx, threads, steps, nseq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+prompts = json.loads(sys.argv[6])
+L.llama_backend_init()
+model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+vocab = L.llama_model_get_vocab(model)
+n_vocab = L.llama_vocab_n_tokens(vocab)
+params = L.llama_context_default_params()
+params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx * nseq, nseq, True
+params.n_batch = params.n_ubatch = 512
+params.n_threads = params.n_threads_batch = threads
+params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_AUTO
+ctx = L.llama_init_from_model(model, params)
+batch = L.llama_batch_init(512, 0, 1)
+def put(i, token, pos, seq, logits):
+    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+    batch.seq_id[i][0] = seq
+for k in json.loads(sys.argv[7]):
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    last, pos = [], []
+    for seq in range(k):
+        text = prompts[seq % len(prompts)].encode()
+        buf = (L.llama_token * 512)()
+        n = L.llama_tokenize(vocab, text, len(text), buf, 512, True, True)
+        for i in range(n):
+            put(i, buf[i], i, seq, i == n - 1)
+        batch.n_tokens = n
+        assert L.llama_decode(ctx, batch) == 0
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        last.append(int(logits.argmax()))
+        pos.append(n)
+    start = time.perf_counter()
+    for _ in range(steps):
+        for seq in range(k):
+            put(seq, last[seq], pos[seq], seq, True)
+            pos[seq] += 1
+        batch.n_tokens = k
+        assert L.llama_decode(ctx, batch) == 0
+        for seq in range(k):
+            last[seq] = int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, seq), shape=(n_vocab,)).argmax())
+    wall = time.perf_counter() - start
+    print(json.dumps({"streams": k, "tokens": k * steps, "wall_s": round(wall, 2),
+                      "tokens_per_s": round(k * steps / wall, 1)}), flush=True)
+"""
+
+
+async def bench_raw(model: Path, streams: tuple[int, ...]) -> list[dict[str, Any]]:
+    """llama.cpp's batch API alone: k sequences decoded together, greedy, nothing else timed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RAW_CHILD, str(model), str(N_CTX), str(THREADS), str(MAX_TOKENS), str(max(streams)),
+        json.dumps(PROMPTS), json.dumps(list(streams)), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    assert proc.stdout
+    rows = []
+    for _ in streams:
+        row = json.loads(await proc.stdout.readline())
+        row["per_stream_tokens_per_s"] = round(row["tokens_per_s"] / row["streams"], 1)
+        print(f"  {row['streams']} sequences: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        rows.append(row)
+    await proc.wait()
+    return rows
+
+
 async def bench_plain(model: Path, streams: tuple[int, ...]) -> list[dict[str, Any]]:
     """Plain llama-cpp-python in a child process: one stream at a time, the rest wait their turn."""
     proc = await asyncio.create_subprocess_exec(
@@ -244,6 +314,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             entry["before"] = await bench_runner(path, 1, before_env, root / "before.log", STREAMS)
             print(f"{name}: plain llama-cpp-python", file=sys.stderr)
             entry["plain"] = await bench_plain(path, (1, 4))
+            print(f"{name}: llama.cpp's batch API alone", file=sys.stderr)
+            entry["raw"] = await bench_raw(path, STREAMS)
             if args.llama_server:
                 print(f"{name}: llama-server", file=sys.stderr)
                 entry["llama_server"] = await bench_llama_server(Path(args.llama_server), path, STREAMS,
@@ -262,7 +334,8 @@ def source() -> str:
 
 
 LABELS = {"slots": "this change: slots (8 sequences)", "before": f"one at a time ({BEFORE_COMMIT})",
-          "plain": "plain llama-cpp-python", "llama_server": "llama.cpp's llama-server -np 8"}  # fmt: skip
+          "plain": "plain llama-cpp-python", "llama_server": "llama.cpp's llama-server -np 8",
+          "raw": "llama.cpp's batch API alone, decode steps only (the ceiling)"}  # fmt: skip
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -277,9 +350,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         for engine, rows in entry.items():
             base = rows[0]["tokens_per_s"] or 1.0
             for row in rows[: len(STREAMS) if engine != "plain" else 2]:
+                ttft = f"{row['ttft_p50_ms']} / {row['ttft_max_ms']}" if "ttft_p50_ms" in row else "–"
                 lines.append(f"| {LABELS[engine]} | {row['streams']} | {row['tokens_per_s']} | "
                              f"{row['tokens_per_s'] / base:.2f} | {row['per_stream_tokens_per_s']} | "
-                             f"{row['ttft_p50_ms']} / {row['ttft_max_ms']} |")  # fmt: skip
+                             f"{ttft} |")  # fmt: skip
         lines += ["", f"Time to first token under load: 4 streams sending {entry['slots'][-1]['requests'] // 4} "
                   f"requests each back to back, started {STAGGER_S} s apart, against one stream alone:", "",
                   "| engine | alone p50 / max (ms) | under 4 streams p50 / max (ms) | max ÷ alone max |",
@@ -298,6 +372,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines += ["", f"Slots at 4 streams: **{gain:.2f}×** the tokens/s of one stream on the same runner, "
                   f"**{gain_before:.2f}×** that of the one-at-a-time runner (target ≥ 1.5×); time to first token "
                   f"under 4 streams, worst against worst alone: **{ttft:.2f}×** (target ≤ 2×).", ""]  # fmt: skip
+        if "raw" in entry:
+            raw = {row["streams"]: row["tokens_per_s"] for row in entry["raw"]}
+            share_4, share_1 = slots[4]["tokens_per_s"] / raw[4], slots[1]["tokens_per_s"] / raw[1]
+            lines += [f"llama.cpp's batch API alone, in the same run: **{raw[4] / max(raw[1], 1e-9):.2f}×** at 4 "
+                      f"sequences (decode steps only); the runner's slots reach {share_4:.0%} of its 4-sequence "
+                      f"rate and {share_1:.0%} of its 1-sequence rate.", ""]  # fmt: skip
         lines.append("")
     path.write_text("\n".join(lines))
 
