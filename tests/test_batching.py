@@ -6,7 +6,6 @@ order, so what ran together shows); then nodes and the swarm using the sequences
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import math
@@ -25,9 +24,8 @@ import pytest
 from tests.conftest import NodeProcess, OrchestratorProcess, wait_until
 
 from dragonswarm.engines.batching import PREFILL_CHUNK, Want, pick_sequence, plan_step, shared_prefix
-from dragonswarm.governor.policy import MAX_PARALLEL, default_parallel, ram_needed, sequences_that_fit
+from dragonswarm.governor.policy import MAX_PARALLEL, default_parallel, ram_needed
 from dragonswarm.node.metrics import StreamRate
-from dragonswarm.node.service import Seats
 from dragonswarm.scheduler.placement import streams_within_floor
 
 Start = Callable[..., Any]
@@ -79,39 +77,6 @@ def test_default_parallel_follows_cores_shares_and_ram() -> None:
     two = ram_needed(big, 4096 * 2, 512 << 20)
     assert default_parallel(big, 4096, 512 << 20, two, cpus=16, share=1.0) == 2
     assert default_parallel(big, 4096, 512 << 20, 0, cpus=16, share=1.0) == 1
-
-
-def test_a_load_takes_the_sequences_the_free_ram_holds_then() -> None:
-    big, margin = 4 * GIB, 512 << 20
-    two = ram_needed(big, 4096 * 2, margin)
-    assert sequences_that_fit(3, big, 4096, margin, two) == 2  # less free than at start: fewer
-    assert sequences_that_fit(3, big, 4096, margin, 64 * GIB) == 3  # never more than wanted
-    assert sequences_that_fit(3, big, 4096, margin, ram_needed(big, 4096, margin)) == 1
-    assert sequences_that_fit(3, big, 4096, margin, ram_needed(big, 4096, margin) - 1) == 0  # not even one
-
-
-def test_seats_shrink_as_requests_leave_and_grow_back() -> None:
-    async def body() -> None:
-        seats = Seats(3)
-        for _ in range(3):
-            await seats.take()
-        seats.resize(1)  # a load found RAM for one context: the three running go on
-        assert seats.n == 1
-        for _ in range(3):
-            seats.give_back()
-        await seats.take()
-        second = asyncio.ensure_future(seats.take())
-        await asyncio.sleep(0.05)
-        assert not second.done()  # one seat only
-        seats.resize(3)  # the next load found room again
-        await asyncio.wait_for(second, 1)
-        await asyncio.wait_for(seats.take(), 1)
-        third = asyncio.ensure_future(seats.take())
-        await asyncio.sleep(0.05)
-        assert seats.n == 3 and not third.done()
-        third.cancel()
-
-    asyncio.run(body())
 
 
 def test_streams_within_the_floor() -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from dragonswarm.errors import StoreUnavailable
 from dragonswarm.scheduler.ratelimit import Charge, RateLimiter, Refusal
 from dragonswarm.store import rediskeys
-from dragonswarm.store.redis_limits import RedisRateLimiter
+from dragonswarm.store.redis_limits import ADMIT, CANCEL, RedisRateLimiter
 from dragonswarm.store.redis_server import start_local_redis
 
 T = TypeVar("T")
@@ -213,6 +213,38 @@ def test_replicas_admitting_ahead_pass_a_limit_by_one_batch_at_most(redis_url: s
     assert in_redis == 10
     assert admitted == 13  # 9 before B's burst, then B's view (1 of 10) let 4 through ahead
     assert all(isinstance(r, Refusal) for r in after)
+
+
+def test_an_admission_sent_again_is_charged_once(redis_url: str) -> None:
+    # A pipeline whose reply was lost is sent again on a new connection: the admission is
+    # recognised by its member and answered as before, never counted twice.
+    keys = rediskeys.rate("lane")
+    args = ["member-1", 70, 0, 1000, 60_000, 61_000, "5000"]
+    with redis.Redis.from_url(redis_url) as client:
+        first = client.eval(ADMIT, 3, *keys, *args)
+        again = client.eval(ADMIT, 3, *keys, *args)
+        assert first == again == [1, b"5000", 1, 70]
+
+    async def body(limiter: RedisRateLimiter) -> None:
+        assert await limiter.charged("lane", now=5.0) == (1, 70)
+
+    run(redis_url, 0, 1000, body)
+
+
+def test_scripts_lost_by_redis_run_again_in_their_order(redis_url: str) -> None:
+    # Redis restarted empty of scripts, but one of them loaded again (say by a cancel sent
+    # alone): a batch of an admission and its cancel must not run the cancel first.
+    async def body(limiter: RedisRateLimiter) -> None:
+        assert isinstance(await limiter.admit("lane", 10), Charge)  # known: the next goes ahead
+        with redis.Redis.from_url(redis_url) as client:
+            client.script_flush()
+            client.script_load(CANCEL)
+        ahead = await limiter.admit("lane", 10)
+        assert isinstance(ahead, Charge)
+        await limiter.cancel(ahead)  # in the same batch as the admission
+        assert await limiter.charged("lane") == (1, 10)
+
+    run(redis_url, 4, 100, body)
 
 
 def test_on_the_servers_clock_a_refusal_says_how_long(redis_url: str) -> None:

@@ -175,14 +175,7 @@ def default_parallel(model_bytes: int, n_ctx: int, margin_bytes: int, ram_availa
     more than the free RAM holds a context for each beside the weights: 1 keeps the
     behaviour of a runner that serves one stream at a time."""
     by_cpu = max(1, min(MAX_PARALLEL, math.floor(2 * cpus * share)))
-    return max(1, sequences_that_fit(by_cpu, model_bytes, n_ctx, margin_bytes, ram_available))
-
-
-def sequences_that_fit(wanted: int, model_bytes: int, n_ctx: int, margin_bytes: int, ram_available: int) -> int:
-    """The most sequences, up to `wanted`, whose contexts the free RAM holds beside the weights
-    now: 0 when not even one does. A model loaded long after the node started finds less RAM
-    free, or more, than its default was chosen for: it loads with what fits then."""
-    for n in range(wanted, 0, -1):
+    for n in range(by_cpu, 1, -1):
         if ram_needed(model_bytes, n_ctx * n, margin_bytes) <= ram_available:
             return n
-    return 0
+    return 1

@@ -17,7 +17,7 @@ from dragonswarm.engines.models import model_sha256
 from dragonswarm.engines.runner import RunnerProcess
 from dragonswarm.errors import InsufficientMemory, ModelNotFound, Overloaded, Timeout
 from dragonswarm.governor.governor import Governor, WorkKind
-from dragonswarm.governor.policy import default_parallel, ram_needed, sequences_that_fit
+from dragonswarm.governor.policy import default_parallel, ram_needed
 from dragonswarm.node.metrics import Course, NodeMetrics, StreamRate
 from dragonswarm.protocol.events import Event
 from dragonswarm.protocol.runner import Generation, run_job
@@ -36,36 +36,6 @@ class LocalModel:
     size: int
 
 
-class Seats:
-    """A model process's sequences, one per request running: FIFO, and resizable at a load,
-    when the free RAM holds contexts for fewer (or again more) than the node chose at start.
-    A shrink takes effect as requests give seats back; none is cut short."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self._free = asyncio.Semaphore(n)
-        self._withheld: list[asyncio.Task[bool]] = []  # seats kept out of use until a load gives them back
-
-    async def take(self) -> None:
-        await self._free.acquire()
-
-    def give_back(self) -> None:
-        self._free.release()
-
-    def resize(self, n: int) -> None:
-        """Down to `n` seats, or back up towards the number it started with."""
-        while self.n > max(n, 1):
-            self.n -= 1
-            self._withheld.append(asyncio.ensure_future(self._free.acquire()))
-        while self.n < n and self._withheld:
-            self.n += 1
-            seat = self._withheld.pop()
-            if seat.done():
-                self._free.release()
-            else:
-                seat.cancel()
-
-
 class ModelSlot:
     """One model the node can serve: at most one runner, decoding up to `parallel` jobs together."""
 
@@ -76,12 +46,10 @@ class ModelSlot:
         self.settings = settings
         self.governor = governor
         self.runner: RunnerProcess | None = None
-        # Chosen at start (`--parallel`, or from the cores, the shares and the free RAM); a load
-        # finding less RAM free loads fewer, up to this again at the next load.
-        self.wanted = settings.parallel or default_parallel(
+        self.parallel = settings.parallel or default_parallel(
             model.size, settings.n_ctx, settings.ram_margin_mb << 20, governor.sampler.ram_available(),
             governor.n_cpus, max(settings.share, settings.local_share))  # fmt: skip
-        self.seats = Seats(self.wanted)  # one per sequence of the runner, held by a request
+        self.seats = asyncio.Semaphore(self.parallel)  # one per sequence of the runner, held by a request
         self.running = 0  # requests holding a seat
         self._start_lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None  # held so the task is not collected
@@ -94,11 +62,6 @@ class ModelSlot:
     def gpu_layers(self) -> int:
         """Layers the loaded runner holds on the GPU (0 when none, or nothing is loaded)."""
         return int(self.runner.info.get("gpu_layers", 0)) if self.loaded and self.runner else 0
-
-    @property
-    def parallel(self) -> int:
-        """Sequences the model process decodes together (its runner's, once loaded)."""
-        return self.seats.n
 
     @property
     def full(self) -> bool:
@@ -118,22 +81,14 @@ class ModelSlot:
         async with self._start_lock:
             if self.runner is not None and self.runner.alive:
                 return self.runner
-            margin, available = self.settings.ram_margin_mb << 20, self.governor.sampler.ram_available()
-            # `--parallel` given is kept or refused; a default loads as many sequences as fit now.
-            fit = sequences_that_fit(self.wanted, self.size, self.settings.n_ctx, margin, available)
-            if fit < (1 if self.settings.parallel is None else self.wanted):
-                sequences = self.wanted if self.settings.parallel else 1
-                needed = ram_needed(self.size, self.settings.n_ctx * sequences, margin)
-                fewer = " (or fewer with --parallel)" if sequences > 1 else ""
+            needed = ram_needed(self.size, self.settings.n_ctx * self.parallel, self.settings.ram_margin_mb << 20)
+            available = self.governor.sampler.ram_available()
+            if needed > available:
                 raise InsufficientMemory(
                     f"model {self.spec.name!r} needs about {needed / 2**30:.1f} GiB of RAM "
-                    f"(weights, {sequences} context{'s' * (sequences > 1)} and a safety margin) but only "
-                    f"{available / 2**30:.1f} GiB is free; refusing to load it rather than swap the machine{fewer}"
-                )  # fmt: skip
-            if fit != self.parallel:
-                log.info("model %s loads with %d sequences (%d wanted): the free RAM holds contexts for %d",
-                         self.spec.name, fit, self.wanted, fit)  # fmt: skip
-                self.seats.resize(fit)
+                    f"(weights, context and a safety margin) but only {available / 2**30:.1f} GiB "
+                    "is free; refusing to load it rather than swap the machine"
+                )
             runner = RunnerProcess(
                 self.spec.name, self.spec.path, self.settings.n_ctx, self.governor.threads(),
                 self.settings.logs_dir / f"runner-{self.spec.name}.log", self.stats, self.governor.gpu_budget(),
@@ -283,7 +238,7 @@ class NodeService:
         slot.waiting += 1
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
-                await slot.seats.take()
+                await slot.seats.acquire()
         except TimeoutError:
             raise Timeout(f"model {slot.spec.name!r} stayed busy for the whole request timeout "
                           f"({s.request_timeout_s:.0f} s)") from None  # fmt: skip
@@ -316,7 +271,7 @@ class NodeService:
                 if generating:
                     self.stream_rate.ended(time.monotonic())
                 slot.running -= 1
-                slot.seats.give_back()
+                slot.seats.release()
 
     async def _unload_idle(self) -> None:
         while True:

@@ -15,9 +15,9 @@ Calls made while a round trip is out go together in the next one (`Pipelined`).
 A lane this replica has admitted in the last window is answered at once when what Redis
 last said of it, plus what the replica admitted since, leaves room: the charge goes to Redis
 behind the answer. Redis still keeps every window exact (it refuses a charge that does not
-fit), but replicas admitting one key at once may together pass its limit by what they
-admit within one round trip: at most one batch each. A lane unseen, or near its limit,
-waits for Redis's answer as before.
+fit), but a replica that has not seen what the others admitted may pass the limit by what
+it admits ahead of Redis's answer: at most half the limit, and only once the others used the
+lane unseen. A lane unseen, or in the upper half of its limits, waits for Redis's answer.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ end
 ADMIT = _NOW + """
 local log, charges, state = KEYS[1], KEYS[2], KEYS[3]
 local member, tokens = ARGV[1], tonumber(ARGV[2])
+if redis.call('HEXISTS', charges, member) == 1 then  -- sent again (its reply was lost): charged once
+  local at = redis.call('ZSCORE', log, member)
+  return {1, tostring(at), redis.call('ZCARD', log), tonumber(redis.call('HGET', state, 'sum')) or 0}
+end
 local rpm, tpm, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms(ARGV[7])
 local latest = tonumber(redis.call('HGET', state, 'latest'))
@@ -156,8 +160,9 @@ class Pipelined:
     at a time, so a call made alone goes at once. Each script stays atomic in Redis; only the
     round trips are shared."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis, scripts: Sequence[AsyncScript]) -> None:
         self._r = client
+        self._scripts = scripts  # all loaded again when Redis has lost any (restarted)
         self._waiting: list[_Call] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -181,6 +186,9 @@ class Pipelined:
                     results = await self._run(calls)
                 except redis.RedisError as exc:
                     results = [exc] * len(calls)
+                except Exception as exc:  # a defect of ours: said in the log, the calls fail as Redis's
+                    log.exception("the shared rate limits' pipeline failed")
+                    results = [redis.RedisError(f"the rate limiter failed: {exc}")] * len(calls)
                 for call, result in zip(calls, results, strict=True):
                     if call.answer.done():  # its request went away meanwhile
                         continue
@@ -200,8 +208,8 @@ class Pipelined:
             return await self._pipeline(calls)
         except redis.ConnectionError:
             # Once more on a new connection: a pooled one broke (Redis restarted). Were the
-            # first sent and run, admissions are charged twice (refusing early, never passing
-            # a limit), refunds and cancels only repeat: both are idempotent.
+            # first sent and run, nothing is counted twice: an admission is recognised by its
+            # member, and refunds and cancels are idempotent.
             return await self._pipeline(calls)
 
     async def _pipeline(self, calls: list[_Call], reload: bool = True) -> list[Any]:
@@ -209,13 +217,13 @@ class Pipelined:
             for call in calls:
                 pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = [i for i, result in enumerate(results) if isinstance(result, redis.exceptions.NoScriptError)]
-        if missing and reload:  # the first calls, or Redis lost its scripts (restarted): load, then again
-            for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
+        if reload and any(isinstance(result, redis.exceptions.NoScriptError) for result in results):
+            # The first calls, or Redis lost its scripts (restarted): load them all and send the
+            # whole batch again, in its order (a cancel must not run before its admission);
+            # the calls that did run repeat harmlessly, as above.
+            for script in self._scripts:
                 await self._r.script_load(script.script)
-            again = await self._pipeline([calls[i] for i in missing], reload=False)
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
+            return await self._pipeline(calls, reload=False)
         return results
 
     async def close(self) -> None:
@@ -256,7 +264,7 @@ class RedisRateLimiter:
         self._refund = client.register_script(REFUND)
         self._cancel = client.register_script(CANCEL)
         self._charged = client.register_script(CHARGED)
-        self._calls = Pipelined(client)
+        self._calls = Pipelined(client, [self._admit, self._refund, self._cancel, self._charged])
         self._lanes: OrderedDict[str, _Lane] = OrderedDict()
         self._ahead: dict[str, list[int]] = {}  # lane -> [requests, tokens] admitted, Redis's answer to come
 
