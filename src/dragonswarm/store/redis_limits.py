@@ -246,9 +246,6 @@ class _Lane:
     tokens: int
     seen: float  # monotonic time of that answer
 
-    def learn(self, requests: int, tokens: int, ahead: tuple[int, int]) -> None:
-        self.requests, self.tokens, self.seen = requests + ahead[0], tokens + ahead[1], time.monotonic()
-
 
 class RedisRateLimiter:
     """Requests and tokens per minute per key, over windows every replica shares; 0 turns a limit off.
@@ -312,7 +309,7 @@ class RedisRateLimiter:
             while len(self._lanes) > LANES_KEPT:
                 self._lanes.popitem(last=False)
         self._lanes.move_to_end(key)
-        lane.learn(requests, tokens, (ahead[0], ahead[1]))
+        lane.requests, lane.tokens, lane.seen = requests + ahead[0], tokens + ahead[1], time.monotonic()
 
     def _settled(self, key: str, tokens: int, answer: asyncio.Future[Any]) -> None:
         """Redis's answer to a charge admitted ahead of it."""
