@@ -23,6 +23,7 @@ from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.runner import Generation
 from dragonswarm.protocol.swarm import (
     VERSION,
+    Cancel,
     Heartbeat,
     Hello,
     JobEvent,
@@ -116,6 +117,17 @@ class PlayedOrchestrator:
         assert self.conn is not None
         self.conn.send(dump(message))
 
+    def send_together(self, *messages: RunFragment | Cancel) -> None:
+        """Messages in one write to the socket, so that the node reads them in one go: text frames
+        framed here (a server's frames are not masked), each short enough for a 16-bit length."""
+        assert self.conn is not None
+        frames = b""
+        for message in messages:
+            payload = dump(message).encode()
+            assert len(payload) < 1 << 16
+            frames += bytes([0x81, 126]) + len(payload).to_bytes(2, "big") + payload
+        self.conn.socket.sendall(frames)
+
     def next_message(self, accept: Callable[[Any], bool], what: str, timeout: float = 60) -> Any:
         """The next message `accept` takes, skipping the rest."""
         deadline = time.monotonic() + timeout
@@ -186,6 +198,26 @@ def test_a_run_that_crosses_the_switch_is_handed_back(start_node: Start, tiny_mo
         events = orch.events("j-lent")
         assert events[-1].ev == "done" and events[-1].finish_reason == "length", events
         assert events[-1].completion_tokens == 4
+
+
+def test_a_cancel_right_behind_its_run_is_answered(start_node: Start, tiny_model: Path) -> None:
+    """A `cancel` read in the same turn of the node's loop as its `run` (a client gone at once, a
+    replica's messages landing together) cancelled the job's task before its first step: its body,
+    which says `done`, never ran, and the node said nothing. The orchestrator counted the job on
+    the node until its stall timeout. Every such job must end with one `done`, and the node serve on."""
+    with played_orchestrator() as orch:
+        start_node("--name", "n1", "--model", f"tiny={tiny_model}", "--orchestrator",
+                   f"http://127.0.0.1:{orch.port}", "--insecure", env={"DRAGON_KEY": "unused"})  # fmt: skip
+        assert orch.joined.wait(60), "the node never said hello"
+        assert orch.hello is not None
+        sha = orch.hello.models[0].sha256
+        gen = Generation(prompt="at once", max_tokens=64, temperature=0.0)
+        for i in range(10):
+            orch.send_together(RunFragment(job=f"j{i}", model="tiny", sha256=sha, gen=gen), Cancel(job=f"j{i}"))
+            events = orch.events(f"j{i}")
+            assert events[-1].ev == "done" and events[-1].finish_reason == "cancelled", events
+        orch.send(RunFragment(job="after", model="tiny", sha256=sha, gen=gen.model_copy(update={"max_tokens": 4})))
+        assert orch.events("after")[-1].finish_reason == "length"
 
 
 # --- A real swarm --------------------------------------------------------------------------------

@@ -126,6 +126,8 @@ class SwarmLink:
         self.refused: str | None = None  # why the orchestrator refused us for good
         self.cadence = Cadence()  # the reporting periods the orchestrator's welcome allows
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._begun: set[str] = set()  # jobs whose task has taken its first step
+        self._answering: set[asyncio.Task[None]] = set()  # answers for jobs cancelled before that
         self._models: dict[str, str] = {}  # job -> model
         self._task: asyncio.Task[None] | None = None
         self.network = NetworkMeter()
@@ -355,14 +357,29 @@ class SwarmLink:
         self._jobs[fragment.job] = task
         self._models[fragment.job] = fragment.model
 
-        def forget(_: asyncio.Task[None]) -> None:
+        def forget(done: asyncio.Task[None]) -> None:
             self._jobs.pop(fragment.job, None)
             self._models.pop(fragment.job, None)
+            if done.cancelled() and fragment.job not in self._begun:
+                # Cancelled before its first step (a cancel or a preemption right behind its run, in
+                # the same turn of the loop): `_run` never ran, so it could not say the job ended, and
+                # the orchestrator would count it running here until its stall timeout.
+                answer = asyncio.get_running_loop().create_task(self._cancelled_unstarted(ws, fragment.job))
+                self._answering.add(answer)
+                answer.add_done_callback(self._answering.discard)
+            self._begun.discard(fragment.job)
 
         task.add_done_callback(forget)
 
+    async def _cancelled_unstarted(self, ws: ClientConnection, job: str) -> None:
+        with contextlib.suppress(websockets.WebSocketException):
+            await self._send(ws, dump(JobEvent.of(job, {"ev": "done", "finish_reason": "cancelled",
+                                                        "completion_tokens": 0})))  # fmt: skip
+
     async def _run(self, ws: ClientConnection, f: RunFragment) -> None:
         """Run one fragment at the work-for-others share and stream its events back."""
+
+        self._begun.add(f.job)
 
         async def send(event: Event) -> None:
             await self._send(ws, dump(JobEvent.of(f.job, event)))
