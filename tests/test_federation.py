@@ -378,6 +378,62 @@ def test_a_cancel_for_a_job_not_run_there_is_answered_by_the_holder(two_replicas
     assert "w-b" in on(b) and b.nodes()["w-b"]["first_seen"] == joined  # the same connection, never cut
 
 
+def test_a_run_that_lands_after_its_cancel_is_not_run(two_replicas: tuple[OrchestratorProcess, ...],
+                                                       start_node: Start, tiny_model: Path,
+                                                       redis_url: str) -> None:  # fmt: skip
+    """Each message to another replica's inbox goes out on its own, and one retried after Redis
+    restarted may land after a later one: a `run` behind its own `cancel`. The holder answered the
+    cancel, then ran the job, an orphan nobody read, to its max_tokens, holding the node's slot.
+    A run written twice around its cancel (run, cancel, run) starts once, too."""
+    a, b = two_replicas
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        holder, hello = holder_of(r, "w-b")
+
+        def run(job: str) -> str:
+            return dump(RunFragment(job=job, model="tiny", sha256=hello["models"][0]["sha256"],
+                                    gen=Generation(prompt="once upon a time", max_tokens=200)))  # fmt: skip
+
+        def cancel(job: str) -> str:
+            return json.dumps({"type": "cancel", "job": job})
+
+        for message in (cancel("late"), run("late"), run("twice"), cancel("twice"), run("twice")):
+            r.xadd(K.inbox(holder), {"n": "w-b", "r": "elsewhere", "m": message})
+
+        def events() -> list[tuple[str, str]]:
+            return [(e["job"], e["ev"]) for _, fields in r.xrange(K.events("elsewhere"))
+                    for _, raw in json.loads(fields["e"]) for e in [json.loads(raw)]]  # fmt: skip
+
+        wait_until(lambda: ("twice", "done") in events(), 20, "the cancelled run to end")
+        time.sleep(1.5)  # long enough for a run started by mistake to send its tokens
+        assert [e for e in events() if e[0] == "late"] == [("late", "done")]
+        twice = [e[1] for e in events() if e[0] == "twice"]
+        assert twice[-1] == "done" and twice.count("done") == 1 and "error" not in twice, twice  # run once, ended once
+    assert b.nodes()["w-b"]["running"] == 0
+
+
+def test_a_replica_taken_for_dead_is_told_what_it_missed_when_it_is_back(
+        two_replicas: tuple[OrchestratorProcess, ...], start_node: Start, tiny_model: Path) -> None:  # fmt: skip
+    """A replica too slow to refresh its liveness key is taken for dead: the others drop its nodes
+    and stop sending it news. It never took them for dead, so once back it does not read their
+    lists whole: a node that left meanwhile stayed in its view, placed on, and one that joined
+    stayed out of it, until its next resync (30 s). The others now send it all their nodes."""
+    a, b = two_replicas
+    leaving = start_node("--name", "w-leaves", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-leaves" in seen_by(a), 30, "replica A to see B's node")
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)  # A's liveness key (3 s) runs out
+    try:
+        wait_until(lambda: "stopped answering" in b.log(), 20, "B to take A for dead")
+        leaving.stop()
+        start_node("--name", "w-joins", "--model", f"tiny={tiny_model}", swarm=b)
+        wait_until(lambda: "w-joins" in on(b) and "w-leaves" not in on(b), 30, "the change on B")
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: seen_by(a) == {"w-joins"}, 5, "A to see B's nodes as they are now")
+
+
 def test_a_message_sent_while_its_replica_was_busy_is_not_lost(two_replicas: tuple[OrchestratorProcess, ...],
                                                                start_node: Start, tiny_model: Path,
                                                                redis_url: str) -> None:  # fmt: skip

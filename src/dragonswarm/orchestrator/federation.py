@@ -133,6 +133,8 @@ class Federation:
     _dirty: set[str] = field(default_factory=set)  # our nodes changed since the last publication
     _synced_at: float = float("-inf")  # when every node list was last written and read whole
     _first_seen: dict[str, float] = field(default_factory=dict)  # live replica -> when we first saw it
+    # Replicas we took for dead, and when: if one comes back, it missed the news we sent meanwhile.
+    _dropped: dict[str, float] = field(default_factory=dict)
     # News applied, counted; (replica, node) -> the count when news last touched it. A whole list read
     # is a snapshot from before its answer came: what news changed meanwhile is newer than it.
     _news_count: int = 0
@@ -211,13 +213,15 @@ class Federation:
                 states[name] = published(conn, conn.state(now, registry.stale_after) == "live", foreign_by)
         return states
 
-    def _tell_others(self, pipe: Any, kind: str, states: Mapping[str, bytes], gone: list[str]) -> None:
-        """Queue on `pipe` one entry for each other live replica's event stream: our nodes that
-        changed (`kind` "load": work started or ended, sent at once; "changes": at publication)
-        and those that left."""
+    def _tell_others(self, pipe: Any, kind: str, states: Mapping[str, bytes], gone: list[str],
+                     to: set[str] | None = None) -> None:  # fmt: skip
+        """Queue on `pipe` one entry for each other live replica's event stream (or those `to`):
+        our nodes that changed (`kind` "load": work started or ended, sent at once; "changes": at
+        publication) and those that left; or, `kind` "all", every node we hold (`states`), so
+        that the reader drops those of ours it holds that are not in it."""
         entry = {"r": self.id, "k": kind, "s": orjson.dumps({n: v.decode() for n, v in states.items()}),
                  "g": orjson.dumps(gone)}  # fmt: skip
-        for replica in self.live_replicas:
+        for replica in self.live_replicas if to is None else to:
             pipe.xadd(K.events(replica), entry, maxlen=K.STREAM_MAXLEN, approximate=True)
             pipe.expire(K.events(replica), K.STREAM_TTL_S)
 
@@ -269,8 +273,11 @@ class Federation:
             return
         if message.get("type") == "run":
             RunFragment.model_validate(message)  # a replica is trusted, but a bad message stops here
-            if job in self.foreign:
-                return  # the same run written twice (a command retried after its answer was lost)
+            if job in self.foreign or job in conn.finished:
+                # The same run written twice (a command retried after its answer was lost), or a run
+                # that came after its own cancel (each message goes out on its own, and a retried one
+                # may land last): run now, it would be an orphan that nobody reads, to its max_tokens.
+                return
             state = conn.placement_state(time.monotonic(), self.swarm.registry.stale_after,
                                          self.swarm.registry.floor_tps)  # fmt: skip
             if why := refusal(state):  # placed from a view up to `PUBLISH_S` old: it may be taken since
@@ -283,6 +290,9 @@ class Federation:
             # Not run here (turned down, already over, or never arrived): answered as a node answers
             # a cancel for a job it does not hold. Passed on, the node's answer would be an event
             # for a job it does not hold, and this replica would cut off its own healthy node.
+            # Remembered as ended: its run, if it is still on its way, must not start it.
+            if job not in conn.finished:
+                conn.finished.append(job)
             self._send_event(requester, node, dump(JobEvent(job=job, ev="done", finish_reason="cancelled")))
             return
         conn.send(raw)
@@ -347,7 +357,11 @@ class Federation:
 
     def _news_or_events(self, fields: dict[str, str]) -> None:
         if "s" in fields:
-            self._news_from(fields["r"], orjson.loads(fields["s"]), orjson.loads(fields.get("g", "[]")))
+            states, gone = orjson.loads(fields["s"]), orjson.loads(fields.get("g", "[]"))
+            if fields.get("k") == "all":  # every node it holds: ours of it that are not there left it
+                registry = self.swarm.registry
+                gone += [n for n, c in registry.conns.items() if c.replica == fields["r"] and n not in states]
+            self._news_from(fields["r"], states, gone)
             return
         if "q" in fields:  # numbered by its sender: a batch written twice is read once
             number = int(fields["q"])
@@ -422,6 +436,7 @@ class Federation:
         self.swarm.registry.refresh(conn)
 
     def _drop_replica(self, replica: str) -> None:
+        self._dropped[replica] = time.monotonic()
         for key in [k for k in self._read if k[0] == replica]:
             del self._read[key]
         for key in [k for k in self._touched if k[0] == replica]:
@@ -490,6 +505,15 @@ class Federation:
         for r in live - self.live_replicas:
             self._first_seen[r] = now
         self.live_replicas = live
+        # A replica we took for dead is back (it was slow, not gone): it never took us for dead, so it
+        # will not read our whole list before its next resync, and it missed the news we sent meanwhile.
+        self._dropped = {r: at for r, at in self._dropped.items() if now - at < RESYNC_S}  # resynced by then
+        if back := live & self._dropped.keys():
+            for r in back:
+                del self._dropped[r]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._tell_others(pipe, "all", self._published, [], to=back)
+                await pipe.execute()
         elsewhere: dict[str, int] = {}
         for r in sorted(live):
             for lane, count in (await self.redis.hgetall(K.replica_queue(r))).items():
