@@ -586,6 +586,52 @@ def test_a_redis_gone_away_is_store_unavailable(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_the_redis_store_answers_across_a_restart_and_counts_once(tmp_path: Path) -> None:
+    """Redis restarted under a running store: every pooled connection is broken. Each must be
+    found broken before a command goes on it (the pool reads it at checkout), so no call fails
+    for it and no usage write is sent twice (a command retried after a lost answer may have
+    been carried out). Earlier notes said the first command on each answered 503."""
+    folder = tmp_path / "redis"
+    server = start_local_redis(folder)  # with its append-only file: the restart keeps the data
+    store = RedisStore.connect(server.url)
+    try:
+        key, record = store.create_key("user", "u")
+
+        def use() -> None:
+            assert store.find_key(key) == record
+            store.record_usage(record.id, "m", 1, 1)
+
+        def in_threads(n: int) -> None:  # several at once: several connections in the pool
+            errors: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    use()
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run) for _ in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert errors == []
+
+        in_threads(4)
+        pooled = len(store._r.connection_pool._connections)  # type: ignore[attr-defined]
+        assert pooled >= 2
+        port = server.port
+        server.stop()
+        server = start_local_redis(folder, port)
+        in_threads(4)
+        for _ in range(pooled):  # one by one: each takes a connection broken by the restart
+            use()
+        assert store.usage_by_key()[record.id] == (8 + pooled, 8 + pooled, 8 + pooled)
+    finally:
+        store.close()
+        server.stop()
+
+
 def test_the_local_redis_keeps_its_password_private_and_its_data(tmp_path: Path) -> None:
     # What `dragon up --replicas` starts: loopback, a password in a 0600 file, an append-only file.
     folder = tmp_path / "data" / "redis"
