@@ -434,6 +434,30 @@ def test_a_replica_taken_for_dead_is_told_what_it_missed_when_it_is_back(
     wait_until(lambda: seen_by(a) == {"w-joins"}, 5, "A to see B's nodes as they are now")
 
 
+def test_a_replica_of_another_format_is_not_shared_with(two_replicas: tuple[OrchestratorProcess, ...],
+                                                         start_node: Start, tiny_model: Path,
+                                                         redis_url: str) -> None:  # fmt: skip
+    """Replicas of two versions on one Redis misread each other's entries (an older one's reader
+    failed on a newer one's). Each says the format it writes in its liveness key; one of another
+    format is left alone, its nodes out of view, with one clear error, until it speaks ours."""
+    a, b = two_replicas
+    start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+    assert b.proc is not None
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        holder, _ = holder_of(r, "w-b")
+        b.proc.send_signal(signal.SIGSTOP)  # B cannot write its own format over the one set here
+        try:
+            r.set(K.replica(holder), "1", ex=30)  # what every replica before formats were said wrote
+            wait_until(lambda: "w-b" not in seen_by(a), 5, "A to leave B's node alone")
+            time.sleep(1.0)  # a few rounds: said once
+            assert a.log().count(f"replica {holder} writes format 1 through Redis") == 1
+            assert f"replica {holder} stopped answering" not in a.log()
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: "w-b" in seen_by(a), 10, "A to share with B once it speaks A's format")
+
+
 def test_a_message_sent_while_its_replica_was_busy_is_not_lost(two_replicas: tuple[OrchestratorProcess, ...],
                                                                start_node: Start, tiny_model: Path,
                                                                redis_url: str) -> None:  # fmt: skip

@@ -67,6 +67,11 @@ STREAM_START = "0-0"
 CUT = "dragon.cut"  # between replicas only: end this node's connection (never sent to a node)
 FLUSH_S = 0.005
 COMPLAIN_EVERY_S = 30.0  # events for another replica are gathered this long, then sent as one entry
+# The format of what replicas write for each other (stream entries, node lists, inbox messages),
+# said in each one's liveness key. A replica of another format is not shared with: what it writes
+# would be misread, and it misreads ours. Replicas of one swarm are upgraded together; meanwhile each
+# serves its own clients with its own nodes. "1": every version before replicas said theirs.
+FORMAT = "2"
 
 
 def federation_client(url: str) -> aioredis.Redis:
@@ -144,6 +149,8 @@ class Federation:
     # Publishing is computing states, then writing them: one at a time, or an older state could
     # overwrite a newer one (the flusher's news and the periodic publication race otherwise).
     _publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    _foreign_formats: dict[str, str] = field(default_factory=dict)  # replica of another format -> it
 
     _failing_since: float | None = None
     _last_complaint: float | None = None
@@ -265,6 +272,11 @@ class Federation:
             if message.get("type") == "run":
                 self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code="node_gone",
                                                                 message=f"node {node} is not on this replica")))
+            return
+        if requester in self._foreign_formats:  # its messages may mean something else: not for our nodes
+            if message.get("type") == "run":
+                self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code="node_gone",
+                                                                message="this replica runs another version")))
             return
         if message.get("type") == CUT:  # revoked or forgotten on another replica: cut here, where it is held
             log.warning("node %s cut off at replica %s's word: %s", node, requester, message.get("reason"))
@@ -493,12 +505,17 @@ class Federation:
         others = sorted(r for r in replicas if r != self.id)  # the client decodes answers
         async with self.redis.pipeline(transaction=False) as pipe:
             for r in others:
-                pipe.exists(K.replica(r))
-            alive = await pipe.execute()
-        live = {r for r, a in zip(others, alive, strict=True) if a}
-        for dead in [r for r in others if r not in live]:
+                pipe.get(K.replica(r))
+            formats = dict(zip(others, await pipe.execute(), strict=True))
+        live = {r for r, f in formats.items() if f == FORMAT}
+        for dead in [r for r, f in formats.items() if f is None]:
             await self.redis.srem(K.REPLICAS, dead)
-        for lost in self.live_replicas - live:
+        for r, f in formats.items():
+            if f is not None and f != FORMAT and self._foreign_formats.get(r) != f:
+                log.error("replica %s writes format %s through Redis, this one %s: they cannot share nodes or "
+                          "work; upgrade every replica of the swarm to one version", r, f, FORMAT)  # fmt: skip
+        self._foreign_formats = {r: f for r, f in formats.items() if f is not None and f != FORMAT}
+        for lost in self.live_replicas - live - self._foreign_formats.keys():
             log.warning("replica %s stopped answering: its nodes and the work on them move", lost)
         for lost in self.live_replicas - live:
             self._drop_replica(lost)
@@ -566,7 +583,7 @@ class Federation:
         the key lives on a loaded replica, and the others then took it for dead and dropped its nodes."""
         while True:
             try:
-                await self.redis.set(K.replica(self.id), "1", ex=K.REPLICA_TTL_S)
+                await self.redis.set(K.replica(self.id), FORMAT, ex=K.REPLICA_TTL_S)
             except RedisError as exc:
                 self._trouble("saying this replica is alive", exc)
             await asyncio.sleep(PUBLISH_S)

@@ -23,7 +23,7 @@ Lua scripts receive every key they touch as KEYS, built here, so no script compo
 | `dragon:rate:{<lane>}:charges` | hash | charge id -> tokens charged, net of refunds | `RATE_TTL_S` |
 | `dragon:rate:{<lane>}:state` | hash | sum (of the log's tokens), latest (ms: never moves back) | `RATE_TTL_S` |
 | `dragon:replicas` | set | the ids of replicas that announced themselves | none (dead ones removed) |
-| `dragon:replica:<id>` | string | this replica is alive | `REPLICA_TTL_S` |
+| `dragon:replica:<id>` | string | this replica is alive: the format it writes for the others | `REPLICA_TTL_S` |
 | `dragon:replica:<id>:nodes` | hash | node name -> what placement needs of it (JSON) | `REPLICA_NODES_TTL_S` |
 | `dragon:replica:<id>:queue` | hash | user lane -> fragments waiting in its queue | `REPLICA_NODES_TTL_S` |
 | `dragon:replica:<id>:inbox` | stream | `run`/`cancel` from other replicas for its nodes | `STREAM_TTL_S` |
