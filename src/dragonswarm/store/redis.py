@@ -3,8 +3,9 @@
 Same `Store` as the SQLite file, same answers, so that any replica may serve any caller.
 Each step two replicas could race on is one atomic step in Redis: offering, confirming
 and revoking a node's credential are Lua scripts (a read and a write that nothing may come
-between), a key's first revocation time is an HSETNX, and writes of several keys go in one
-MULTI transaction. Key names and TTLs come from `rediskeys.py`.
+between), a key's first revocation time is an HSETNX, a request's usage is one Lua script,
+and other writes of several keys go in one MULTI transaction. Key names and TTLs come from
+`rediskeys.py`.
 
 Times are stored as Python's `repr` of the float, which reads back exactly. The client is
 redis-py's synchronous one, with a connection pool: the orchestrator calls its store from
@@ -151,6 +152,24 @@ redis.call('HSETNX', KEYS[1], 'revoked', ARGV[1])
 return 1
 """
 
+# Count one request: in the totals and in its hour, which expires once past the kept hours, and the
+# hour listed in the hours' zset, trimmed of those no longer kept. One script, not a MULTI of eleven
+# commands: the same atomic step (the hours always add up to the totals since), at a tenth of the
+# client's CPU, which packs one command and parses one reply. KEYS: totals, the hour's hash, the
+# hours' zset. ARGV: the requests, prompt and completion fields; prompt, completion tokens; the
+# hour's expiry; the hour; the first hour kept.
+COUNT = """
+for i = 1, 2 do
+  redis.call('HINCRBY', KEYS[i], ARGV[1], 1)
+  redis.call('HINCRBY', KEYS[i], ARGV[2], ARGV[4])
+  redis.call('HINCRBY', KEYS[i], ARGV[3], ARGV[5])
+end
+redis.call('EXPIREAT', KEYS[2], ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[8])
+return 1
+"""
+
 
 def _encodable(fields: dict[str, str]) -> dict[EncodableT, EncodableT]:
     """The same fields, typed as redis-py's `hset` takes them (its mapping type is invariant)."""
@@ -179,6 +198,7 @@ class RedisStore:
         self._offer = client.register_script(OFFER)
         self._confirm = client.register_script(CONFIRM)
         self._revoke = client.register_script(REVOKE)
+        self._count_script = client.register_script(COUNT)
 
     @classmethod
     def connect(cls, url: str) -> RedisStore:
@@ -324,15 +344,10 @@ class RedisStore:
         check_usage(prompt_tokens, completion_tokens)
         now = time.time() if at is None else at
         hour = hour_of(now)
-        with self._r.pipeline(transaction=True) as tx:  # the hours always add up to the totals since
-            for name in (totals, hour_hash(hour)):
-                tx.hincrby(name, rk.usage_field(who, "r", model), 1)
-                tx.hincrby(name, rk.usage_field(who, "p", model), prompt_tokens)
-                tx.hincrby(name, rk.usage_field(who, "c", model), completion_tokens)
-            tx.expireat(hour_hash(hour), hour + rk.USAGE_HOUR_EXPIRES_S)  # the hours' bound; the totals stay
-            tx.zadd(rk.USAGE_HOURS, {str(hour): hour})
-            tx.zremrangebyscore(rk.USAGE_HOURS, "-inf", f"({first_hour_kept(now)}")
-            tx.execute()
+        fields = [rk.usage_field(who, kind, model) for kind in ("r", "p", "c")]
+        self._count_script(keys=[totals, hour_hash(hour), rk.USAGE_HOURS],
+                           args=[*fields, prompt_tokens, completion_tokens, hour + rk.USAGE_HOUR_EXPIRES_S, hour,
+                                 first_hour_kept(now)])  # fmt: skip
 
     def _usage(self, totals: str, hour_hash: Callable[[int], str],
                since: float | None) -> dict[tuple[str, str], dict[str, int]]:  # fmt: skip
