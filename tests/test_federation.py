@@ -458,6 +458,24 @@ def test_a_replica_of_another_format_is_not_shared_with(two_replicas: tuple[Orch
     wait_until(lambda: "w-b" in seen_by(a), 10, "A to share with B once it speaks A's format")
 
 
+def test_a_heartbeat_that_changed_is_read_between_news_of_work(two_replicas: tuple[OrchestratorProcess, ...],
+                                                                start_node: Start, tiny_model: Path) -> None:  # fmt: skip
+    """A replica parses another's node again only when its hello or heartbeat changed (most news
+    is work starting and ending): a change of heartbeat, between such news, must still be read."""
+    a, b = two_replicas
+    node = start_node("--name", "w-b", "--model", f"tiny={tiny_model}", swarm=b)
+    wait_until(lambda: "w-b" in seen_by(a), 30, "replica A to see B's node")
+
+    def paused_in_a_view() -> bool | None:
+        return a.nodes().get("w-b", {}).get("lending_paused")
+
+    for paused in (True, False, True):
+        if not paused_in_a_view():  # work on it, its news read in between
+            assert post(a, "/v1/completions", {"prompt": "news of work", "max_tokens": 3}).status_code == 200
+        assert node.client.post("/v1/node/lending", json={"paused": paused}).status_code == 200
+        wait_until(lambda: paused_in_a_view() is paused, 10, f"A to read lending_paused={paused}")  # noqa: B023
+
+
 def test_a_message_sent_while_its_replica_was_busy_is_not_lost(two_replicas: tuple[OrchestratorProcess, ...],
                                                                start_node: Start, tiny_model: Path,
                                                                redis_url: str) -> None:  # fmt: skip

@@ -99,8 +99,8 @@ def published(conn: NodeConn, live: bool, foreign_by: Mapping[str, int]) -> byte
     """What the other replicas need of a local node to place work on it. It changes only when
     the node reports, its state flips or its work changes: readers skip what they have seen."""
     return orjson.dumps({
-        "hello": conn.hello.model_dump(mode="json"),
-        "hb": conn.heartbeat.model_dump(mode="json") if conn.heartbeat else None,
+        "hello": conn.hello_json,
+        "hb": conn.heartbeat_json(),
         "live": live,  # as its holder sees it: the holder alone lets a silent node go
         "jobs": len(conn.jobs) + len(conn.draining),  # what this replica placed there
         "foreign": dict(foreign_by),  # ... and what it runs there for each other replica
@@ -429,20 +429,24 @@ class Federation:
         conn = self.swarm.registry.conns.get(name)
         if conn is not None and conn.replica is None:
             return  # it is connected here now: our own connection is the truth
-        hello = Hello.model_validate(state["hello"])
-        if conn is None or conn.replica != replica or conn.hello != hello:
-            if conn is not None:
-                self.swarm.node_left(conn)
-            heartbeat_s, idle_s = state["cadence"]
-            remote = NodeConn(hello=hello, send=lambda text: None, close=lambda code, reason: None,
-                              cadence=Cadence(heartbeat_s, idle_s), replica=replica)  # fmt: skip
-            remote.send = lambda text: self._forward(remote, text)  # the holder cuts it, not us: no close
-            self.swarm.registry.join(remote)
-            conn = remote
+        # Parsed only when changed: most of what a holder publishes is work starting and ending.
+        read_as = conn.read_as if conn is not None and conn.replica == replica else None
+        if read_as is None or read_as[0] != state["hello"]:
+            hello = Hello.model_validate(state["hello"])
+            if conn is None or conn.replica != replica or conn.hello != hello:
+                if conn is not None:
+                    self.swarm.node_left(conn)
+                heartbeat_s, idle_s = state["cadence"]
+                remote = NodeConn(hello=hello, send=lambda text: None, close=lambda code, reason: None,
+                                  cadence=Cadence(heartbeat_s, idle_s), replica=replica)  # fmt: skip
+                remote.send = lambda text: self._forward(remote, text)  # the holder cuts it, not us: no close
+                self.swarm.registry.join(remote)
+                conn, read_as = remote, None
+        assert conn is not None
         conn.others = state["jobs"] + sum(n for r, n in state["foreign"].items() if r != self.id)
-        hb = Heartbeat.model_validate(state["hb"]) if state["hb"] else None
-        if hb is not None:
-            conn.heartbeat = hb
+        if state["hb"] and (read_as is None or read_as[1] != state["hb"]):
+            conn.heartbeat = Heartbeat.model_validate(state["hb"])
+        conn.read_as = (state["hello"], state["hb"])
         conn.remote_live = bool(state["live"])
         conn.last_seen = now
         self.swarm.registry.refresh(conn)

@@ -53,6 +53,11 @@ class NodeConn:
     foreign: set[str] = field(default_factory=set)
     others: int = 0
     remote_live: bool = True  # a remote node's state, as its holder last published it
+    # A remote node's hello and heartbeat as last read (JSON values): the same again is not parsed
+    # again (most of what a holder publishes is its work starting and ending). For a local node,
+    # its heartbeat as last published.
+    read_as: tuple[dict[str, Any], dict[str, Any] | None] | None = field(default=None, repr=False)
+    _published_hb: tuple[Heartbeat, dict[str, Any]] | None = field(default=None, repr=False)
     _dumped: tuple[Heartbeat, dict[str, Any]] | None = field(default=None, repr=False)
     _slack: tuple[Heartbeat | None, float] | None = field(default=None, repr=False)
     # When it turns stale if nothing more is heard (monotonic; `seen` and `Registry.refresh` keep
@@ -142,6 +147,20 @@ class NodeConn:
             "ram_total": self.hello.ram_total,
             "capacity": self.hello.capacity,  # as granted: what the node claimed, within policy
         }
+
+    @cached_property  # `hello` never changes for a connection
+    def hello_json(self) -> dict[str, Any]:
+        """Its hello as JSON values, as replicas publish it."""
+        return self.hello.model_dump(mode="json")
+
+    def heartbeat_json(self) -> dict[str, Any] | None:
+        """Its last heartbeat as JSON values (dumped once per heartbeat), as replicas publish it."""
+        hb = self.heartbeat
+        if hb is None:
+            return None
+        if self._published_hb is None or self._published_hb[0] is not hb:
+            self._published_hb = (hb, hb.model_dump(mode="json"))
+        return self._published_hb[1]
 
     def _heartbeat_info(self, hb: Heartbeat) -> dict[str, Any]:
         # A quiet node's heartbeat outlives a few records: dump it once.
