@@ -16,6 +16,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +106,10 @@ class Started:
     adopted: list[psutil.Process] = field(default_factory=list)  # descendants we must not leave behind
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds every `with Processes`, which stops its processes
+
+
 class Processes:
     """The processes of one benchmark part, stopped together when the `with` block ends."""
 
@@ -113,6 +118,10 @@ class Processes:
         self.started: list[Started] = []
 
     def __enter__(self) -> Processes:
+        # A bench stopped with SIGTERM (a timeout, `kill`) must stop what it started too: by
+        # default Python dies at once, and the orchestrators it started kept spinning on a core.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
     def __exit__(self, *exc: object) -> None:
