@@ -107,6 +107,7 @@ class Started:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
     raise SystemExit(128 + signum)  # unwinds every `with Processes`, which stops its processes
 
 

@@ -458,8 +458,8 @@ def test_a_replica_of_another_format_is_not_shared_with(two_replicas: tuple[Orch
     wait_until(lambda: "w-b" in seen_by(a), 10, "A to share with B once it speaks A's format")
 
 
-def test_a_heartbeat_that_changed_is_read_between_news_of_work(two_replicas: tuple[OrchestratorProcess, ...],
-                                                                start_node: Start, tiny_model: Path) -> None:  # fmt: skip
+def test_a_changed_heartbeat_is_read_between_news_of_work(two_replicas: tuple[OrchestratorProcess, ...],
+                                                          start_node: Start, tiny_model: Path) -> None:  # fmt: skip
     """A replica parses another's node again only when its hello or heartbeat changed (most news
     is work starting and ending): a change of heartbeat, between such news, must still be read."""
     a, b = two_replicas
@@ -530,6 +530,12 @@ def test_a_run_for_a_node_already_working_goes_back_to_its_sender(two_replicas: 
                   for _, raw in json.loads(fields["e"])]  # fmt: skip
         assert [(e["job"], e["ev"], e.get("code")) for e in events] == [("from-elsewhere", "error", "node_busy")]
         assert "full (1 of 1)" in events[0]["message"]
+        # The same run written again (a command retried after its answer was lost), the node free by
+        # now: over for its sender, which placed it elsewhere, so not started here as an orphan.
+        r.xadd(K.inbox(holder), {"n": "w-b", "r": "elsewhere", "m": dump(run)})
+        time.sleep(1.5)
+        assert len(r.xrange(K.events("elsewhere"))) == 1
+    assert b.nodes()["w-b"]["running"] == 0
 
 
 def test_work_starting_and_ending_on_a_node_is_told_to_the_other_replicas_at_once(

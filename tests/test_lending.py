@@ -119,13 +119,14 @@ class PlayedOrchestrator:
 
     def send_together(self, *messages: RunFragment | Cancel) -> None:
         """Messages in one write to the socket, so that the node reads them in one go: text frames
-        framed here (a server's frames are not masked), each short enough for a 16-bit length."""
+        framed here (a server's frames are not masked), each with the shortest length form."""
         assert self.conn is not None
         frames = b""
         for message in messages:
             payload = dump(message).encode()
             assert len(payload) < 1 << 16
-            frames += bytes([0x81, 126]) + len(payload).to_bytes(2, "big") + payload
+            length = bytes([len(payload)]) if len(payload) < 126 else bytes([126]) + len(payload).to_bytes(2, "big")
+            frames += bytes([0x81]) + length + payload
         self.conn.socket.sendall(frames)
 
     def next_message(self, accept: Callable[[Any], bool], what: str, timeout: float = 60) -> Any:

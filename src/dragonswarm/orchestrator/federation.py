@@ -274,8 +274,8 @@ class Federation:
                                                                 message=f"node {node} is not on this replica")))
             return
         if requester in self._foreign_formats:  # its messages may mean something else: not for our nodes
-            if message.get("type") == "run":
-                self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code="node_gone",
+            if message.get("type") == "run":  # sent back as busy: placed elsewhere, not counted as an attempt
+                self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code=NODE_BUSY,
                                                                 message="this replica runs another version")))
             return
         if message.get("type") == CUT:  # revoked or forgotten on another replica: cut here, where it is held
@@ -293,6 +293,7 @@ class Federation:
             state = conn.placement_state(time.monotonic(), self.swarm.registry.stale_after,
                                          self.swarm.registry.floor_tps)  # fmt: skip
             if why := refusal(state):  # placed from a view up to `PUBLISH_S` old: it may be taken since
+                conn.finished.append(job)  # over for its sender: the same run written again must not start
                 self._send_event(requester, node, dump(JobEvent(job=job, ev="error", code=NODE_BUSY, message=why)))
                 return
             self.foreign[job] = Foreign(requester, node)
@@ -530,11 +531,11 @@ class Federation:
         # will not read our whole list before its next resync, and it missed the news we sent meanwhile.
         self._dropped = {r: at for r, at in self._dropped.items() if now - at < RESYNC_S}  # resynced by then
         if back := live & self._dropped.keys():
-            for r in back:
-                del self._dropped[r]
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self._publishing, self.redis.pipeline(transaction=False) as pipe:  # no news half-sent
                 self._tell_others(pipe, "all", self._published, [], to=back)
                 await pipe.execute()
+            for r in back:  # sent: a failed send is tried again next round
+                del self._dropped[r]
         elsewhere: dict[str, int] = {}
         for r in sorted(live):
             for lane, count in (await self.redis.hgetall(K.replica_queue(r))).items():
