@@ -69,8 +69,8 @@ FLUSH_S = 0.005
 COMPLAIN_EVERY_S = 30.0  # events for another replica are gathered this long, then sent as one entry
 # The format of what replicas write for each other (stream entries, node lists, inbox messages),
 # said in each one's liveness key. A replica of another format is not shared with: what it writes
-# would be misread, and it misreads ours. Replicas of one swarm are upgraded together; meanwhile each
-# serves its own clients with its own nodes. "1": every version before replicas said theirs.
+# would be misread, and it misreads ours: its runs come back `node_busy`. Replicas of one swarm are
+# upgraded together. "1": every version before replicas said theirs (which still places runs here).
 FORMAT = "2"
 
 

@@ -154,10 +154,10 @@ return 1
 
 # Count one request: in the totals and in its hour, which expires once past the kept hours, and the
 # hour listed in the hours' zset, trimmed of those no longer kept. One script, not a MULTI of eleven
-# commands: the same atomic step (the hours always add up to the totals since), at a tenth of the
-# client's CPU, which packs one command and parses one reply. KEYS: totals, the hour's hash, the
-# hours' zset. ARGV: the requests, prompt and completion fields; prompt, completion tokens; the
-# hour's expiry; the hour; the first hour kept.
+# commands: the same atomic step (the hours always add up to the totals since), at half the
+# client's CPU (105 against 206 µs a call here), which packs one command and parses one reply.
+# KEYS: totals, the hour's hash, the hours' zset. ARGV: the requests, prompt and completion
+# fields; prompt, completion tokens; the hour's expiry; the hour; the first hour kept.
 COUNT = """
 for i = 1, 2 do
   redis.call('HINCRBY', KEYS[i], ARGV[1], 1)
