@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited
+from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited, StoreUnavailable
 from dragonswarm.orchestrator.auth import Caller, inference, require
 from dragonswarm.orchestrator.cache import CacheState, Lookup, ResponseCache
 from dragonswarm.orchestrator.federation import Federation
@@ -28,7 +28,8 @@ from dragonswarm.protocol.runner import Generation
 from dragonswarm.scheduler.models import pick_model
 from dragonswarm.scheduler.ratelimit import Charge, Refusal
 from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text, token_estimate
-from dragonswarm.store.base import KeyRecord, Store
+from dragonswarm.store.base import KeyRecord
+from dragonswarm.store.callers import CallerStore
 from dragonswarm.web.replies import Reply, respond
 from dragonswarm.web.requestlog import RequestFacts, facts, observed
 
@@ -167,7 +168,8 @@ async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: l
     if cache and lookup:
         events = cache.answer(lookup, req, swarm.registry.files(model), events)
     try:
-        return await respond(request, reply, _metered(swarm, limiter, caller, req, told, charge, lookup, events))
+        metered = _metered(swarm, limiter, request.app.state.callers, caller, req, told, charge, lookup, events)
+        return await respond(request, reply, metered)
     except Overloaded:
         swarm.metrics.refused(caller.name, "queue")
         raise
@@ -184,8 +186,8 @@ def _route(req: SwarmRequest, lookup: Lookup | None, fragments: int) -> dict[str
     return {**req.route(), "cache": _cache_state(lookup)}
 
 
-async def _metered(swarm: Swarm, limiter: Limiter, caller: Caller, req: SwarmRequest, told: RequestFacts,
-                   charge: Charge, lookup: Lookup | None,
+async def _metered(swarm: Swarm, limiter: Limiter, callers: CallerStore, caller: Caller, req: SwarmRequest,
+                   told: RequestFacts, charge: Charge, lookup: Lookup | None,
                    events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
     """Pass events through; once the request ends, record the usage (the key's, or for a hand-off
     its node's) and give back the tokens charged at admission but not used. Counted as the work
@@ -214,15 +216,17 @@ async def _metered(swarm: Swarm, limiter: Limiter, caller: Caller, req: SwarmReq
             await asyncio.shield(limiter.cancel(charge))
         if prompt or completion:
             try:  # the answer is already out: accounting that fails must not break it
-                record = asyncio.to_thread(_record_usage, swarm.store, caller, model, prompt, completion)
-                await asyncio.shield(record)  # recorded even when the request's task is being cancelled
+                # Recorded even when the request's task is being cancelled.
+                await asyncio.shield(_record_usage(callers, caller, model, prompt, completion))
+            except StoreUnavailable:
+                log.error("the usage of a request of %s was not recorded: the store is unavailable", caller.name)
             except Exception:
                 log.exception("recording usage failed")
 
 
-def _record_usage(store: Store, caller: Caller, model: str, prompt: int, completion: int) -> None:
-    """Count a finished request against its key, or against the node whose hand-off it was (blocking)."""
+async def _record_usage(callers: CallerStore, caller: Caller, model: str, prompt: int, completion: int) -> None:
+    """Count a finished request against its key, or against the node whose hand-off it was."""
     if caller.key is not None:
-        store.record_usage(caller.key.id, model, prompt, completion)
+        await callers.record_usage(caller.key.id, model, prompt, completion)
     elif caller.node is not None:
-        store.record_node_usage(caller.node, model, prompt, completion)
+        await callers.record_node_usage(caller.node, model, prompt, completion)

@@ -29,6 +29,7 @@ from dragonswarm.orchestrator.ws import router as ws_router
 from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.backends import open_store
 from dragonswarm.store.base import Store
+from dragonswarm.store.callers import open_callers
 from dragonswarm.store.responses import ResponseStore, open_responses
 from dragonswarm.tls import TlsFiles
 from dragonswarm.web import eventloop
@@ -56,6 +57,7 @@ def create_app(settings: OrchestratorSettings, store: Store, responses: Response
     limiter = make_limiter(settings)
     redis_url = settings.redis.get_secret_value() if settings.redis else None
     federation = Federation(swarm, federation_client(redis_url)) if redis_url else None
+    callers = open_callers(store, redis_url)  # every request's key and usage
     cache = ResponseCache(responses, metrics, shared=settings.cache_shared) if responses else None
 
     def request_done(facts: RequestFacts) -> None:
@@ -79,6 +81,7 @@ def create_app(settings: OrchestratorSettings, store: Store, responses: Response
             await swarm.close()
             await loop_lag.close()
             await limiter.close()
+            await callers.close()
             if cache:
                 await cache.close()
             store.close()
@@ -90,6 +93,7 @@ def create_app(settings: OrchestratorSettings, store: Store, responses: Response
     app.state.limiter = limiter
     app.state.loop_lag = loop_lag
     app.state.store = store
+    app.state.callers = callers
     app.state.started = time.time()
     app.state.overview = overview
     app.state.federation = federation

@@ -4,7 +4,8 @@ Fails closed: no key or an unknown key is 401, a known key with the wrong role 4
 `admin` may do everything. The inference API also takes a node's own credential (with its
 name in `X-Dragon-Node`): a node handing its owner's request over speaks as itself, so
 it has its own limits and queue lane, and a revoked node is refused there too.
-Lookups read the store, so they run in a thread: the event loop never waits on a lock.
+Lookups never hold the event loop: a key is read through the `CallerStore` (a thread for
+the SQLite file, Redis's asyncio client for replicas), a node's credential in a thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import Request
 from dragonswarm.errors import Forbidden, Unauthorized
 from dragonswarm.protocol.swarm import CREDENTIAL_PREFIX, NODE_HEADER
 from dragonswarm.store.base import KeyRecord, NodeIdentity, Role, Store
+from dragonswarm.store.callers import CallerStore
 from dragonswarm.web.requestlog import facts
 
 
@@ -30,11 +32,16 @@ def bearer(headers: Mapping[str, str]) -> str | None:
     return token.strip()
 
 
-def authenticate(store: Store, headers: Mapping[str, str], roles: tuple[Role, ...], what: str) -> KeyRecord:
+def token_of(headers: Mapping[str, str]) -> str:
+    """The bearer token; 401 when there is none."""
     token = bearer(headers)
     if token is None:
         raise Unauthorized("missing API key: send it as 'Authorization: Bearer KEY'")
-    record = store.find_key(token)
+    return token
+
+
+def allowed(record: KeyRecord | None, roles: tuple[Role, ...], what: str) -> KeyRecord:
+    """The key's record if it may `what` now: 401 when unknown, revoked or expired, 403 for another role."""
     if record is None:
         raise Unauthorized("invalid API key")
     refusal = record.refusal(time.time())
@@ -43,6 +50,11 @@ def authenticate(store: Store, headers: Mapping[str, str], roles: tuple[Role, ..
     if record.role != "admin" and record.role not in roles:
         raise Forbidden(f"a {record.role} key may not {what}")
     return record
+
+
+def authenticate(store: Store, headers: Mapping[str, str], roles: tuple[Role, ...], what: str) -> KeyRecord:
+    """`allowed` for the key in `headers`, read from `store` (blocking)."""
+    return allowed(store.find_key(token_of(headers)), roles, what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +73,6 @@ class Caller:
         return f"node:{self.node}" if self.node else self.lane
 
 
-def inference_caller(store: Store, headers: Mapping[str, str]) -> Caller:
-    token = bearer(headers) or ""
-    if not token.startswith(CREDENTIAL_PREFIX):
-        record = authenticate(store, headers, ("user",), "use the inference API")
-        return Caller(lane=f"key-{record.id}", key=record)
-    name = headers.get(NODE_HEADER.lower(), "")
-    node_identity(store, name, token)
-    return Caller(lane=f"node-{name}", node=name)
-
-
 def node_identity(store: Store, name: str, credential: str) -> NodeIdentity:
     """The node a credential speaks for: 401 when it is not that node's, 403 once revoked."""
     identity = store.find_identity(name, credential)
@@ -85,7 +87,8 @@ def require(*roles: Role, what: str) -> Callable[[Request], Awaitable[KeyRecord]
     """A FastAPI dependency admitting keys of these roles (and admin)."""
 
     async def dependency(request: Request) -> KeyRecord:
-        record = await asyncio.to_thread(authenticate, request.app.state.store, request.headers, roles, what)
+        callers: CallerStore = request.app.state.callers
+        record = allowed(await callers.find_key(token_of(request.headers)), roles, what)
         facts(request).key = record.name
         return record
 
@@ -94,6 +97,15 @@ def require(*roles: Role, what: str) -> Callable[[Request], Awaitable[KeyRecord]
 
 async def inference(request: Request) -> Caller:
     """A FastAPI dependency: a user (or admin) key, or a node's own credential."""
-    caller = await asyncio.to_thread(inference_caller, request.app.state.store, request.headers)
+    headers = request.headers
+    token = bearer(headers) or ""
+    if token.startswith(CREDENTIAL_PREFIX):
+        name = headers.get(NODE_HEADER.lower(), "")
+        await asyncio.to_thread(node_identity, request.app.state.store, name, token)
+        caller = Caller(lane=f"node-{name}", node=name)
+    else:
+        callers: CallerStore = request.app.state.callers
+        record = allowed(await callers.find_key(token_of(headers)), ("user",), "use the inference API")
+        caller = Caller(lane=f"key-{record.id}", key=record)
     facts(request).key = caller.name
     return caller

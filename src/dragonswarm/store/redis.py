@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
 from dragonswarm.errors import ConfigError, StoreUnavailable
@@ -59,10 +60,16 @@ MAX_CONNECTIONS = 32
 
 
 def client_options() -> dict[str, Any]:
-    """The pool options every client of ours uses, the asyncio one included."""
+    """The pool options every client of ours uses, the asyncio one included.
+
+    Maintenance notifications (a Redis Enterprise feature, "auto" by default) off: while they
+    are on, redis-py's asyncio pool skips its check of a connection at checkout, so after a
+    Redis restart the first command on each pooled connection failed ("Connection closed by
+    server") instead of going on a new one."""
     return {"decode_responses": True, "socket_connect_timeout": CONNECT_TIMEOUT_S,
             "socket_timeout": COMMAND_TIMEOUT_S, "health_check_interval": 30,
-            "max_connections": MAX_CONNECTIONS, "timeout": COMMAND_TIMEOUT_S}  # fmt: skip
+            "max_connections": MAX_CONNECTIONS, "timeout": COMMAND_TIMEOUT_S,
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False)}  # fmt: skip
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -171,6 +178,19 @@ return 1
 """
 
 
+def count_call(totals: str, hour_hash: Callable[[int], str], who: int | str, model: str, prompt_tokens: int,
+               completion_tokens: int, at: float | None) -> tuple[list[str], list[str | int]]:  # fmt: skip
+    """The keys and arguments of `COUNT` for one request of `who` (a key's id or a node's name)
+    at `at` (None: now); ValueError for counts that are not counts."""
+    check_usage(prompt_tokens, completion_tokens)
+    now = time.time() if at is None else at
+    hour = hour_of(now)
+    fields = [rk.usage_field(who, kind, model) for kind in ("r", "p", "c")]
+    args: list[str | int] = [*fields, prompt_tokens, completion_tokens, hour + rk.USAGE_HOUR_EXPIRES_S, hour,
+                             first_hour_kept(now)]  # fmt: skip
+    return [totals, hour_hash(hour), rk.USAGE_HOURS], args
+
+
 def _encodable(fields: dict[str, str]) -> dict[EncodableT, EncodableT]:
     """The same fields, typed as redis-py's `hset` takes them (its mapping type is invariant)."""
     return {name: value for name, value in fields.items()}  # a comprehension retypes it
@@ -180,7 +200,8 @@ def _time(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _key_record(fields: dict[str, str]) -> KeyRecord:
+def key_record(fields: dict[str, str]) -> KeyRecord:
+    """A key's record from its hash's fields (`rediskeys.key`)."""
     return KeyRecord(int(fields["id"]), fields["name"], cast(Role, fields["role"]), fields["prefix"],
                      float(fields["created"]), _time(fields.get("expires")), _time(fields.get("revoked")),
                      cache=fields.get("cache") != "0")  # fmt: skip
@@ -222,12 +243,12 @@ class RedisStore:
             tx.hset(rk.key(digest), mapping=_encodable(fields))
             tx.hset(rk.KEYS, str(key_id), digest)
             tx.execute()
-        return key, _key_record(fields)
+        return key, key_record(fields)
 
     @_shared
     def find_key(self, key: str) -> KeyRecord | None:
         fields = cast(dict[str, str], self._r.hgetall(rk.key(hash_key(key))))
-        return _key_record(fields) if fields else None
+        return key_record(fields) if fields else None
 
     def _keys(self) -> list[tuple[str, KeyRecord]]:
         """(hash, record) of every key, oldest first."""
@@ -237,7 +258,7 @@ class RedisStore:
             for digest in digests:
                 reads.hgetall(rk.key(digest))
             records = reads.execute()
-        return [(digest, _key_record(fields)) for digest, fields in zip(digests, records, strict=True) if fields]
+        return [(digest, key_record(fields)) for digest, fields in zip(digests, records, strict=True) if fields]
 
     @_shared
     def list_keys(self) -> list[KeyRecord]:
@@ -253,7 +274,7 @@ class RedisStore:
         if len(digests) != 1:
             return None
         self._r.hsetnx(rk.key(digests[0]), "revoked", repr(time.time()))  # a second revocation keeps the first time
-        return _key_record(cast(dict[str, str], self._r.hgetall(rk.key(digests[0]))))
+        return key_record(cast(dict[str, str], self._r.hgetall(rk.key(digests[0]))))
 
     @_shared
     def offer_identity(self, name: str) -> str | None:
@@ -341,13 +362,8 @@ class RedisStore:
 
     def _count(self, totals: str, hour_hash: Callable[[int], str], who: int | str, model: str, prompt_tokens: int,
                completion_tokens: int, at: float | None) -> None:  # fmt: skip
-        check_usage(prompt_tokens, completion_tokens)
-        now = time.time() if at is None else at
-        hour = hour_of(now)
-        fields = [rk.usage_field(who, kind, model) for kind in ("r", "p", "c")]
-        self._count_script(keys=[totals, hour_hash(hour), rk.USAGE_HOURS],
-                           args=[*fields, prompt_tokens, completion_tokens, hour + rk.USAGE_HOUR_EXPIRES_S, hour,
-                                 first_hour_kept(now)])  # fmt: skip
+        keys, args = count_call(totals, hour_hash, who, model, prompt_tokens, completion_tokens, at)
+        self._count_script(keys=keys, args=args)
 
     def _usage(self, totals: str, hour_hash: Callable[[int], str],
                since: float | None) -> dict[tuple[str, str], dict[str, int]]:  # fmt: skip

@@ -27,7 +27,6 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from dragonswarm.errors import StoreUnavailable
 from dragonswarm.scheduler.ratelimit import WINDOW_S, Charge, Refusal, answer_without_log, fits_ahead, limited
 from dragonswarm.store import rediskeys as rk
 from dragonswarm.store.redis import client_options
+from dragonswarm.store.redis_pipeline import Pipelined
 
 log = logging.getLogger("dragonswarm.store")
 
@@ -142,96 +142,6 @@ def _ms(now: float | None) -> str:
     return "" if now is None else str(round(now * 1000))
 
 
-@dataclass
-class _Call:
-    script: AsyncScript
-    keys: Sequence[str]
-    args: Sequence[str | int]
-    answer: asyncio.Future[Any]
-
-
-class Pipelined:
-    """Script calls from many requests at once, sent to Redis together.
-
-    While one pipeline is out, the calls made meanwhile wait and go together in the next. A
-    wave of requests costs a round trip per wave, not a connection and a round trip each: at
-    1,000 users, each call queued for one of the pool's connections and then for the busy
-    replica's loop to read its answer, and admission took up to 1.6 s in a wave. One pipeline
-    at a time, so a call made alone goes at once. Each script stays atomic in Redis; only the
-    round trips are shared."""
-
-    def __init__(self, client: redis.asyncio.Redis, scripts: Sequence[AsyncScript]) -> None:
-        self._r = client
-        self._scripts = scripts  # all loaded again when Redis has lost any (restarted)
-        self._waiting: list[_Call] = []
-        self._sender: asyncio.Task[None] | None = None
-
-    def submit(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]) -> asyncio.Future[Any]:
-        """The script's answer to come, or its error (a `redis.RedisError`)."""
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Call(script, keys, args, answer))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send(), name="redis-limits")
-        return answer
-
-    async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        return await self.submit(script, keys, args)
-
-    async def _send(self) -> None:
-        calls: list[_Call] = []
-        try:
-            while self._waiting:
-                calls, self._waiting = self._waiting, []
-                try:
-                    results = await self._run(calls)
-                except redis.RedisError as exc:
-                    results = [exc] * len(calls)
-                except Exception as exc:  # a defect of ours: said in the log, the calls fail as Redis's
-                    log.exception("the shared rate limits' pipeline failed")
-                    results = [redis.RedisError(f"the rate limiter failed: {exc}")] * len(calls)
-                for call, result in zip(calls, results, strict=True):
-                    if call.answer.done():  # its request went away meanwhile
-                        continue
-                    if isinstance(result, Exception):
-                        call.answer.set_exception(result)
-                    else:
-                        call.answer.set_result(result)
-        except BaseException:  # closed (cancelled) with calls out or waiting: they fail, never hang
-            for call in [*calls, *self._waiting]:
-                if not call.answer.done():
-                    call.answer.set_exception(redis.ConnectionError("the rate limiter was closed"))
-            self._waiting = []
-            raise
-
-    async def _run(self, calls: list[_Call]) -> list[Any]:
-        try:
-            return await self._pipeline(calls)
-        except redis.ConnectionError:
-            # Once more on a new connection: a pooled one broke (Redis restarted). Were the
-            # first sent and run, nothing is counted twice: an admission is recognised by its
-            # member, and refunds and cancels are idempotent.
-            return await self._pipeline(calls)
-
-    async def _pipeline(self, calls: list[_Call], reload: bool = True) -> list[Any]:
-        async with self._r.pipeline(transaction=False) as pipe:
-            for call in calls:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        if reload and any(isinstance(result, redis.exceptions.NoScriptError) for result in results):
-            # The first calls, or Redis lost its scripts (restarted): load them all and send the
-            # whole batch again, in its order (a cancel must not run before its admission);
-            # the calls that did run repeat harmlessly, as above.
-            for script in self._scripts:
-                await self._r.script_load(script.script)
-            return await self._pipeline(calls, reload=False)
-        return results
-
-    async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
-
-
 # Lanes a replica remembers what Redis last said of (the most recently admitted): beyond
 # these, a lane's next admission waits for Redis, as a lane never seen does.
 LANES_KEPT = 100_000
@@ -261,7 +171,7 @@ class RedisRateLimiter:
         self._refund = client.register_script(REFUND)
         self._cancel = client.register_script(CANCEL)
         self._charged = client.register_script(CHARGED)
-        self._calls = Pipelined(client, [self._admit, self._refund, self._cancel, self._charged])
+        self._calls = Pipelined(client, [self._admit, self._refund, self._cancel, self._charged], "shared rate limits")
         self._lanes: OrderedDict[str, _Lane] = OrderedDict()
         self._ahead: dict[str, list[int]] = {}  # lane -> [requests, tokens] admitted, Redis's answer to come
 
