@@ -267,6 +267,10 @@ def test_redis_restarted_and_nothing_lost(tmp_path: Path, start_orchestrator: St
         server.stop()
         during = post(a, "/v1/completions", {"prompt": "during", "max_tokens": 3})
         assert during.status_code == 503 and during.json()["error"]["code"] == "store_unavailable"
+        with a.client("admin") as c:  # an admin's key too: read through the same store
+            admin_during = c.get("/v1/nodes", params={"summary": "true"})
+        assert admin_during.status_code == 503 and admin_during.json()["error"]["code"] == "store_unavailable"
+        assert int(admin_during.headers["retry-after"]) >= 1
         server = start_local_redis(folder, port)  # the same data and password, on the same port
 
         answers: list[httpx.Response] = []

@@ -214,19 +214,20 @@ async def _metered(swarm: Swarm, limiter: Limiter, callers: CallerStore, caller:
             await asyncio.shield(limiter.refund(charge, prompt + completion))
         else:  # refused before it began (queue full, no node serves the model): not a request at all
             await asyncio.shield(limiter.cancel(charge))
-        if prompt or completion:
-            try:  # the answer is already out: accounting that fails must not break it
-                # Recorded even when the request's task is being cancelled.
-                await asyncio.shield(_record_usage(callers, caller, model, prompt, completion))
-            except StoreUnavailable:
-                log.error("the usage of a request of %s was not recorded: the store is unavailable", caller.name)
-            except Exception:
-                log.exception("recording usage failed")
+        if prompt or completion:  # recorded even when the request's task is being cancelled
+            await asyncio.shield(_record_usage(callers, caller, model, prompt, completion))
 
 
 async def _record_usage(callers: CallerStore, caller: Caller, model: str, prompt: int, completion: int) -> None:
-    """Count a finished request against its key, or against the node whose hand-off it was."""
-    if caller.key is not None:
-        await callers.record_usage(caller.key.id, model, prompt, completion)
-    elif caller.node is not None:
-        await callers.record_node_usage(caller.node, model, prompt, completion)
+    """Count a finished request against its key, or against the node whose hand-off it was. Never
+    raises: the answer is already out, and accounting that fails must not break it. Logged here,
+    inside the shield, so that a failure is said even when the request's task was cancelled."""
+    try:
+        if caller.key is not None:
+            await callers.record_usage(caller.key.id, model, prompt, completion)
+        elif caller.node is not None:
+            await callers.record_node_usage(caller.node, model, prompt, completion)
+    except StoreUnavailable:
+        log.error("the usage of a request of %s was not recorded: the store is unavailable", caller.name)
+    except Exception:
+        log.exception("recording usage failed")

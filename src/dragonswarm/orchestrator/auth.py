@@ -87,12 +87,16 @@ def require(*roles: Role, what: str) -> Callable[[Request], Awaitable[KeyRecord]
     """A FastAPI dependency admitting keys of these roles (and admin)."""
 
     async def dependency(request: Request) -> KeyRecord:
-        callers: CallerStore = request.app.state.callers
-        record = allowed(await callers.find_key(token_of(request.headers)), roles, what)
+        record = await _key(request, roles, what)
         facts(request).key = record.name
         return record
 
     return dependency
+
+
+async def _key(request: Request, roles: tuple[Role, ...], what: str) -> KeyRecord:
+    callers: CallerStore = request.app.state.callers
+    return allowed(await callers.find_key(token_of(request.headers)), roles, what)
 
 
 async def inference(request: Request) -> Caller:
@@ -104,8 +108,7 @@ async def inference(request: Request) -> Caller:
         await asyncio.to_thread(node_identity, request.app.state.store, name, token)
         caller = Caller(lane=f"node-{name}", node=name)
     else:
-        callers: CallerStore = request.app.state.callers
-        record = allowed(await callers.find_key(token_of(headers)), ("user",), "use the inference API")
+        record = await _key(request, ("user",), "use the inference API")
         caller = Caller(lane=f"key-{record.id}", key=record)
     facts(request).key = caller.name
     return caller

@@ -49,7 +49,7 @@ from dragonswarm.protocol.cadence import Cadence
 from dragonswarm.protocol.swarm import Cancel, Heartbeat, Hello, JobEvent, ProtocolError, RunFragment, dump
 from dragonswarm.scheduler.placement import NodeState
 from dragonswarm.store import rediskeys as K
-from dragonswarm.store.redis import client_options
+from dragonswarm.store.redis import async_client, client_options
 
 log = logging.getLogger("dragonswarm.orchestrator")
 
@@ -81,10 +81,9 @@ def federation_client(url: str) -> aioredis.Redis:
     relayed batch of events was lost with it (its request stalled for the stall timeout). A
     command tried twice may have been carried out twice: every message here is idempotent or
     recognised when it comes again (`Federation._news_or_events`, `Federation._take`)."""
-    options = {**client_options(), "socket_timeout": BLOCK_MS / 1000 + client_options()["socket_timeout"],
-               "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-               "retry_on_error": [RedisConnectionError]}  # fmt: skip
-    return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
+    return async_client(url, socket_timeout=BLOCK_MS / 1000 + client_options()["socket_timeout"],
+                        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                        retry_on_error=[RedisConnectionError])  # fmt: skip
 
 
 @dataclass

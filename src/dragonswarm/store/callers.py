@@ -4,7 +4,7 @@ and, once it ends, its usage. Awaited on the event loop, which they never hold.
 Two implementations, as for the response cache (`responses.py`): the blocking `Store` of one
 orchestrator (its SQLite file) called in a thread (`InThreads`); and the Redis that replicas
 share, through redis-py's asyncio client, the calls of a wave of requests in one pipeline
-(`callers_redis.py`). Both raise `StoreUnavailable` when the store fails.
+(`callers_redis.py`), which raises `StoreUnavailable` when Redis fails.
 """
 
 from __future__ import annotations

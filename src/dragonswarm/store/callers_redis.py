@@ -2,42 +2,37 @@
 
 The same keys and the same usage script as the Redis store (`redis.py`), through redis-py's
 asyncio client instead of its blocking one in a thread, and with the calls made while a
-round trip is out sent together in the next (`Pipelined`). Every request makes two such calls,
-and in a replica at 1,000 users they were a tenth of its work: a thread hop and a round trip
-each, 320 µs of CPU a usage count with ten at once, against 60 µs here (`bench/results/users.md`).
+round trip is out sent together in the next (`Pipelined`). Every request makes two such
+calls. Through a thread each was a hop and a round trip of its own: in a usage-count test,
+322 µs of the caller's CPU a call with ten at once, against 63 µs pipelined (docs/scale.md,
+"Measured: many users").
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, cast
 
 import redis
 import redis.asyncio
 
-from dragonswarm.errors import StoreUnavailable
 from dragonswarm.store import rediskeys as rk
 from dragonswarm.store.base import KeyRecord, hash_key
-from dragonswarm.store.redis import COUNT, client_options, count_call, key_record
+from dragonswarm.store.redis import COUNT, async_client, count_call, key_record, unavailable
 from dragonswarm.store.redis_pipeline import Pipelined
-
-log = logging.getLogger("dragonswarm.store")
 
 
 class RedisCallers:
-    """`CallerStore` on a shared Redis."""
+    """`CallerStore` on a shared Redis. A Redis that fails a call raises `StoreUnavailable`."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._r = client
         self._count = client.register_script(COUNT)
-        # A usage count that ran must not run twice; lookups and counts do not depend on each other's order.
-        self._calls = Pipelined(client, [self._count], "key lookups and usage counts", repeatable=False)
+        self._calls = Pipelined(client, [self._count], "key lookups and usage counts")
 
     @classmethod
     def from_url(cls, url: str) -> RedisCallers:
         """On the Redis at `url` (the store's `connect` has checked it); it connects on first use."""
-        pool = redis.asyncio.BlockingConnectionPool.from_url(url, **client_options())
-        return cls(redis.asyncio.Redis.from_pool(pool))
+        return cls(async_client(url))
 
     async def find_key(self, key: str) -> KeyRecord | None:
         fields = cast(dict[str, str], await self._shared("find_key", "HGETALL", rk.key(hash_key(key))))
@@ -45,19 +40,21 @@ class RedisCallers:
 
     async def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         keys, args = count_call(rk.USAGE, rk.usage_hour, key_id, model, prompt_tokens, completion_tokens, None)
-        await self._shared("record_usage", "EVALSHA", self._count.sha, len(keys), *keys, *args)
+        await self._count_once("record_usage", keys, args)
 
     async def record_node_usage(self, node: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         keys, args = count_call(rk.NODE_USAGE, rk.node_usage_hour, node, model, prompt_tokens, completion_tokens, None)
-        await self._shared("record_node_usage", "EVALSHA", self._count.sha, len(keys), *keys, *args)
+        await self._count_once("record_node_usage", keys, args)
 
-    async def _shared(self, what: str, *command: str | int) -> Any:
-        """The command's answer; a Redis that fails it is `StoreUnavailable` (503), as in `redis.py`."""
+    async def _count_once(self, what: str, keys: list[str], args: list[str | int]) -> None:
+        # Never sent twice: a count whose connection broke may have run, and would count double.
+        await self._shared(what, "EVALSHA", self._count.sha, len(keys), *keys, *args, repeatable=False)
+
+    async def _shared(self, what: str, *command: str | int, repeatable: bool = True) -> Any:
         try:
-            return await self._calls.command(*command)
+            return await self._calls.command(*command, repeatable=repeatable)
         except redis.RedisError as exc:
-            log.warning("the shared store (Redis) failed in %s: %s", what, exc)
-            raise StoreUnavailable("the orchestrator's shared store is unavailable; retry shortly") from exc
+            raise unavailable(what, exc) from exc
 
     async def close(self) -> None:
         await self._calls.close()

@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
@@ -114,16 +115,28 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
+def async_client(url: str, **overrides: Any) -> redis.asyncio.Redis:
+    """An asyncio client for `url` with our pool options (and `overrides`); it connects on first
+    use, the URL having been checked by `connect` at start."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, **{**client_options(), **overrides})
+    return redis.asyncio.Redis.from_pool(pool)
+
+
+def unavailable(what: str, exc: redis.RedisError) -> StoreUnavailable:
+    """The error a failed call of the shared store becomes (the API answers 503), said in the log."""
+    log.warning("the shared store (Redis) failed in %s: %s", what, exc)
+    return StoreUnavailable("the orchestrator's shared store is unavailable; retry shortly")
+
+
 def _shared(method: Callable[P, T]) -> Callable[P, T]:
-    """A store method whose Redis failures become `StoreUnavailable` (the API answers 503)."""
+    """A store method whose Redis failures become `StoreUnavailable`."""
 
     @functools.wraps(method)
     def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return method(*args, **kwargs)
         except redis.RedisError as exc:
-            log.warning("the shared store (Redis) failed in %s: %s", method.__name__, exc)
-            raise StoreUnavailable("the orchestrator's shared store is unavailable; retry shortly") from exc
+            raise unavailable(method.__name__, exc) from exc
 
     return call
 

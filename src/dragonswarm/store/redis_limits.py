@@ -37,7 +37,7 @@ from redis.commands.core import AsyncScript
 from dragonswarm.errors import StoreUnavailable
 from dragonswarm.scheduler.ratelimit import WINDOW_S, Charge, Refusal, answer_without_log, fits_ahead, limited
 from dragonswarm.store import rediskeys as rk
-from dragonswarm.store.redis import client_options
+from dragonswarm.store.redis import async_client
 from dragonswarm.store.redis_pipeline import Pipelined
 
 log = logging.getLogger("dragonswarm.store")
@@ -178,8 +178,7 @@ class RedisRateLimiter:
     @classmethod
     def from_url(cls, url: str, rpm: int, tpm: int) -> RedisRateLimiter:
         """A limiter on the Redis at `url` (the store's `connect` has checked it); it connects on first use."""
-        pool = redis.asyncio.BlockingConnectionPool.from_url(url, **client_options())
-        return cls(redis.asyncio.Redis.from_pool(pool), rpm, tpm)
+        return cls(async_client(url), rpm, tpm)
 
     async def admit(self, key: str, tokens: int, now: float | None = None) -> Charge | Refusal:
         """Charge a request of at most `tokens` tokens, or say why not and for how long (charging

@@ -18,11 +18,24 @@ from redis.commands.core import AsyncScript
 
 log = logging.getLogger("dragonswarm.store")
 
+# How long closing waits for the calls already made to be answered: a command's own timeout.
+CLOSE_WAIT_S = 10.0
+
 
 @dataclass
 class _Call:
     command: tuple[str | int, ...]  # as redis-py's `execute_command` takes it
     answer: asyncio.Future[Any]
+    repeatable: bool  # may run twice (see `Pipelined`)
+
+
+def sent_again(refused: Sequence[bool], repeatable: Sequence[bool]) -> list[int]:
+    """Which calls of a batch go again once the scripts Redis had lost are loaded: those it
+    refused for a missing script, and, so that they still run in the batch's order (a cancel
+    after its admission), every repeatable call behind the first refused one. A call that ran
+    and may not run twice keeps its answer."""
+    first = next((i for i, was in enumerate(refused) if was), len(refused))
+    return [i for i in range(first, len(refused)) if refused[i] or repeatable[i]]
 
 
 class Pipelined:
@@ -35,38 +48,41 @@ class Pipelined:
     at a time, so a call made alone goes at once. Each command stays atomic in Redis; only the
     round trips are shared.
 
-    `repeatable`: whether a call may run twice, and so be sent again when it is not known to
-    have run. Then a pipeline whose connection broke goes once more on a new connection, and
-    a batch that met scripts Redis had lost goes again whole, in its order (a cancel must not
-    run before its admission). Otherwise (a count) a broken pipeline fails, and only the calls
-    refused for a lost script go again: the calls must then not depend on each other's order."""
+    A call is `repeatable` when running it twice does no harm (a lookup; an admission, which
+    Redis recognises by its member). When a pipeline's connection breaks, its calls may or may
+    not have run: the repeatable ones go once more on a new connection, the others (a usage
+    count) fail. Closing waits for the calls already made, and refuses new ones."""
 
-    def __init__(self, client: redis.asyncio.Redis, scripts: Sequence[AsyncScript], what: str,
-                 repeatable: bool = True) -> None:  # fmt: skip
+    def __init__(self, client: redis.asyncio.Redis, scripts: Sequence[AsyncScript], what: str) -> None:
         self._r = client
         self._scripts = scripts  # all loaded again when Redis has lost any (restarted)
         self._what = what  # for the log and the errors: what these calls are for
-        self._repeatable = repeatable
         self._waiting: list[_Call] = []
         self._sender: asyncio.Task[None] | None = None
+        self._closed = False
 
-    def submit(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]) -> asyncio.Future[Any]:
+    def submit(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int],
+               repeatable: bool = True) -> asyncio.Future[Any]:  # fmt: skip
         """The script's answer to come, or its error (a `redis.RedisError`)."""
-        return self.submit_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return self.submit_command("EVALSHA", script.sha, len(keys), *keys, *args, repeatable=repeatable)
 
-    def submit_command(self, *command: str | int) -> asyncio.Future[Any]:
+    def submit_command(self, *command: str | int, repeatable: bool = True) -> asyncio.Future[Any]:
         """A command's answer to come (parsed as redis-py parses it), or its error."""
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Call(command, answer))
+        if self._closed:
+            answer.set_exception(redis.ConnectionError(f"the {self._what} are closed"))
+            return answer
+        self._waiting.append(_Call(command, answer, repeatable))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send(), name=f"redis-{self._what}")
         return answer
 
-    async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        return await self.submit(script, keys, args)
+    async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int],
+                   repeatable: bool = True) -> Any:  # fmt: skip
+        return await self.submit(script, keys, args, repeatable)
 
-    async def command(self, *command: str | int) -> Any:
-        return await self.submit_command(*command)
+    async def command(self, *command: str | int, repeatable: bool = True) -> Any:
+        return await self.submit_command(*command, repeatable=repeatable)
 
     async def _send(self) -> None:
         calls: list[_Call] = []
@@ -75,8 +91,6 @@ class Pipelined:
                 calls, self._waiting = self._waiting, []
                 try:
                     results = await self._run(calls)
-                except redis.RedisError as exc:
-                    results = [exc] * len(calls)
                 except Exception as exc:  # a defect of ours: said in the log, the calls fail as Redis's
                     log.exception("the pipeline of %s failed", self._what)
                     results = [redis.RedisError(f"the {self._what} failed: {exc}")] * len(calls)
@@ -87,7 +101,7 @@ class Pipelined:
                         call.answer.set_exception(result)
                     else:
                         call.answer.set_result(result)
-        except BaseException:  # closed (cancelled) with calls out or waiting: they fail, never hang
+        except BaseException:  # cancelled with calls out or waiting: they fail, never hang
             for call in [*calls, *self._waiting]:
                 if not call.answer.done():
                     call.answer.set_exception(redis.ConnectionError(f"the {self._what} were closed"))
@@ -95,35 +109,57 @@ class Pipelined:
             raise
 
     async def _run(self, calls: list[_Call]) -> list[Any]:
+        """Each call's answer, or its error, in order."""
         try:
-            return await self._pipeline(calls)
-        except redis.ConnectionError:
-            if not self._repeatable:
-                raise
-            # Once more on a new connection: a pooled one broke. Were the first sent and run,
-            # the calls repeat harmlessly (`repeatable`).
-            return await self._pipeline(calls)
+            return await self._attempt(calls)
+        except redis.ConnectionError as exc:
+            # A pooled connection broke: the calls may have run. Once more, on a new connection,
+            # those that may run twice.
+            results: list[Any] = [exc] * len(calls)
+            again = [i for i, call in enumerate(calls) if call.repeatable]
+            if again:
+                try:
+                    answers = await self._attempt([calls[i] for i in again])
+                except redis.RedisError as second:
+                    answers = [second] * len(again)
+                for i, answer in zip(again, answers, strict=True):
+                    results[i] = answer
+            return results
+        except redis.RedisError as exc:
+            return [exc] * len(calls)
 
-    async def _pipeline(self, calls: list[_Call], reload: bool = True) -> list[Any]:
+    async def _attempt(self, calls: list[_Call]) -> list[Any]:
+        """One pipeline of the calls (its failure raised: none is known to have run), and the
+        calls Redis refused for a lost script sent again once the scripts are loaded."""
+        results = await self._pipeline(calls)
+        refused = [isinstance(result, redis.exceptions.NoScriptError) for result in results]
+        if not any(refused):
+            return results
+        # The first calls, or Redis lost its scripts (restarted): load them all, then send again.
+        again = sent_again(refused, [call.repeatable for call in calls])
+        try:
+            for script in self._scripts:
+                await self._r.script_load(script.script)
+            answers = await self._pipeline([calls[i] for i in again])
+        except redis.RedisError as exc:
+            answers = [exc] * len(again)
+        for i, answer in zip(again, answers, strict=True):
+            if refused[i] or not isinstance(answer, Exception):  # one that ran keeps its answer
+                results[i] = answer
+        return results
+
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
         async with self._r.pipeline(transaction=False) as pipe:
             for call in calls:
                 pipe.execute_command(*call.command)
             results: list[Any] = await pipe.execute(raise_on_error=False)
-        if reload and any(isinstance(result, redis.exceptions.NoScriptError) for result in results):
-            # The first calls, or Redis lost its scripts (restarted): load them all and send the
-            # batch again (`repeatable`), or only the calls refused, the others keeping their answers.
-            for script in self._scripts:
-                await self._r.script_load(script.script)
-            if self._repeatable:
-                return await self._pipeline(calls, reload=False)
-            again = [i for i, result in enumerate(results) if isinstance(result, redis.exceptions.NoScriptError)]
-            rerun = await self._pipeline([calls[i] for i in again], reload=False)
-            for i, result in zip(again, rerun, strict=True):
-                results[i] = result
-            return results
         return results
 
     async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
+        """Refuse new calls, wait (up to `CLOSE_WAIT_S`) for those made to be answered, then stop."""
+        self._closed = True
+        if self._sender is None:
+            return
+        await asyncio.wait({self._sender}, timeout=CLOSE_WAIT_S)
+        self._sender.cancel()
+        await asyncio.gather(self._sender, return_exceptions=True)

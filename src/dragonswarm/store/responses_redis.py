@@ -16,7 +16,7 @@ import redis.asyncio
 
 from dragonswarm.errors import StoreUnavailable
 from dragonswarm.store import rediskeys as rk
-from dragonswarm.store.redis import client_options
+from dragonswarm.store.redis import async_client
 
 log = logging.getLogger("dragonswarm.store")
 
@@ -32,8 +32,7 @@ class RedisResponses:
     def from_url(cls, url: str, ttl_s: float) -> RedisResponses:
         """The cache on the Redis at `url` (the store's `connect` has checked it); it connects on first use."""
         # Bytes, not text: an answer is stored as the JSON bytes it was encoded to.
-        options = {**client_options(), "decode_responses": False}
-        return cls(redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(url, **options)), ttl_s)
+        return cls(async_client(url, decode_responses=False), ttl_s)
 
     async def get(self, key: str) -> bytes | None:
         try:
