@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -377,3 +379,41 @@ def test_since_values() -> None:
     for short in ("2025", "20250101", "99999999", "0", "0.5", "00000002025"):
         with pytest.raises(ValueError, match=r"at least 9 digits.*2025-01-01"):
             since_arg(short, now)
+
+
+def test_a_stream_cut_by_the_orchestrators_shutdown_is_counted(
+        start_orchestrator: Callable[..., OrchestratorProcess], start_node: Callable[..., Any], coder_model: Path,
+        state_redis: str | None) -> None:  # fmt: skip
+    """Stopped while a stream runs, the orchestrator cancels it after its grace period (5 s) and
+    closes the limiter and the store. The stream's usage, written as it ends, must get there
+    first: what it used is counted, not lost with the shutdown."""
+    orch = start_orchestrator(redis=state_redis)
+    start_node("--name", "w1", "--model", f"coder={coder_model}", swarm=orch)
+    orch.wait_live("w1")
+    received: list[str] = []
+
+    def stream() -> None:  # about 20 s of tokens on these cores: still running 5 s after the stop
+        body = {"model": "coder", "prompt": "Counting to 1000: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 700,
+                "stream": True, "temperature": 0}  # fmt: skip
+        with contextlib.suppress(httpx.HTTPError), orch.client() as c, \
+                c.stream("POST", "/v1/completions", json=body, timeout=60) as r:  # fmt: skip
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    received.append(line)
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    wait_until(lambda: len(received) >= 5, 60, "the stream to begin")
+    assert orch.proc is not None
+    orch.proc.send_signal(signal.SIGINT)
+    orch.proc.wait(60)  # 130 after a SIGINT: uvicorn raises the signal again once it has stopped
+    reader.join(30)
+    assert "timeout graceful shutdown exceeded" in orch.log()  # cut, not finished
+    store = open_store(orch.home, state_redis)
+    try:
+        key_id = next(k.id for k in store.list_keys() if k.name == "test user")
+        requests, prompt, completion = store.usage_by_key().get(key_id, (0, 0, 0))
+    finally:
+        store.close()
+    assert requests == 1 and prompt > 0 and len(received) <= completion < 700, (requests, completion, orch.log())

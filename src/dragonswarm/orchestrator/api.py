@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited, StoreUnavailable
+from dragonswarm.orchestrator.accounting import Accounting
 from dragonswarm.orchestrator.auth import Caller, inference, require
 from dragonswarm.orchestrator.cache import CacheState, Lookup, ResponseCache
 from dragonswarm.orchestrator.federation import Federation
@@ -168,7 +169,8 @@ async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: l
     if cache and lookup:
         events = cache.answer(lookup, req, swarm.registry.files(model), events)
     try:
-        metered = _metered(swarm, limiter, request.app.state.callers, caller, req, told, charge, lookup, events)
+        state = request.app.state
+        metered = _metered(swarm, limiter, state.callers, state.accounting, caller, req, told, charge, lookup, events)
         return await respond(request, reply, metered)
     except Overloaded:
         swarm.metrics.refused(caller.name, "queue")
@@ -186,8 +188,8 @@ def _route(req: SwarmRequest, lookup: Lookup | None, fragments: int) -> dict[str
     return {**req.route(), "cache": _cache_state(lookup)}
 
 
-async def _metered(swarm: Swarm, limiter: Limiter, callers: CallerStore, caller: Caller, req: SwarmRequest,
-                   told: RequestFacts, charge: Charge, lookup: Lookup | None,
+async def _metered(swarm: Swarm, limiter: Limiter, callers: CallerStore, accounting: Accounting, caller: Caller,
+                   req: SwarmRequest, told: RequestFacts, charge: Charge, lookup: Lookup | None,
                    events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
     """Pass events through; once the request ends, record the usage (the key's, or for a hand-off
     its node's) and give back the tokens charged at admission but not used. Counted as the work
@@ -204,24 +206,34 @@ async def _metered(swarm: Swarm, limiter: Limiter, callers: CallerStore, caller:
                 swarm.metrics.tokens(model, len(event.get("ids", ())))
             yield index, event
     finally:
-        await watched.aclose()  # and the swarm's own stream with it
-        told.fragments, told.nodes = len(req.fragments), list(req.nodes)
-        told.cache = lookup.state if lookup else None
+        # Counted as they went out: what was not is not the caller's. Written first, in a task of its
+        # own (`Accounting`), which finishes even when this request is being cancelled.
         prompt, completion = told.prompt_tokens, told.completion_tokens
-        # Shielded like the usage below: a shared limiter's round trip must finish even while the
-        # request's task is being cancelled, or the charge stays whole for the window.
-        if began:
-            await asyncio.shield(limiter.refund(charge, prompt + completion))
-        else:  # refused before it began (queue full, no node serves the model): not a request at all
-            await asyncio.shield(limiter.cancel(charge))
-        if prompt or completion:  # recorded even when the request's task is being cancelled
-            await asyncio.shield(_record_usage(callers, caller, model, prompt, completion))
+        work = accounting.start(_account(limiter, callers, caller, model, charge, began, prompt, completion))
+        try:
+            await watched.aclose()  # and the swarm's own stream with it
+        finally:
+            told.fragments, told.nodes = len(req.fragments), list(req.nodes)
+            told.cache = lookup.state if lookup else None
+            await asyncio.shield(work)  # the request's log line comes after its accounting
+
+
+async def _account(limiter: Limiter, callers: CallerStore, caller: Caller, model: str, charge: Charge, began: bool,
+                   prompt: int, completion: int) -> None:  # fmt: skip
+    """Give back what the request did not use of its charge (all of it when it never began: a request
+    refused before any work, queue full or no node serving the model, is no request at all), then
+    count its usage."""
+    if began:
+        await limiter.refund(charge, prompt + completion)
+    else:
+        await limiter.cancel(charge)
+    if prompt or completion:
+        await _record_usage(callers, caller, model, prompt, completion)
 
 
 async def _record_usage(callers: CallerStore, caller: Caller, model: str, prompt: int, completion: int) -> None:
     """Count a finished request against its key, or against the node whose hand-off it was. Never
-    raises: the answer is already out, and accounting that fails must not break it. Logged here,
-    inside the shield, so that a failure is said even when the request's task was cancelled."""
+    raises: the answer is already out, and accounting that fails must not break it."""
     try:
         if caller.key is not None:
             await callers.record_usage(caller.key.id, model, prompt, completion)

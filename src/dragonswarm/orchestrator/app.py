@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from dragonswarm import __version__
 from dragonswarm.errors import ConfigError
+from dragonswarm.orchestrator.accounting import Accounting
 from dragonswarm.orchestrator.api import router as api_router
 from dragonswarm.orchestrator.cache import ResponseCache
 from dragonswarm.orchestrator.dashboard import router as dashboard_router
@@ -43,6 +44,9 @@ log = logging.getLogger("dragonswarm.orchestrator")
 # (about 15 ms here) on its next request. Clients that pool connections (the OpenAI SDK,
 # an IDE) should keep theirs for longer.
 KEEP_ALIVE_S = 75
+# How long a stop waits for the requests it cut to write their usage (a round trip each, or a
+# command's timeout when the store does not answer).
+ACCOUNTING_WAIT_S = 10.0
 
 
 def create_app(settings: OrchestratorSettings, store: Store, responses: ResponseStore | None = None) -> FastAPI:
@@ -58,6 +62,7 @@ def create_app(settings: OrchestratorSettings, store: Store, responses: Response
     redis_url = settings.redis.get_secret_value() if settings.redis else None
     federation = Federation(swarm, federation_client(redis_url)) if redis_url else None
     callers = open_callers(store, redis_url)  # every request's key and usage
+    accounting = Accounting()
     cache = ResponseCache(responses, metrics, shared=settings.cache_shared) if responses else None
 
     def request_done(facts: RequestFacts) -> None:
@@ -74,6 +79,9 @@ def create_app(settings: OrchestratorSettings, store: Store, responses: Response
         try:
             yield
         finally:
+            # First: the requests cut by the stop write their accounting through the limiter and the store.
+            if writing := await accounting.settled(ACCOUNTING_WAIT_S):
+                log.warning("stopping with %d requests' usage still being written: it may not be counted", writing)
             if federation:
                 await federation.close()
             await overview.close()
@@ -94,6 +102,7 @@ def create_app(settings: OrchestratorSettings, store: Store, responses: Response
     app.state.loop_lag = loop_lag
     app.state.store = store
     app.state.callers = callers
+    app.state.accounting = accounting
     app.state.started = time.time()
     app.state.overview = overview
     app.state.federation = federation
