@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,7 +33,7 @@ def test_what_goes_again_after_lost_scripts() -> None:
     assert sent_again([True, False], [True, True]) == [0, 1]  # an admission, then its cancel
 
 
-def run(body: Callable[[], Awaitable[T]]) -> T:
+def run(body: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(body())
 
 
@@ -60,12 +60,12 @@ def test_each_call_of_a_batch_gets_its_own_answer_when_scripts_were_lost(redis_u
             await client.script_flush()
             await client.script_load(INCR)
             answers = [
-                calls.submit(echo, [], ["a"]),
+                calls.submit(echo, [], ["a"], repeatable=True),
                 calls.submit(incr, ["once"], [], repeatable=False),
-                calls.submit_command("SET", "plain", "v"),
-                calls.submit(incr, ["again"], []),
+                calls.submit_command("SET", "plain", "v", repeatable=True),
+                calls.submit(incr, ["again"], [], repeatable=True),
                 calls.submit(echo, [], ["b"], repeatable=False),
-                calls.submit_command("GET", "plain"),
+                calls.submit_command("GET", "plain", repeatable=True),
             ]
             got = await asyncio.gather(*answers)
             assert got[0] == "echo:a" and got[4] == "echo:b" and got[2] is True and got[5] == "v"
@@ -111,11 +111,11 @@ def test_a_call_whose_answer_was_lost_is_sent_again_only_if_it_may_run_twice(red
         via = urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{port}"))
         try:
             async with pipelined(via, INCR) as (calls, (incr,), client):
-                assert await calls.command("PING") is True  # connected through the proxy, scripts loaded next
-                assert await calls.call(incr, ["warm"], []) == 1
+                assert await calls.command("PING", repeatable=True) is True  # connected through the proxy
+                assert await calls.call(incr, ["warm"], [], repeatable=True) == 1
                 drop.set()
                 once = calls.submit(incr, ["count"], [], repeatable=False)
-                lookup = calls.submit_command("INCR", "lookup")  # repeatable (say a lookup; INCR shows the runs)
+                lookup = calls.submit_command("INCR", "lookup", repeatable=True)  # as a lookup; INCR counts its runs
                 assert await lookup == 2  # its first run's answer was lost; it ran again
                 with pytest.raises(redis.ConnectionError):
                     await once  # it ran, but nobody can know that: failed, not sent again
@@ -134,7 +134,7 @@ def test_closing_answers_the_calls_made_and_refuses_new_ones(redis_url: str) -> 
             await calls.close()
             assert sorted(await asyncio.gather(*made)) == list(range(1, 51))
             with pytest.raises(redis.ConnectionError, match="closed"):
-                await calls.call(incr, ["closing"], [])
+                await calls.call(incr, ["closing"], [], repeatable=True)
             assert await client.get("closing") == "50"
 
     run(body)

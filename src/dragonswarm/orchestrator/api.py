@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited, StoreUnavailable
+from dragonswarm.errors import InvalidRequest, NotFound, Overloaded, RateLimited
 from dragonswarm.orchestrator.accounting import Accounting
 from dragonswarm.orchestrator.auth import Caller, inference, require
 from dragonswarm.orchestrator.cache import CacheState, Lookup, ResponseCache
@@ -30,7 +30,6 @@ from dragonswarm.scheduler.models import pick_model
 from dragonswarm.scheduler.ratelimit import Charge, Refusal
 from dragonswarm.scheduler.split import chat_generations, completion_generations, prompt_text, token_estimate
 from dragonswarm.store.base import KeyRecord
-from dragonswarm.store.callers import CallerStore
 from dragonswarm.web.replies import Reply, respond
 from dragonswarm.web.requestlog import RequestFacts, facts, observed
 
@@ -169,8 +168,7 @@ async def _serve(request: Request, caller: Caller, body: SamplingParams, gens: l
     if cache and lookup:
         events = cache.answer(lookup, req, swarm.registry.files(model), events)
     try:
-        state = request.app.state
-        metered = _metered(swarm, limiter, state.callers, state.accounting, caller, req, told, charge, lookup, events)
+        metered = _metered(swarm, request.app.state.accounting, caller, req, told, charge, lookup, events)
         return await respond(request, reply, metered)
     except Overloaded:
         swarm.metrics.refused(caller.name, "queue")
@@ -188,8 +186,8 @@ def _route(req: SwarmRequest, lookup: Lookup | None, fragments: int) -> dict[str
     return {**req.route(), "cache": _cache_state(lookup)}
 
 
-async def _metered(swarm: Swarm, limiter: Limiter, callers: CallerStore, accounting: Accounting, caller: Caller,
-                   req: SwarmRequest, told: RequestFacts, charge: Charge, lookup: Lookup | None,
+async def _metered(swarm: Swarm, accounting: Accounting, caller: Caller, req: SwarmRequest, told: RequestFacts,
+                   charge: Charge, lookup: Lookup | None,
                    events: AsyncGenerator[tuple[int, Event]]) -> AsyncGenerator[tuple[int, Event]]:  # fmt: skip
     """Pass events through; once the request ends, record the usage (the key's, or for a hand-off
     its node's) and give back the tokens charged at admission but not used. Counted as the work
@@ -199,6 +197,7 @@ async def _metered(swarm: Swarm, limiter: Limiter, callers: CallerStore, account
     began = False
     model = req.model
     watched = observed(events, told)
+    accounting.begin()
     try:
         async for index, event in watched:
             began = True
@@ -207,39 +206,11 @@ async def _metered(swarm: Swarm, limiter: Limiter, callers: CallerStore, account
             yield index, event
     finally:
         # Counted as they went out: what was not is not the caller's. Written first, in a task of its
-        # own (`Accounting`), which finishes even when this request is being cancelled.
-        prompt, completion = told.prompt_tokens, told.completion_tokens
-        work = accounting.start(_account(limiter, callers, caller, model, charge, began, prompt, completion))
+        # own, which finishes even when this request is being cancelled (`Accounting`).
+        work = accounting.start(caller, model, charge, began, told.prompt_tokens, told.completion_tokens)
         try:
             await watched.aclose()  # and the swarm's own stream with it
         finally:
             told.fragments, told.nodes = len(req.fragments), list(req.nodes)
             told.cache = lookup.state if lookup else None
             await asyncio.shield(work)  # the request's log line comes after its accounting
-
-
-async def _account(limiter: Limiter, callers: CallerStore, caller: Caller, model: str, charge: Charge, began: bool,
-                   prompt: int, completion: int) -> None:  # fmt: skip
-    """Give back what the request did not use of its charge (all of it when it never began: a request
-    refused before any work, queue full or no node serving the model, is no request at all), then
-    count its usage."""
-    if began:
-        await limiter.refund(charge, prompt + completion)
-    else:
-        await limiter.cancel(charge)
-    if prompt or completion:
-        await _record_usage(callers, caller, model, prompt, completion)
-
-
-async def _record_usage(callers: CallerStore, caller: Caller, model: str, prompt: int, completion: int) -> None:
-    """Count a finished request against its key, or against the node whose hand-off it was. Never
-    raises: the answer is already out, and accounting that fails must not break it."""
-    try:
-        if caller.key is not None:
-            await callers.record_usage(caller.key.id, model, prompt, completion)
-        elif caller.node is not None:
-            await callers.record_node_usage(caller.node, model, prompt, completion)
-    except StoreUnavailable:
-        log.error("the usage of a request of %s was not recorded: the store is unavailable", caller.name)
-    except Exception:
-        log.exception("recording usage failed")

@@ -31,6 +31,7 @@ from dragonswarm.settings import OrchestratorSettings
 from dragonswarm.store.backends import open_store
 from dragonswarm.store.base import Store
 from dragonswarm.store.callers import open_callers
+from dragonswarm.store.redis import COMMAND_TIMEOUT_S
 from dragonswarm.store.responses import ResponseStore, open_responses
 from dragonswarm.tls import TlsFiles
 from dragonswarm.web import eventloop
@@ -44,9 +45,10 @@ log = logging.getLogger("dragonswarm.orchestrator")
 # (about 15 ms here) on its next request. Clients that pool connections (the OpenAI SDK,
 # an IDE) should keep theirs for longer.
 KEEP_ALIVE_S = 75
-# How long a stop waits for the requests it cut to write their usage (a round trip each, or a
-# command's timeout when the store does not answer).
-ACCOUNTING_WAIT_S = 10.0
+# How long a stop waits for the requests it cut to write their usage: a round trip each, or a
+# command's timeout when the store does not answer. (Closing the limiter and the store may each
+# wait as long again for calls of theirs still out.)
+ACCOUNTING_WAIT_S = COMMAND_TIMEOUT_S
 
 
 def create_app(settings: OrchestratorSettings, store: Store, responses: ResponseStore | None = None) -> FastAPI:
@@ -62,7 +64,7 @@ def create_app(settings: OrchestratorSettings, store: Store, responses: Response
     redis_url = settings.redis.get_secret_value() if settings.redis else None
     federation = Federation(swarm, federation_client(redis_url)) if redis_url else None
     callers = open_callers(store, redis_url)  # every request's key and usage
-    accounting = Accounting()
+    accounting = Accounting(limiter, callers)  # each request's refund and usage
     cache = ResponseCache(responses, metrics, shared=settings.cache_shared) if responses else None
 
     def request_done(facts: RequestFacts) -> None:

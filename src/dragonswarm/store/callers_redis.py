@@ -35,7 +35,7 @@ class RedisCallers:
         return cls(async_client(url))
 
     async def find_key(self, key: str) -> KeyRecord | None:
-        fields = cast(dict[str, str], await self._shared("find_key", "HGETALL", rk.key(hash_key(key))))
+        fields = cast(dict[str, str], await self._shared("find_key", "HGETALL", rk.key(hash_key(key)), repeatable=True))
         return key_record(fields) if fields else None
 
     async def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -50,7 +50,7 @@ class RedisCallers:
         # Never sent twice: a count whose connection broke may have run, and would count double.
         await self._shared(what, "EVALSHA", self._count.sha, len(keys), *keys, *args, repeatable=False)
 
-    async def _shared(self, what: str, *command: str | int, repeatable: bool = True) -> Any:
+    async def _shared(self, what: str, *command: str | int, repeatable: bool) -> Any:
         try:
             return await self._calls.command(*command, repeatable=repeatable)
         except redis.RedisError as exc:

@@ -9,7 +9,9 @@ and other writes of several keys go in one MULTI transaction. Key names and TTLs
 
 Times are stored as Python's `repr` of the float, which reads back exactly. The client is
 redis-py's synchronous one, with a connection pool: the orchestrator calls its store from
-threads. A Redis that fails a call raises `StoreUnavailable` (503, retry), logged here once.
+threads. A Redis that fails a call raises `StoreUnavailable` (503, retry), logged here once
+(`unavailable`). Also here, for every client of ours: the pool options (`client_options`)
+and the asyncio client (`async_client`) of the limiter, the callers, the cache and the federation.
 """
 
 from __future__ import annotations

@@ -171,6 +171,7 @@ class RedisRateLimiter:
         self._refund = client.register_script(REFUND)
         self._cancel = client.register_script(CANCEL)
         self._charged = client.register_script(CHARGED)
+        # Every call may run twice: an admission is recognised by its member, refunds and cancels are idempotent.
         self._calls = Pipelined(client, [self._admit, self._refund, self._cancel, self._charged], "shared rate limits")
         self._lanes: OrderedDict[str, _Lane] = OrderedDict()
         self._ahead: dict[str, list[int]] = {}  # lane -> [requests, tokens] admitted, Redis's answer to come
@@ -196,11 +197,11 @@ class RedisRateLimiter:
             ahead = self._ahead.setdefault(key, [0, 0])
             ahead[0] += 1
             ahead[1] += tokens
-            self._calls.submit(self._admit, rk.rate(key), args).add_done_callback(
+            self._calls.submit(self._admit, rk.rate(key), args, repeatable=True).add_done_callback(
                 lambda answer: self._settled(key, tokens, answer))
             return Charge(key, now if now is not None else time.time(), tokens, handle=member)
         try:
-            admitted, value, requests, used = await self._calls.call(self._admit, rk.rate(key), args)
+            admitted, value, requests, used = await self._calls.call(self._admit, rk.rate(key), args, repeatable=True)
         except redis.RedisError as exc:
             log.warning("the shared rate limits (Redis) failed: %s", exc)
             raise StoreUnavailable("the orchestrator's shared rate limits are unavailable; retry shortly") from exc
@@ -256,7 +257,7 @@ class RedisRateLimiter:
                            *args: int) -> None:  # fmt: skip
         # The answer is out by now: a failure here must not turn it into an error.
         try:
-            await self._calls.call(script, rk.rate(charge.key), [charge.handle, *args])
+            await self._calls.call(script, rk.rate(charge.key), [charge.handle, *args], repeatable=True)
         except redis.RedisError as exc:
             log.warning("the shared rate limits (Redis) failed to %s a charge; it stays until it leaves the "
                         "window: %s", what, exc)  # fmt: skip
@@ -264,7 +265,8 @@ class RedisRateLimiter:
     async def charged(self, key: str, now: float | None = None) -> tuple[int, int]:
         """(requests, tokens) charged to `key` in the window ending at `now` (None: the server's clock)."""
         # In line with the calls before it, those whose answers went ahead of Redis included.
-        requests, tokens = await self._calls.call(self._charged, rk.rate(key)[:2], [WINDOW_MS, _ms(now)])
+        answer = await self._calls.call(self._charged, rk.rate(key)[:2], [WINDOW_MS, _ms(now)], repeatable=True)
+        requests, tokens = answer
         return int(requests), int(tokens)
 
     async def close(self) -> None:

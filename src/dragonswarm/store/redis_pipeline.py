@@ -16,10 +16,12 @@ import redis
 import redis.asyncio
 from redis.commands.core import AsyncScript
 
+from dragonswarm.store.redis import COMMAND_TIMEOUT_S
+
 log = logging.getLogger("dragonswarm.store")
 
 # How long closing waits for the calls already made to be answered: a command's own timeout.
-CLOSE_WAIT_S = 10.0
+CLOSE_WAIT_S = COMMAND_TIMEOUT_S
 
 
 @dataclass
@@ -51,7 +53,9 @@ class Pipelined:
     A call is `repeatable` when running it twice does no harm (a lookup; an admission, which
     Redis recognises by its member). When a pipeline's connection breaks, its calls may or may
     not have run: the repeatable ones go once more on a new connection, the others (a usage
-    count) fail. Closing waits for the calls already made, and refuses new ones."""
+    count) fail. That holds only because redis-py itself sends nothing again: a client with a
+    `retry` of its own (as the federation's) must not be given to `Pipelined`. Closing waits for
+    the calls already made, and refuses new ones."""
 
     def __init__(self, client: redis.asyncio.Redis, scripts: Sequence[AsyncScript], what: str) -> None:
         self._r = client
@@ -61,12 +65,12 @@ class Pipelined:
         self._sender: asyncio.Task[None] | None = None
         self._closed = False
 
-    def submit(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int],
-               repeatable: bool = True) -> asyncio.Future[Any]:  # fmt: skip
+    def submit(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int], *,
+               repeatable: bool) -> asyncio.Future[Any]:  # fmt: skip
         """The script's answer to come, or its error (a `redis.RedisError`)."""
         return self.submit_command("EVALSHA", script.sha, len(keys), *keys, *args, repeatable=repeatable)
 
-    def submit_command(self, *command: str | int, repeatable: bool = True) -> asyncio.Future[Any]:
+    def submit_command(self, *command: str | int, repeatable: bool) -> asyncio.Future[Any]:
         """A command's answer to come (parsed as redis-py parses it), or its error."""
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._closed:
@@ -77,11 +81,11 @@ class Pipelined:
             self._sender = asyncio.create_task(self._send(), name=f"redis-{self._what}")
         return answer
 
-    async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int],
-                   repeatable: bool = True) -> Any:  # fmt: skip
-        return await self.submit(script, keys, args, repeatable)
+    async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int], *,
+                   repeatable: bool) -> Any:  # fmt: skip
+        return await self.submit(script, keys, args, repeatable=repeatable)
 
-    async def command(self, *command: str | int, repeatable: bool = True) -> Any:
+    async def command(self, *command: str | int, repeatable: bool) -> Any:
         return await self.submit_command(*command, repeatable=repeatable)
 
     async def _send(self) -> None:
@@ -129,8 +133,10 @@ class Pipelined:
             return [exc] * len(calls)
 
     async def _attempt(self, calls: list[_Call]) -> list[Any]:
-        """One pipeline of the calls (its failure raised: none is known to have run), and the
-        calls Redis refused for a lost script sent again once the scripts are loaded."""
+        """One pipeline of the calls (its failure raised, whether they ran or not), and the calls
+        Redis refused for a lost script sent again once the scripts are loaded. Sending those
+        fails them only (with its error, a broken connection too: not tried once more); the calls
+        that ran keep their answers."""
         results = await self._pipeline(calls)
         refused = [isinstance(result, redis.exceptions.NoScriptError) for result in results]
         if not any(refused):
