@@ -111,7 +111,7 @@ def test_a_call_whose_answer_was_lost_is_sent_again_only_if_it_may_run_twice(red
         via = urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{port}"))
         try:
             async with pipelined(via, INCR) as (calls, (incr,), client):
-                assert await calls.command("PING", repeatable=True) is True  # connected through the proxy
+                assert await calls.submit_command("PING", repeatable=True) is True  # connected through the proxy
                 assert await calls.call(incr, ["warm"], [], repeatable=True) == 1
                 drop.set()
                 once = calls.submit(incr, ["count"], [], repeatable=False)

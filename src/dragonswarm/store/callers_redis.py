@@ -10,6 +10,7 @@ calls. Through a thread each was a hop and a round trip of its own: in a usage-c
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import redis
@@ -35,7 +36,8 @@ class RedisCallers:
         return cls(async_client(url))
 
     async def find_key(self, key: str) -> KeyRecord | None:
-        fields = cast(dict[str, str], await self._shared("find_key", "HGETALL", rk.key(hash_key(key)), repeatable=True))
+        lookup = self._calls.submit_command("HGETALL", rk.key(hash_key(key)), repeatable=True)
+        fields = cast(dict[str, str], await self._shared("find_key", lookup))
         return key_record(fields) if fields else None
 
     async def record_usage(self, key_id: int, model: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -48,11 +50,12 @@ class RedisCallers:
 
     async def _count_once(self, what: str, keys: list[str], args: list[str | int]) -> None:
         # Never sent twice: a count whose connection broke may have run, and would count double.
-        await self._shared(what, "EVALSHA", self._count.sha, len(keys), *keys, *args, repeatable=False)
+        await self._shared(what, self._calls.submit(self._count, keys, args, repeatable=False))
 
-    async def _shared(self, what: str, *command: str | int, repeatable: bool) -> Any:
+    @staticmethod
+    async def _shared(what: str, answer: asyncio.Future[Any]) -> Any:
         try:
-            return await self._calls.command(*command, repeatable=repeatable)
+            return await answer
         except redis.RedisError as exc:
             raise unavailable(what, exc) from exc
 

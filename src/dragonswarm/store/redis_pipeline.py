@@ -85,9 +85,6 @@ class Pipelined:
                    repeatable: bool) -> Any:  # fmt: skip
         return await self.submit(script, keys, args, repeatable=repeatable)
 
-    async def command(self, *command: str | int, repeatable: bool) -> Any:
-        return await self.submit_command(*command, repeatable=repeatable)
-
     async def _send(self) -> None:
         calls: list[_Call] = []
         try:
